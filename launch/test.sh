@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install with the test extras and run the whole test suite (what CI runs).
+#   bash launch/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/install.sh dev
+# shellcheck disable=SC1091
+. "${CTXTRAIN_VENV:-.venv}/bin/activate"
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "test.sh: pytest collected no tests; that is a broken suite, not a pass" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,5 @@
+import sys
+
+from ctxtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,534 @@
+"""One config tree: dataclasses with a docstring under every field, loaded from YAML, overridden on the
+command line as `--section.field=value`, checked with errors that name the field and the fix.
+
+    ctxtrain config show configs/lm_tiny.yaml --model.n_layers=3
+
+Every error is a `ConfigError` whose message is one line; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from ctxtrain.errors import UserError
+from ctxtrain.model.config import ModelConfig
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; the message is one line naming the field, the value and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib"
+    """Shard directory written by `ctxtrain prepare` (holds index.json, tokenizer.json and the tars)."""
+
+    seq_len: int = 256
+    """Tokens per LM training sample; the loader packs documents into windows of seq_len + 1 ids."""
+
+    batch_size: int = 8
+    """Samples per micro-batch on each rank (LM windows, or translation pairs)."""
+
+    num_workers: int = 1
+    """DataLoader worker processes per rank; 0 reads in the training process itself."""
+
+    shuffle_buffer: int = 64
+    """Samples shuffled together in each block of the global order (deterministic from train.seed); 1 keeps stream order."""
+
+    skip_corrupt: bool = False
+    """Skip a missing or truncated shard (counted in the loader's stats) instead of stopping with an error."""
+
+    max_src_len: int = 128
+    """Translation: source ids beyond this are cut."""
+
+    max_tgt_len: int = 128
+    """Translation: target ids (with BOS/EOS) beyond this are cut."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "shuffle_buffer", "max_src_len", "max_tgt_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)}: must be a positive integer")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}: must be 0 or more")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/lm_tiny"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/ (shared by all nodes on a cluster)."""
+
+    max_steps: int = 1000
+    """Optimizer steps of the whole run; the LR schedule is laid out over them."""
+
+    max_tokens: Optional[int] = None
+    """Stop once this many training tokens were consumed (null: only max_steps counts)."""
+
+    seed: int = 1234
+    """Seed of weights, data order and dropout."""
+
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Training precision: bf16 (mixed, fp32 master weights) or fp32."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+
+    stop_at_step: Optional[int] = None
+    """End cleanly with a checkpoint after this step; the schedule still follows max_steps."""
+
+    stop_after_minutes: Optional[float] = None
+    """End cleanly with a checkpoint once this much wall time has passed (time-limited allocations)."""
+
+    eval_every: int = 100
+    """Steps between evaluations on the val shards (0: never, except at the end)."""
+
+    eval_batches: int = 16
+    """Micro-batches per evaluation on each rank."""
+
+    log_every: int = 10
+    """Steps between plain log lines when no terminal shows a progress bar."""
+
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of keeping its activations."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when a GPU is visible to the worker, else CPU."""
+
+    peak_tflops: Optional[float] = None
+    """Dense bf16 peak of one accelerator for MFU; null: looked up for known GPUs, and MFU is null on CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must be a positive integer")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every={self.eval_every}: must be 0 (off) or a positive integer")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
+            raise ValueError(
+                f"train.stop_at_step={self.stop_at_step}: must lie in 1..train.max_steps={self.max_steps}"
+            )
+        if self.stop_after_minutes is not None and self.stop_after_minutes <= 0:
+            raise ValueError(f"train.stop_after_minutes={self.stop_after_minutes}: must be positive")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"train.max_tokens={self.max_tokens}: must be positive or null")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"train.peak_tflops={self.peak_tflops}: must be positive or null")
+        if not self.run_dir:
+            raise ValueError("train.run_dir is empty: name a run directory, e.g. runs/my_run")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr over these steps."""
+
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay from lr to min_lr between warmup and max_steps."""
+
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; norms and biases get none."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+
+    beta2: float = 0.95
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}: must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr}: must lie in 0..optim.lr={self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}: must be 0 or more")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)}: must lie in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)}: must be 0 or more")
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) in CPU memory."""
+
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (stage 3 only)."""
+
+    overlap_comm: bool = False
+    """Overlap gradient reduction with the backward pass (uses more memory)."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero.stage={self.stage}: must be 0, 1, 2 or 3")
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"zero.offload_params=true: needs zero.stage=3 (have {self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("zero.offload_optimizer=true: needs zero.stage 1, 2 or 3")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Steps between checkpoints (0: only at the end); one is always written when the run ends or stops."""
+
+    keep_last: int = 2
+    """Committed checkpoints kept, newest first."""
+
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0: none)."""
+
+    storage: Optional[str] = None
+    """Where checkpoints live: null for RUN_DIR/checkpoints, a shared path, or a URI (s3://, gs://, file://)."""
+
+    resume: str = "auto"
+    """auto: resume from the newest committed checkpoint if any; never: start fresh; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_every < 0:
+            raise ValueError("checkpoint.every and checkpoint.keep_every must be 0 or more")
+        if self.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={self.keep_last}: must be at least 1")
+        if not self.resume:
+            raise ValueError("checkpoint.resume is empty: use auto, never, or a checkpoint path")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to Weights & Biases from rank 0 (metrics.jsonl is written either way)."""
+
+    project: str = "ctxtrain"
+    """W&B project."""
+
+    entity: Optional[str] = None
+    """W&B entity (team or user); null: the logged-in default."""
+
+    group: Optional[str] = None
+    """W&B group, to gather related runs."""
+
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    name: Optional[str] = None
+    """W&B run name; null: the run directory's name."""
+
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: online when logged in or WANDB_API_KEY is set, offline otherwise; WANDB_MODE wins over this."""
+
+
+@dataclass
+class ClusterConfig:
+    launcher: Literal["ray", "local"] = "ray"
+    """ray: Ray Train workers (embedded Ray, or the cluster at `address`); local: plain processes on this machine."""
+
+    workers: int = 1
+    """Training workers (ranks)."""
+
+    address: Optional[str] = None
+    """Ray cluster to join (ray://, host:port or auto); null: $RAY_ADDRESS, else Ray starts embedded here."""
+
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker."""
+
+    gpus_per_worker: Optional[float] = None
+    """GPUs per worker; null: 1 when the Ray cluster has GPUs, else 0."""
+
+    placement: Literal["pack", "spread"] = "pack"
+    """pack workers onto as few nodes as possible, or spread them one per node."""
+
+    max_failures: int = 3
+    """Worker-group restarts Ray may do after a worker dies; each resumes from the newest committed checkpoint."""
+
+    dashboard_host: str = "127.0.0.1"
+    """Interface for the embedded Ray dashboard and job server; 0.0.0.0 exposes them to the network."""
+
+    dashboard_port: int = 8265
+    """Port of the embedded Ray dashboard and job server."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"cluster.workers={self.workers}: must be at least 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be positive")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be 0 or more, or null")
+        if self.max_failures < -1:
+            raise ValueError(f"cluster.max_failures={self.max_failures}: must be -1 (unlimited) or more")
+
+
+@dataclass
+class FaultConfig:
+    kill_rank: Optional[int] = None
+    """Rank that SIGKILLs itself once, to rehearse recovery (null: no fault)."""
+
+    at_step: Optional[int] = None
+    """Step of the fault: during that step, or during the first checkpoint at or after it."""
+
+    during: Literal["step", "checkpoint"] = "step"
+    """step: die in the middle of a training step; checkpoint: die after writing this rank's shard, before the commit."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The network's shape."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and how they are read."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The run: steps, precision, stopping, evaluation."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its schedule."""
+
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """DeepSpeed ZeRO partitioning and offload."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Sharded checkpoints: interval, retention, storage, resume."""
+
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Weights & Biases."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Workers and the Ray cluster."""
+
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    """Fault injection for recovery rehearsals."""
+
+    def __post_init__(self) -> None:
+        f = self.fault
+        if f.kill_rank is not None:
+            if f.at_step is None or f.at_step < 1:
+                raise ValueError(f"fault.at_step={f.at_step}: set a step >= 1 when fault.kill_rank is set")
+            if not 0 <= f.kill_rank < self.cluster.workers:
+                raise ValueError(
+                    f"fault.kill_rank={f.kill_rank}: must lie in 0..cluster.workers-1={self.cluster.workers - 1}"
+                )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a typed tree from plain data, with one-line errors
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check (and, for strings from the command line, parse) one value against its annotation."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{name}={value!r}: expected {_type_name(tp)}")
+    if origin is typing.Union:
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        try:
+            return _coerce(value, inner, name)
+        except ConfigError:
+            raise bad from None
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], name) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"{name}: unsupported annotation {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields in {source}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; known: {', '.join(hints)}"
+            raise ConfigError(f"unknown config key {prefix}{key} in {source}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def from_dict(data: dict, source: str = "the config") -> Config:
+    """A plain nested dict (as in YAML or `to_dict`) -> a checked Config."""
+    return _build(Config, data, "", source)
+
+
+def parse_override(arg: str) -> tuple[list[str], str]:
+    """'--section.field=value' -> (['section', 'field'], 'value')."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ConfigError(f"override {arg!r}: write it as --section.field=value, e.g. --train.max_steps=100")
+    key, raw = body.split("=", 1)
+    return key.split("."), raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each `--section.field=value` in a plain dict; the value stays a string until it is checked."""
+    for arg in overrides:
+        path, raw = parse_override(arg)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {part} is not a section")
+        node[path[-1]] = raw
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML experiment file (or the defaults, with path None) and apply command-line overrides."""
+    data: dict = {}
+    source = "the defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/lm_tiny.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}; fix the file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
+    data = apply_overrides(data, list(overrides))
+    return from_dict(data, source if not overrides else f"{source} or the command line")
+
+
+def to_yaml(cfg: Config, comments: bool = False) -> str:
+    """The resolved config as YAML; with comments, each field's docstring above it."""
+    if not comments:
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        docs = field_docs(type(sub))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(sub):
+            for doc_line in textwrap.wrap(docs.get(f.name, ""), 100):
+                lines.append(f"  # {doc_line}")
+            dumped = yaml.safe_dump({f.name: getattr(sub, f.name)}, sort_keys=False, default_flow_style=True)
+            lines.append("  " + dumped.strip().strip("{}"))
+    return "\n".join(lines) + "\n"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under each field) of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def section_hash(section: Any) -> str:
+    """Stable short hash of a config section (checkpoints record the model's)."""
+    blob = json.dumps(dataclasses.asdict(section), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Names of the fields that differ between two plain config dicts, as 'section.field old->new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r}->{b!r}")
+    return out

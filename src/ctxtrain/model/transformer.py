@@ -1,0 +1,393 @@
+"""The Transformer, read top to bottom: norms, positions, attention, MLP, blocks, the two models.
+
+Notable:
+- One attention module serves self-attention (causal or not), cross-attention and grouped-query heads.
+  Its core is a plain function of (q, k, v) in (B, T, H, D) layout (`attention_core`, SDPA), stored on the
+  module as `.core` so that an engine can swap in sequence-parallel or offloaded attention
+  (DeepSpeed-Ulysses' `DistributedAttention` takes exactly such a function).
+- The MLP is a module with its own weights (`SwiGLU`, `GeluMLP`), so a tiled MLP can wrap it.
+- The LM head and loss are separable from the trunk: `hidden_states()` runs the trunk, `head_loss()`
+  turns hidden states into a loss, so a tiled loss never has to see the full logits.
+- RoPE follows the Hugging Face Llama convention (rotate the two halves of each head), so Llama weights
+  map onto `DecoderLM` by name alone (see `ctxtrain.model.hf`).
+- Padding masks are boolean, True where a token is real.
+- No distribution here: no DeepSpeed, Ray or process groups. The engine wraps this code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctxtrain.model.config import ModelConfig
+
+IGNORE_INDEX = -100
+"""Target id that the loss skips (padding in translation batches)."""
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, D)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama); computed in float32 and cast back, as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positions
+
+
+def sinusoidal_table(length: int, dim: int, device=None) -> torch.Tensor:
+    """The seed's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). Shape (T, dim)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)
+    return table
+
+
+class Rotary(nn.Module):
+    """RoPE angles for positions 0..T-1; no parameters, nothing in the state dict."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self._cache: dict = {}
+
+    def forward(self, length: int, device: torch.device, dtype: torch.dtype) -> Rope:
+        key = (length, device, dtype)
+        if key not in self._cache:
+            self._cache.clear()
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+            )
+            freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+            self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._cache[key]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate x of shape (B, T, H, D) by the angles of its positions."""
+    cos, sin = rope
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D)
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+
+AttentionCore = Callable[..., torch.Tensor]
+
+
+def attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_mask: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v through SDPA.
+
+    q: (B, T, H, D); k, v: (B, S, KV, D) with H a multiple of KV (grouped-query heads).
+    key_mask: (B, S) bool, True for real keys. Returns (B, T, H, D).
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        if causal:
+            T, S = q.shape[-2], k.shape[-2]
+            mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+            causal = False
+    gqa = q.shape[1] != k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=gqa
+    )
+    return out.transpose(1, 2)  # (B, T, H, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with projections; self-attention when `memory` is None, else cross-attention."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        self.core: AttentionCore = attention_core
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[Rope] = None,
+        key_mask: Optional[torch.Tensor] = None,
+        memory: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        kv_input = x if memory is None else memory
+        S = kv_input.shape[1]
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.wk(kv_input).view(B, S, self.kv_heads, self.head_dim)  # (B, S, KV, D)
+        v = self.wv(kv_input).view(B, S, self.kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = self.core(
+            q, k, v, causal=self.causal, key_mask=key_mask, dropout=self.dropout if self.training else 0.0
+        )
+        return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLP
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) — Llama's MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))) — the seed's position-wise feed-forward network, with GELU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.gelu(self.up(x))))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    return SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks: pre-norm residual sub-layers, x + f(norm(x))
+
+
+class Block(nn.Module):
+    """Self-attention then MLP. Causal in the decoder-only LM, bidirectional in the encoder."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, causal=causal)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Optional[Rope], mask: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention over the encoder's output, then MLP (the seed's decoder layer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, causal=True)
+        self.cross_norm = make_norm(cfg)
+        self.cross = Attention(cfg, causal=False)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[Rope],
+        mask: Optional[torch.Tensor],
+        memory: torch.Tensor,
+        memory_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask))
+        x = x + self.dropout(self.cross(self.cross_norm(x), key_mask=memory_mask, memory=memory))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in float32, skipping IGNORE_INDEX targets."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def embed(table: nn.Embedding, tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Token ids -> vectors: table lookup, the seed's optional sqrt(d) scale and sinusoidal positions."""
+    x = table(tokens)  # (B, T, d)
+    if cfg.embed_scale:
+        x = x * math.sqrt(cfg.d_model)
+    if cfg.pos == "sinusoidal":
+        x = x + sinusoidal_table(tokens.shape[1], cfg.d_model, x.device).to(x.dtype)
+    return x
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only causal LM: embed -> causal blocks -> norm -> LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embed.weight
+
+    def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The trunk: (B, T) token ids -> (B, T, d) normalized hidden states."""
+        x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg))
+        rope = self.rotary(tokens.shape[1], x.device, x.dtype) if self.rotary is not None else None
+        for block in self.blocks:
+            x = block(x, rope, mask)
+        return self.norm(x)
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """LM head + mean cross-entropy; a tiled loss replaces this without touching the trunk."""
+        return cross_entropy(self.lm_head(hidden), targets)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) without targets; the mean loss with them."""
+        hidden = self.hidden_states(tokens, mask)
+        if targets is None:
+            return self.lm_head(hidden)
+        return self.head_loss(hidden, targets)
+
+
+class EncoderDecoder(nn.Module):
+    """The seed's translation model: bidirectional encoder, causal decoder with cross-attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Tied: one table for source, target and output (the seed shares all three); registered once.
+        self.src_tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tgt_tok_embed = None if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.encoder = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.encoder_layers))
+        self.encoder_norm = make_norm(cfg)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.decoder_norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.src_tok_embed.weight
+
+    @property
+    def target_table(self) -> nn.Embedding:
+        return self.tgt_tok_embed if self.tgt_tok_embed is not None else self.src_tok_embed
+
+    def _rope(self, x: torch.Tensor) -> Optional[Rope]:
+        return self.rotary(x.shape[1], x.device, x.dtype) if self.rotary is not None else None
+
+    def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, S) source ids -> (B, S, d) memory."""
+        x = self.embed_dropout(embed(self.src_tok_embed, src, self.cfg))
+        rope = self._rope(x)
+        for block in self.encoder:
+            x = block(x, rope, src_mask)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        src_mask: Optional[torch.Tensor] = None,
+        tgt_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(B, T) target ids (shifted right) + memory -> (B, T, d) normalized hidden states."""
+        x = self.embed_dropout(embed(self.target_table, tgt, self.cfg))
+        rope = self._rope(x)
+        for block in self.decoder:
+            x = block(x, rope, tgt_mask, memory, src_mask)
+        return self.decoder_norm(x)
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(self.lm_head(hidden), targets)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        src_mask: Optional[torch.Tensor] = None,
+        tgt_mask: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) without targets; the mean loss over non-ignored target tokens with them."""
+        hidden = self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask)
+        if targets is None:
+            return self.lm_head(hidden)
+        return self.head_loss(hidden, targets)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return DecoderLM(cfg) if cfg.kind == "lm" else EncoderDecoder(cfg)
