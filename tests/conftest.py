@@ -31,3 +31,57 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prepared datasets, made once per test session from real text
+
+
+def _prepare(out, **kw):
+    from ctxtrain.data.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(out=str(out), progress=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def stdlib_shards(tmp_path_factory):
+    """The whole Python standard library, prepared as by the quick start, in ~2 MB shards (several shards)."""
+    return _prepare(tmp_path_factory.mktemp("data") / "stdlib", recipe="stdlib", shard_size="2MB")
+
+
+@pytest.fixture(scope="session")
+def email_pkg_files():
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"]) / "email"
+    return [str(p) for p in sorted(root.rglob("*.py"))]
+
+
+@pytest.fixture(scope="session")
+def four_shard_lm(tmp_path_factory, email_pkg_files):
+    """The stdlib's email package in exactly four train shards (sized from a one-shard run)."""
+    base = tmp_path_factory.mktemp("data")
+    one = _prepare(base / "one", inputs=email_pkg_files, vocab_size=2048, shard_size="1GB", val_fraction=0.05)
+    import json
+
+    total = json.loads((one / "index.json").read_text())["splits"]["train"]["shards"][0]["bytes"]
+    for divisor in [3 + i / 4 for i in range(17)]:
+        out = _prepare(base / f"four-{divisor}", inputs=email_pkg_files, vocab_size=2048,
+                       shard_size=str(int(total / divisor)), val_fraction=0.05)
+        if len(json.loads((out / "index.json").read_text())["splits"]["train"]["shards"]) == 4:
+            return out
+    raise AssertionError("could not size the email package into four shards")
+
+
+@pytest.fixture(scope="session")
+def one_shard_lm(tmp_path_factory, email_pkg_files):
+    return _prepare(tmp_path_factory.mktemp("data") / "one", inputs=email_pkg_files, vocab_size=2048,
+                    shard_size="1GB", val_fraction=0.05)
+
+
+@pytest.fixture(scope="session")
+def en_fr_shards(tmp_path_factory):
+    """The committed English->French slice, in a few shards."""
+    return _prepare(tmp_path_factory.mktemp("data") / "en_fr", inputs=[str(ASSETS / "en_fr_slice.tsv")],
+                    vocab_size=4096, shard_size="64kB", src_lang="en", tgt_lang="fr", val_fraction=0.05)

@@ -1,0 +1,549 @@
+"""Streaming loader over WebDataset shards with an exact, re-splittable cursor (the only webdataset reader).
+
+How an epoch is laid out (all of it arithmetic on index.json, the same on every rank and worker):
+
+1. The training shards are put in a seeded order (a permutation per epoch).
+2. Their contents form one stream of *units*. LM: documents, each followed by EOS, are concatenated and cut
+   into windows of seq_len + 1 ids, window u covering stream tokens [u*L, u*L + L] (consecutive windows share
+   one token, so every token but the first is a target exactly once). Translation: one unit per pair.
+3. The *global order* visits those N units in blocks of `shuffle_buffer`: within block b, the units of that
+   block in a seeded permutation. Position i of the global order is a single integer.
+4. Optimizer micro-step s consumes global positions [c + s*G, c + (s+1)*G) with G = world_size * batch_size;
+   rank r takes the r-th slice of B positions. DataLoader workers hand over chunks of C consecutive
+   micro-batches (C ~ 256k tokens, to keep the queue's per-message cost low); worker w makes chunks
+   j with j % workers == w, the round-robin order in which torch's DataLoader collects them.
+
+The cursor is (epoch, consumed): the number of global positions already handed to training. Nothing
+in it depends on the world size or worker count, so a restart with other counts continues from the same
+position: no unit is lost or repeated. An epoch ends when fewer than G positions are left; that remainder
+(smaller than one global batch) is dropped so that every rank yields the same number of batches, and is
+counted in `stats["dropped_units"]`.
+
+Each reader scans the stream in order and keeps only its own units; shards that hold none of them are
+not opened, so a resume seeks straight to its shard. Within a shard, tar members are read sequentially.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ctxtrain.errors import UserError
+
+IGNORE_INDEX = -100  # the model's ignored target id (kept here to keep data free of model imports)
+CHUNK_TOKENS = 1 << 18
+
+
+class DataError(UserError):
+    """A missing, corrupt or inconsistent dataset; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The prepared dataset
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str
+    path: Path
+    docs: int
+    tokens: int
+    bytes: int
+
+
+class Dataset:
+    """A directory written by `ctxtrain prepare`: index.json, tokenizer.json and the tar shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index_path = self.path / "index.json"
+        if not index_path.is_file():
+            raise DataError(
+                f"{index_path} not found; data.path must be a directory made by `ctxtrain prepare` "
+                f"(e.g. ctxtrain prepare --recipe stdlib --out {self.path})"
+            )
+        try:
+            self.index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{index_path} is not valid JSON ({e}); re-run `ctxtrain prepare`") from None
+        self.task: str = self.index["task"]
+        self.vocab_size: int = self.index["vocab_size"]
+        self.dtype = np.dtype(self.index["dtype"])
+        self.special: dict = self.index["special"]
+        self.fingerprint = hashlib.sha256(
+            json.dumps([self.index["tokenizer_sha256"], self.index["splits"]], sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+    def shards(self, split: str) -> list[Shard]:
+        if split not in self.index["splits"]:
+            raise DataError(f"{self.path}/index.json has no {split!r} split")
+        return [
+            Shard(s["name"], self.path / s["name"], s["docs"], s["tokens"], s["bytes"])
+            for s in self.index["splits"][split]["shards"]
+        ]
+
+    def usable_shards(self, split: str, skip_corrupt: bool) -> tuple[list[Shard], list[str]]:
+        """Shards present with the size index.json recorded; the others raise, or are skipped and named."""
+        good, skipped = [], []
+        for shard in self.shards(split):
+            problem = None
+            if not shard.path.is_file():
+                problem = "is missing"
+            elif shard.path.stat().st_size != shard.bytes:
+                problem = f"has {shard.path.stat().st_size} bytes, index.json says {shard.bytes} (truncated or rewritten)"
+            if problem is None:
+                good.append(shard)
+            elif skip_corrupt:
+                skipped.append(shard.name)
+            else:
+                raise DataError(
+                    f"shard {shard.path} {problem}; restore it or re-run `ctxtrain prepare`, "
+                    "or set data.skip_corrupt=true to train without it"
+                )
+        return good, skipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading one shard
+
+
+def decode_npy(data: bytes, dtype: np.dtype) -> np.ndarray:
+    """The array of a .npy member, without copying (the header is 10 or 12 bytes plus its dict)."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not a .npy member")
+    if data[6] == 1:
+        start = 10 + int.from_bytes(data[8:10], "little")
+    else:
+        start = 12 + int.from_bytes(data[8:12], "little")
+    return np.frombuffer(data, dtype=dtype, offset=start)
+
+
+def iter_shard(shard: Shard, dtype: np.dtype, fields: tuple[str, ...]) -> Iterator[tuple[np.ndarray, ...]]:
+    """The samples of one shard in order, each a tuple of arrays (one per field); errors name the shard."""
+    try:
+        with open(shard.path, "rb") as fh:
+            key, parts = None, {}
+            for rec in wds.tariterators.tar_file_iterator(fh):
+                base, ext = rec["fname"].split(".", 1)
+                if base != key:
+                    if parts:
+                        yield tuple(parts[f] for f in fields)
+                    key, parts = base, {}
+                if ext in fields:
+                    parts[ext] = decode_npy(rec["data"], dtype)
+            if parts:
+                yield tuple(parts[f] for f in fields)
+    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as e:
+        raise DataError(
+            f"shard {shard.path} is corrupt or unreadable ({str(e).split(' @ ')[0]}); re-run `ctxtrain prepare`"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan of one epoch: pure arithmetic
+
+
+class EpochPlan:
+    """Which stream unit sits at each global position, and which positions a rank's micro-batch k holds."""
+
+    def __init__(self, n_units: int, start: int, batch_size: int, world_size: int, rank: int,
+                 block: int, seed: int, epoch: int, shuffle: bool, chunk: int = 1, first_chunk: int = 0):
+        self.n_units, self.start, self.chunk, self.first_chunk = n_units, start, chunk, first_chunk
+        self.B, self.R, self.rank = batch_size, world_size, rank
+        self.G = batch_size * world_size
+        self.M = block if shuffle else 1
+        self.seed, self.epoch = seed, epoch
+        self.n_steps = max(0, (n_units - start) // self.G)
+        self.dropped = max(0, n_units - start - self.n_steps * self.G)
+        self.n_chunks = -(-self.n_steps // chunk)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def positions(self, k: int) -> np.ndarray:
+        """Global positions of this rank's micro-batch k."""
+        return self.start + k * self.G + self.rank * self.B + np.arange(self.B)
+
+    def _perm(self, b: int) -> np.ndarray:
+        if b not in self._perms:
+            size = min(self.M, self.n_units - b * self.M)
+            rng = np.random.default_rng([self.seed, self.epoch, b, 0x51CE])
+            perm = rng.permutation(size) if self.M > 1 else np.zeros(1, dtype=np.int64)
+            self._perms = {k: v for k, v in self._perms.items() if k == b - 1}  # a batch spans at most two blocks
+            self._perms[b] = perm
+        return self._perms[b]
+
+    def unit_of(self, positions: np.ndarray) -> np.ndarray:
+        """Global positions -> stream units (a permutation within each block of M)."""
+        first, last = int(positions[0]) // self.M, int(positions[-1]) // self.M
+        if first == last:
+            return first * self.M + self._perm(first)[positions - first * self.M]
+        blocks = positions // self.M
+        out = np.empty_like(positions)
+        for b in np.unique(blocks):
+            sel = blocks == b
+            out[sel] = b * self.M + self._perm(int(b))[positions[sel] - b * self.M]
+        return out
+
+    def owned_units_in_block(self, b: int, worker: int, workers: int) -> np.ndarray:
+        """Sorted stream units of block b that this rank's worker will need (its chunks: (first_chunk + j) % workers == worker)."""
+        lo, hi = b * self.M, min((b + 1) * self.M, self.n_units)
+        p = np.arange(lo, hi)
+        q = p - self.start
+        step = q // self.G
+        mine = (q >= 0) & (step < self.n_steps) & ((q % self.G) // self.B == self.rank)
+        mine &= (self.first_chunk + step // self.chunk) % workers == worker
+        return np.sort(lo + self._perm(b)[p[mine] - lo])
+
+
+def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's order of shards (a seeded permutation; index order when not shuffling)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unit sources: stream units fetched in increasing order, skipping what is not needed
+
+
+class _ShardCursor:
+    """Walks the epoch's shards in order; can jump to the shard containing a stream offset."""
+
+    def __init__(self, shards: list[Shard], lengths: list[int], dtype: np.dtype, fields: tuple[str, ...]):
+        self.shards, self.dtype, self.fields = shards, dtype, fields
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.i = -1
+        self._it: Optional[Iterator] = None
+        self._docs_read = 0
+
+    def seek_shard(self, offset: int) -> int:
+        """Open the shard holding stream offset; returns that shard's start offset."""
+        self.i = int(np.searchsorted(self.offsets, offset, side="right") - 1)
+        if self.i >= len(self.shards):
+            raise IndexError("offset past the end of the epoch")
+        self._it = iter_shard(self.shards[self.i], self.dtype, self.fields)
+        self._docs_read = 0
+        return int(self.offsets[self.i])
+
+    def shard_end(self) -> int:
+        return int(self.offsets[self.i + 1])
+
+    def next_sample(self) -> tuple[np.ndarray, ...]:
+        try:
+            sample = next(self._it)
+        except StopIteration:
+            shard = self.shards[self.i]
+            raise DataError(
+                f"shard {shard.path} ended after {self._docs_read} of {shard.docs} samples (truncated?); "
+                "re-run `ctxtrain prepare`"
+            ) from None
+        self._docs_read += 1
+        return sample
+
+
+class WindowSource:
+    """LM windows: documents + EOS concatenated, window u = stream[u*L : u*L + L + 1]."""
+
+    def __init__(self, shards: list[Shard], seq_len: int, eos: int, dtype: np.dtype):
+        self.L, self.eos = seq_len, eos
+        self.cursor = _ShardCursor(shards, [s.tokens + s.docs for s in shards], dtype, ("ids.npy",))
+        self.dtype = dtype
+        self.doc: Optional[np.ndarray] = None
+        self.doc_start = 0
+        self.doc_len = 0  # ids + the EOS
+
+    @staticmethod
+    def n_units(shards: list[Shard], seq_len: int) -> int:
+        stream = sum(s.tokens + s.docs for s in shards)
+        return max(0, (stream - 1) // seq_len)
+
+    def _advance(self, pos: int) -> None:
+        """Move to the next document, jumping to the shard of pos when the current shard ends before it."""
+        if self.doc is None or pos >= self.cursor.shard_end():
+            self.doc_start = self.cursor.seek_shard(pos)
+        else:
+            self.doc_start += self.doc_len
+        (ids,) = self.cursor.next_sample()
+        self.doc, self.doc_len = ids, len(ids) + 1
+        if self.doc_start + self.doc_len > self.cursor.shard_end():
+            raise DataError(
+                f"shard {self.cursor.shards[self.cursor.i].path} holds more tokens than index.json says; "
+                "re-run `ctxtrain prepare`"
+            )
+
+    def get(self, u: int) -> np.ndarray:
+        L = self.L
+        pos = u * L
+        if self.doc is not None and self.doc_start <= pos and pos + L + 1 < self.doc_start + self.doc_len:
+            return self.doc[pos - self.doc_start : pos - self.doc_start + L + 1]  # inside one document: a view
+        out = np.empty(L + 1, dtype=self.dtype)
+        filled = 0
+        while filled < L + 1:
+            while self.doc is None or self.doc_start + self.doc_len <= pos:
+                self._advance(pos)
+            a = pos - self.doc_start
+            take = min(L + 1 - filled, self.doc_len - a)
+            n_ids = self.doc_len - 1
+            real = max(0, min(a + take, n_ids) - a)
+            out[filled : filled + real] = self.doc[a : a + real]
+            if a + take > n_ids:
+                out[filled + take - 1] = self.eos
+            filled += take
+            pos += take
+        return out
+
+
+class PairSource:
+    """Translation pairs: unit u = the u-th pair of the epoch's stream."""
+
+    def __init__(self, shards: list[Shard], dtype: np.dtype):
+        self.cursor = _ShardCursor(shards, [s.docs for s in shards], dtype, ("src.npy", "tgt.npy"))
+        self.next_unit: Optional[int] = None
+
+    @staticmethod
+    def n_units(shards: list[Shard]) -> int:
+        return sum(s.docs for s in shards)
+
+    def get(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.next_unit is None or u >= self.cursor.shard_end():
+            self.next_unit = self.cursor.seek_shard(u)
+        while self.next_unit < u:
+            self.cursor.next_sample()
+            self.next_unit += 1
+        self.next_unit += 1
+        return self.cursor.next_sample()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+
+
+# Workers hand numpy arrays to the trainer: through the DataLoader's queue they cost ~80 us a batch, where
+# torch tensors (moved to shared memory, one file descriptor each) cost ~1 ms. `to_torch` runs in the trainer.
+
+
+def collate_lm(windows: list[np.ndarray], units: np.ndarray) -> dict:
+    return {"tokens": np.stack(windows), "unit": units}  # (B, L+1) in the shards' dtype
+
+
+def collate_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray, special: dict,
+                  max_src: int, max_tgt: int) -> dict:
+    """Source: [lang tag] + ids + EOS; decoder input: BOS + ids; targets: ids + EOS; padded per batch."""
+    pad, bos, eos, tag = special["pad"], special["bos"], special["eos"], special.get("lang_tag")
+    head = [tag] if tag is not None else []
+    srcs = [np.concatenate([head, src[: max_src - 1 - len(head)], [eos]]) for src, _ in pairs]
+    tgts = [tgt[: max_tgt - 1] for _, tgt in pairs]
+    B, S, T = len(pairs), max(len(s) for s in srcs), max(len(t) for t in tgts) + 1
+    src = np.full((B, S), pad, dtype=np.int64)
+    tgt_in = np.full((B, T), pad, dtype=np.int64)
+    targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    for i, (s, t) in enumerate(zip(srcs, tgts)):
+        src[i, : len(s)] = s
+        tgt_in[i, 0], tgt_in[i, 1 : len(t) + 1] = bos, t
+        targets[i, : len(t)], targets[i, len(t)] = t, eos
+    return {"src": src, "src_mask": src != pad, "tgt": tgt_in, "tgt_mask": targets != IGNORE_INDEX,
+            "targets": targets, "unit": units}
+
+
+def to_torch(batch: dict) -> dict:
+    """numpy batch -> tensors (ids as int64), plus `n_tokens`: the target tokens it trains on."""
+    out = {k: torch.from_numpy(np.ascontiguousarray(v).astype(np.int64 if v.dtype != bool else bool))
+           for k, v in batch.items()}
+    out["n_tokens"] = out["tokens"][:, 1:].numel() if "tokens" in out else int(out["tgt_mask"].sum())
+    return out
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class _Stream(IterableDataset):
+    """One rank's micro-batches from a cursor onwards, epoch after epoch; runs inside each DataLoader worker.
+
+    Chunks are numbered continuously across epochs, so the workers keep the DataLoader's round-robin
+    order through epoch boundaries and start only once per iteration, not once per epoch.
+    """
+
+    def __init__(self, loader: "StreamingLoader", epoch: int, consumed: int):
+        self.loader, self.epoch, self.consumed = loader, epoch, consumed
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        try:
+            epoch, start, first_chunk = self.epoch, self.consumed, 0
+            while True:
+                plan = self.loader.plan(epoch, start, first_chunk)
+                yield from self._epoch(plan, self.loader.epoch_shards(epoch), worker, workers)
+                first_chunk += plan.n_chunks
+                if not self.loader.loop:
+                    return
+                epoch, start = epoch + 1, 0
+        except DataError as e:
+            # Raised in a worker, an exception reaches the trainer as a multi-line wrapper; a marker keeps it one line.
+            yield [{"__error__": str(e)}]
+
+    def _epoch(self, plan: "EpochPlan", shards: list[Shard], worker: int, workers: int):
+        """This worker's chunks of one epoch: lists of consecutive micro-batches."""
+        ld = self.loader
+        ds = ld.dataset
+        if ds.task == "lm":
+            source = WindowSource(shards, ld.seq_len, ds.special["eos"], ds.dtype)
+        else:
+            source = PairSource(shards, ds.dtype)
+        C = plan.chunk
+        cache: dict[int, object] = {}
+        loaded_through = plan.start // plan.M - 1  # blocks before the cursor hold nothing for us
+        for j in range(plan.n_chunks):
+            if (plan.first_chunk + j) % workers != worker:
+                continue
+            chunk = []
+            for k in range(j * C, min((j + 1) * C, plan.n_steps)):
+                positions = plan.positions(k)
+                for b in range(loaded_through + 1, int(positions[-1]) // plan.M + 1):
+                    for u in plan.owned_units_in_block(b, worker, workers):
+                        cache[int(u)] = source.get(int(u))
+                    loaded_through = b
+                units = plan.unit_of(positions)
+                samples = [cache.pop(int(u)) for u in units]
+                if ds.task == "lm":
+                    chunk.append(collate_lm(samples, units))
+                else:
+                    chunk.append(collate_pairs(samples, units, ds.special, ld.max_src_len, ld.max_tgt_len))
+            yield chunk
+
+
+class StreamingLoader:
+    """Iterates one rank's micro-batches; `state_dict()` is the exact cursor.
+
+    Training (`loop=True`) runs epoch after epoch with a fresh shard order and shuffle each; evaluation
+    (`loop=False, shuffle=False`) reads the split once in index order.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        split: str = "train",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 64,
+        shuffle: bool = True,
+        loop: bool = True,
+        skip_corrupt: bool = False,
+        max_src_len: int = 128,
+        max_tgt_len: int = 128,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.dataset = Dataset(path)
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.seed, self.shuffle_buffer, self.shuffle, self.loop = seed, shuffle_buffer, shuffle, loop
+        self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
+        self.shards, skipped = self.dataset.usable_shards(split, skip_corrupt)
+        if self.dataset.task == "lm":
+            self.n_units = WindowSource.n_units(self.shards, seq_len)
+        else:
+            self.n_units = PairSource.n_units(self.shards)
+        # Micro-batches per DataLoader message: ~256k tokens, so the queue's per-message cost stays small.
+        unit_tokens = seq_len + 1 if self.dataset.task == "lm" else max_src_len + max_tgt_len
+        self.chunk = max(1, CHUNK_TOKENS // (batch_size * unit_tokens)) if num_workers else 1
+        self.epoch, self.consumed = 0, 0
+        self.stats = {"skipped_shards": len(skipped), "skipped_names": skipped, "dropped_units": 0,
+                      "epochs_done": 0, "units_per_epoch": self.n_units}
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def epoch_shards(self, epoch: int) -> list[Shard]:
+        order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
+        return [self.shards[i] for i in order]
+
+    def plan(self, epoch: int, start: int, first_chunk: int = 0) -> EpochPlan:
+        return EpochPlan(self.n_units, start, self.batch_size, self.world_size, self.rank,
+                         self.shuffle_buffer, self.seed, epoch, self.shuffle, self.chunk, first_chunk)
+
+    def batches_per_epoch(self) -> int:
+        return self.n_units // self.global_batch
+
+    # The cursor ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
+                "split": self.split, "dataset": self.dataset.fingerprint, "units_per_epoch": self.n_units}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "seq_len", "split", "dataset"):
+            if state.get(key) != self.state_dict()[key]:
+                raise DataError(
+                    f"data cursor was saved with {key}={state.get(key)!r}, this run has {self.state_dict()[key]!r}; "
+                    "resume with the same data settings or start fresh (--no-resume)"
+                )
+        if state.get("units_per_epoch", self.n_units) != self.n_units:
+            raise DataError(
+                f"data cursor counts {state['units_per_epoch']} units per epoch, the shards now give {self.n_units} "
+                "(a shard was skipped or restored); resume with the same shards or start fresh (--no-resume)"
+            )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    # Iteration -------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self.plan(self.epoch, self.consumed)
+        if self.n_units < self.global_batch:
+            if not self.loop:
+                return
+            raise DataError(
+                f"{self.dataset.path} {self.split} split has {self.n_units} samples of seq_len "
+                f"{self.seq_len}, fewer than one global batch ({self.global_batch}); add data or lower data.batch_size"
+            )
+        dl = DataLoader(_Stream(self, self.epoch, self.consumed), batch_size=None, num_workers=self.num_workers,
+                        collate_fn=_identity, prefetch_factor=2 if self.num_workers else None)
+        left = plan.n_steps
+        for chunk in dl:
+            for batch in chunk:
+                if "__error__" in batch:
+                    raise DataError(batch["__error__"])
+                while left == 0:  # the previous epoch is used up: the workers have moved on to the next
+                    plan, left = self._next_epoch(plan)
+                self.consumed += self.global_batch
+                left -= 1
+                yield to_torch(batch)
+        if left == 0:
+            self._next_epoch(plan)
+
+    def _next_epoch(self, plan: EpochPlan) -> tuple[EpochPlan, int]:
+        self.stats["dropped_units"] += plan.dropped
+        self.stats["epochs_done"] += 1
+        self.epoch, self.consumed = self.epoch + 1, 0
+        nxt = self.plan(self.epoch, 0)
+        return nxt, nxt.n_steps
+
+
+def read_stream_tokens(loader: StreamingLoader, epoch: int) -> np.ndarray:
+    """The whole LM token stream of an epoch (documents + EOS in the epoch's shard order), read plainly
+    with tarfile; tests and benchmarks compare the loader against it."""
+    parts = []
+    eos = loader.dataset.special["eos"]
+    for shard in loader.epoch_shards(epoch):
+        with tarfile.open(shard.path) as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                parts.append(np.load(io.BytesIO(data)))
+                parts.append(np.array([eos], dtype=loader.dataset.dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=loader.dataset.dtype)

@@ -1,0 +1,293 @@
+"""Corpus -> tokenizer.json + {train,val}-%06d.tar shards + index.json.
+
+    ctxtrain prepare --recipe stdlib --out data/stdlib
+    ctxtrain prepare --input 'corpus/**/*.txt' --out data/mine --vocab-size 32000
+    ctxtrain prepare --input pairs.tsv --out data/en_fr --src-lang en --tgt-lang fr
+
+LM shards hold whole tokenized documents (`KEY.ids.npy`), packed into windows only when read, so one
+prepare serves every `data.seq_len`. Translation shards hold pairs (`KEY.src.npy`, `KEY.tgt.npy`).
+Ids are uint16 when the vocabulary fits. The val split takes whole documents (every k-th document of a
+seeded shuffle). Output is deterministic: the same inputs and options give byte-identical files. The
+shards are written into a temporary sibling directory and moved into place at the end, so an existing
+dataset is never left half-overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from ctxtrain.data import corpora
+from ctxtrain.data.tokenizer import EOS, file_sha256, lang_tag, load_tokenizer, train_bpe
+from ctxtrain.errors import UserError
+
+INDEX_FORMAT = "ctxtrain-shards/1"
+ENCODE_CHUNK = 256
+
+
+def parse_size(text: str) -> int:
+    """'64MB', '512k', '1GiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
+    if not m:
+        raise UserError(f"--shard-size {text!r}: write a size such as 64MB, 512kB or 1GB")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
+    return max(1, int(float(m.group(1)) * scale))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class _ShardSet:
+    """Writes `{split}-%06d.tar` shards of about target_bytes each and records what went into them."""
+
+    def __init__(self, out: Path, split: str, target_bytes: int):
+        self.out, self.split, self.target = out, split, target_bytes
+        self.shards: list[dict] = []
+        self._writer: Optional[wds.TarWriter] = None
+        self._fh = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._fh = open(self.out / name, "wb")
+        # Fixed mtime/user/mode: re-running prepare writes byte-identical tars.
+        self._writer = wds.TarWriter(self._fh, mtime=0, user="ctxtrain", group="ctxtrain", mode=0o444)
+        self.shards.append({"name": name, "docs": 0, "tokens": 0, "bytes": 0})
+
+    def write(self, sample: dict, tokens: int) -> None:
+        if self._writer is None:
+            self._open()
+        key = f"{self._count:09d}"
+        self._count += 1
+        self._writer.write({"__key__": key, **{k: npy_bytes(v) for k, v in sample.items()}})
+        rec = self.shards[-1]
+        rec["docs"] += 1
+        rec["tokens"] += tokens
+        if self._fh.tell() >= self.target:
+            self._close()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._fh.close()
+            self.shards[-1]["bytes"] = (self.out / self.shards[-1]["name"]).stat().st_size
+            self._writer = self._fh = None
+
+    def finish(self) -> dict:
+        self._close()
+        return {
+            "shards": self.shards,
+            "docs": sum(s["docs"] for s in self.shards),
+            "tokens": sum(s["tokens"] for s in self.shards),
+        }
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str] = field(default_factory=list)
+    out: str = ""
+    recipe: Optional[str] = None
+    task: str = "auto"
+    vocab_size: int = 8192
+    tokenizer: Optional[str] = None
+    shard_size: str = "64MB"
+    val_fraction: float = 0.02
+    seed: int = 0
+    text_field: str = "text"
+    src_field: str = "src"
+    tgt_field: str = "tgt"
+    src_lang: Optional[str] = None
+    tgt_lang: Optional[str] = None
+    packages: list[str] = field(default_factory=list)
+    cache: Optional[str] = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _val_every(fraction: float, n_units: int) -> int:
+    """Every k-th document goes to val (0: none); a corpus of fewer than k units still gives one."""
+    if fraction <= 0 or n_units < 2:
+        return 0
+    return max(2, min(n_units, round(1 / fraction)))
+
+
+def _resolve_corpus(opts: PrepareOptions):
+    """-> (task, lm files or None, translation pairs or None, description)."""
+    if opts.recipe:
+        if opts.recipe not in corpora.RECIPES:
+            raise UserError(f"--recipe {opts.recipe}: unknown; choose one of {', '.join(corpora.RECIPES)}")
+        if opts.recipe == "stdlib":
+            return "lm", corpora.stdlib_files(), None, "recipe stdlib"
+        cache = Path(opts.cache or Path.home() / ".cache" / "ctxtrain" / "debian-gettext-fr")
+        root = corpora.fetch_debian_gettext(cache, list(opts.packages or corpora.DEFAULT_GETTEXT_PACKAGES))
+        opts.src_lang, opts.tgt_lang = opts.src_lang or "en", opts.tgt_lang or "fr"
+        return "translation", None, corpora.gettext_pairs(root, "fr"), "recipe debian-gettext-fr"
+    if not opts.inputs:
+        raise UserError("prepare needs --input GLOB... or --recipe NAME (stdlib, debian-gettext-fr)")
+    files = corpora.expand_inputs(opts.inputs)
+    task = opts.task if opts.task != "auto" else corpora.detect_task(files, opts.src_field, opts.tgt_field)
+    if task == "translation":
+        return task, None, corpora.read_pairs(files, opts.src_field, opts.tgt_field), "inputs"
+    return task, files, None, "inputs"
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run the whole preparation; returns the written index."""
+    if not opts.out:
+        raise UserError("prepare needs --out DIR")
+    out = Path(opts.out)
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
+    if not 0 <= opts.val_fraction < 0.5:
+        raise UserError(f"--val-fraction {opts.val_fraction}: must lie in [0, 0.5)")
+    target = parse_size(opts.shard_size)
+    t0 = time.perf_counter()
+
+    task, files, pairs, source = _resolve_corpus(opts)
+    rng = random.Random(opts.seed)
+    if task == "lm":
+        if not files:
+            raise UserError("no input files to prepare")
+        rng.shuffle(files)  # documents mix across shards; within a JSONL file they keep their order
+        n_units = len(files)
+    else:
+        if not pairs:
+            raise UserError("no translation pairs found in the inputs")
+        rng.shuffle(pairs)
+        n_units = len(pairs)
+    extra = [lang_tag(opts.tgt_lang)] if task == "translation" and opts.tgt_lang else []
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if opts.tokenizer:
+            tok = load_tokenizer(opts.tokenizer)
+            missing = [t for t in extra if tok.token_to_id(t) is None]
+            if missing:
+                raise UserError(f"--tokenizer {opts.tokenizer} lacks {missing}; train a new one without --tokenizer")
+        else:
+            if task == "lm":
+                texts = corpora.iter_documents(files, opts.text_field)
+            else:
+                texts = (t for pair in pairs for t in pair)
+            tok = train_bpe(texts, opts.vocab_size, extra)
+        tok.save(str(tmp / "tokenizer.json"))
+        vocab = tok.get_vocab_size()
+        dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+        every = _val_every(opts.val_fraction, n_units)
+        splits = {"train": _ShardSet(tmp, "train", target), "val": _ShardSet(tmp, "val", target)}
+        bar = tqdm(total=n_units, unit="file" if task == "lm" else "pair", desc="prepare", disable=not opts.progress,
+                   file=sys.stderr, mininterval=0.5)
+        n_bytes = 0
+        doc_index = 0
+        seen: set[bytes] = set()  # exact duplicates are dropped: they would leak between train and val
+        duplicates = 0
+
+        def fresh(*texts: str) -> bool:
+            nonlocal duplicates
+            digest = hashlib.sha1("\x00".join(texts).encode("utf-8", errors="replace")).digest()
+            if digest in seen:
+                duplicates += 1
+                return False
+            seen.add(digest)
+            return True
+
+        def split_of(i: int) -> _ShardSet:
+            return splits["val"] if every and i % every == 0 else splits["train"]
+
+        if task == "lm":
+            docs = (d for d in _docs_with_progress(files, opts.text_field, bar) if fresh(d))
+            for chunk in _chunks(docs, ENCODE_CHUNK):
+                for text, enc in zip(chunk, tok.encode_batch(chunk)):
+                    ids = np.asarray(enc.ids, dtype=dtype)
+                    n_bytes += len(text.encode("utf-8", errors="replace"))
+                    split_of(doc_index).write({"ids.npy": ids}, len(ids))
+                    doc_index += 1
+        else:
+            for chunk in _chunks((p for p in pairs if fresh(*p)), ENCODE_CHUNK):
+                src_enc = tok.encode_batch([s for s, _ in chunk])
+                tgt_enc = tok.encode_batch([t for _, t in chunk])
+                for (s, t), se, te in zip(chunk, src_enc, tgt_enc):
+                    src, tgt = np.asarray(se.ids, dtype=dtype), np.asarray(te.ids, dtype=dtype)
+                    n_bytes += len(s.encode()) + len(t.encode())
+                    split_of(doc_index).write({"src.npy": src, "tgt.npy": tgt}, len(src) + len(tgt))
+                    doc_index += 1
+                bar.update(len(chunk))
+        bar.close()
+
+        index = {
+            "format": INDEX_FORMAT,
+            "task": task,
+            "vocab_size": vocab,
+            "dtype": np.dtype(dtype).name,
+            "tokenizer": "tokenizer.json",
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+            "special": {"pad": 0, "bos": 1, "eos": EOS, **({"lang_tag": tok.token_to_id(extra[0])} if extra else {})},
+            "src_lang": opts.src_lang if task == "translation" else None,
+            "tgt_lang": opts.tgt_lang if task == "translation" else None,
+            "source": source,
+            "seed": opts.seed,
+            "val_every": every,
+            "duplicates_dropped": duplicates,
+            "splits": {name: s.finish() for name, s in splits.items()},
+        }
+        if index["splits"]["train"]["docs"] == 0:
+            raise UserError("the corpus gave no training documents; add inputs")
+        (tmp / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    secs = time.perf_counter() - t0
+    tr, va = index["splits"]["train"], index["splits"]["val"]
+    print(
+        f"prepared {out}: {task}, vocab {vocab} ({index['dtype']}), "
+        f"train {tr['docs']} docs / {tr['tokens']:,} tokens in {len(tr['shards'])} shards, "
+        f"val {va['docs']} docs / {va['tokens']:,} tokens; {index['duplicates_dropped']} duplicates dropped; "
+        f"{secs:.1f} s, {n_bytes / secs / 1e6:.1f} MB/s, {(tr['tokens'] + va['tokens']) / secs:,.0f} tokens/s",
+        file=sys.stderr,
+    )
+    return index
+
+
+def _docs_with_progress(files: list[Path], text_field: str, bar: tqdm) -> Iterator[str]:
+    for f in files:
+        yield from corpora.iter_documents([f], text_field)
+        bar.update(1)
+
+
+def _chunks(it: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
