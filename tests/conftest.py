@@ -85,3 +85,15 @@ def en_fr_shards(tmp_path_factory):
     """The committed English->French slice, in a few shards."""
     return _prepare(tmp_path_factory.mktemp("data") / "en_fr", inputs=[str(ASSETS / "en_fr_slice.tsv")],
                     vocab_size=4096, shard_size="64kB", src_lang="en", tgt_lang="fr", val_fraction=0.05)
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory, stdlib_shards):
+    """The reference run: 20 uninterrupted ZeRO-3 steps of lm_tiny on 2 local workers, a checkpoint every 5
+    (keeping the last 2 and every 10th). Ray runs with faults must reproduce its losses."""
+    from tests.helpers import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "zero3"
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
+                    "--checkpoint.keep_last=2", "--checkpoint.keep_every=10")
+    return run_dir, m, proc

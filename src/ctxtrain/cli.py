@@ -10,7 +10,9 @@ line on stderr and exit status 2. Heavy libraries are imported inside the verb t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import Callable, Optional
 
 from ctxtrain.errors import UserError
@@ -90,6 +92,98 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, overrides: list[str]):
+    from ctxtrain.config import load_config
+
+    extra = []
+    if args.resume and args.no_resume:
+        raise UserError("--resume and --no-resume contradict each other; pass one")
+    if args.resume:
+        extra.append(f"--checkpoint.resume={args.resume}")
+    if args.no_resume:
+        extra.append("--checkpoint.resume=never")
+    if getattr(args, "address", None):
+        extra.append(f"--cluster.address={args.address}")
+    return load_config(args.config, overrides + extra)
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = _train_config(args, overrides)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        from ctxtrain import train  # started by torchrun or similar: this process is one worker
+
+        train.run(cfg)
+        return 0
+    from ctxtrain.train import preflight
+
+    preflight(cfg)
+    if cfg.cluster.launcher == "local":
+        from ctxtrain import local_launch
+
+        return local_launch.launch(cfg)
+    raise UserError("cluster.launcher=ray is not built yet; use --cluster.launcher=local")
+
+
+def cmd_submit(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ctxtrain.config import load_config
+    from ctxtrain.launcher import submit
+
+    cfg = load_config(args.config, overrides)
+    job_id = submit(cfg, args.address, args.env or [], ship_package=not args.no_ship)
+    print(job_id)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ctxtrain.launcher import list_jobs
+
+    jobs = list_jobs(args.address)
+    print(f"{'JOB':40} {'STATUS':10} {'STARTED':19} RUN DIR")
+    for j in jobs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["start_time"] / 1000)) if j["start_time"] else "-"
+        print(f"{j['job_id']:40} {j['status']:10} {started:19} {j['run_dir']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ctxtrain.launcher import job_status
+
+    s = job_status(args.job, args.address)
+    print(f"job {s['job_id']}: {s['status']}" + (f" ({s['message']})" if s["message"] else ""))
+    if "step" in s:
+        eta = f"{s['eta_s']:,.0f} s" if s.get("eta_s") is not None else "-"
+        total = f"/{s['max_steps']}" if s.get("max_steps") else ""
+        print(f"step {s['step']}{total}  loss {s['loss']:.4f}  tokens/s {s['tokens_per_s']:,.0f}  eta {eta}")
+    if s.get("run_dir"):
+        print(f"run dir {s['run_dir']}")
+    print(f"dashboard {s['dashboard']}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ctxtrain.launcher import job_logs
+
+    job_logs(args.job, args.address, args.follow)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ctxtrain.launcher import stop_job
+
+    print(f"job {args.job}: {stop_job(args.job, args.address)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise UserError(f"export takes no config overrides (got {overrides[0]})")
+    from ctxtrain.checkpoint import export
+
+    out = export(args.run_dir, args.out, step=args.step, progress=not args.no_progress)
+    print(f"exported to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ctxtrain",
@@ -136,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="passes over the data on each side")
     p.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is kept")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help=VERBS["train"],
+                       description="Train a config: ctxtrain train configs/lm_tiny.yaml --cluster.workers=2")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--resume", metavar="PATH", help="resume from this committed checkpoint (default: the newest)")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help=VERBS["export"])
+    p.add_argument("run_dir", help="train.run_dir of a run")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the newest committed)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     for verb in VERBS:
         if verb in sub.choices:

@@ -44,8 +44,9 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank; 0 reads in the training process itself."""
 
-    shuffle_buffer: int = 64
-    """Samples shuffled together in each block of the global order (deterministic from train.seed); 1 keeps stream order."""
+    shuffle_buffer: int = 1024
+    """Samples shuffled together in each block of the global order (deterministic from train.seed); 1 keeps stream order.
+    A reader holds its share of one block: about shuffle_buffer x (seq_len + 1) x 2 bytes / (ranks x workers)."""
 
     skip_corrupt: bool = False
     """Skip a missing or truncated shard (counted in the loader's stats) instead of stopping with an error."""
@@ -247,7 +248,7 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
-    launcher: Literal["ray", "local"] = "ray"
+    launcher: Literal["ray", "local"] = "local"
     """ray: Ray Train workers (embedded Ray, or the cluster at `address`); local: plain processes on this machine."""
 
     workers: int = 1

@@ -1,0 +1,356 @@
+"""Sharded checkpoints that describe themselves, a commit marker, retention, resume, export.
+
+    RUN_DIR/checkpoints/step_000200/   DeepSpeed's per-rank files (one optimizer shard per rank under ZeRO)
+                        meta.json      step, tokens seen, loader cursor of every rank, RNG states, world size,
+                                       config (and its model hash), tracker run id
+                        COMMITTED      written last, once every rank has finished writing
+    RUN_DIR/checkpoints/latest         name of the newest committed checkpoint, replaced atomically
+
+A directory without COMMITTED does not exist for resume: it is a save that a crash interrupted, and the
+next save of that step removes it. Retention keeps the newest `checkpoint.keep_last` plus every step that is
+a multiple of `checkpoint.keep_every`.
+
+With `checkpoint.storage` set to a URI (s3://, gs://, file://), every rank writes into a local staging
+directory of the same layout, uploads its own files, and rank 0 uploads meta.json, then COMMITTED, then
+latest: the commit order holds in the bucket too. Resume downloads the chosen checkpoint into staging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from ctxtrain.config import Config, diff_fields, section_hash
+from ctxtrain.errors import UserError
+
+STEP_DIR = re.compile(r"step_(\d{6,})$")
+COMMITTED = "COMMITTED"
+META = "meta.json"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Storage: a local (or shared) directory, or an object-store URI through pyarrow's filesystems
+
+
+class LocalStorage:
+    """Checkpoints written in place (a local disk or a filesystem shared by all nodes)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.local_root = root
+
+    def list_steps(self) -> list[tuple[int, bool]]:
+        """(step, committed) of every step directory, oldest first."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), (p / COMMITTED).is_file()))
+        return sorted(out)
+
+    def read_meta(self, tag: str) -> dict:
+        return json.loads((self.root / tag / META).read_text())
+
+    def remove(self, tag: str) -> None:
+        shutil.rmtree(self.root / tag, ignore_errors=True)
+
+    def upload_rank_files(self, tag: str, names: list[str]) -> None:
+        pass  # already in place
+
+    def put_text(self, rel: str, text: str) -> None:
+        write_atomic(self.root / rel, text)
+
+    def fetch(self, tag: str) -> None:
+        pass
+
+    def describe(self, tag: str) -> str:
+        return str(self.root / tag)
+
+
+class UriStorage:
+    """Checkpoints in an object store (s3://, gs://, hdfs://, file://) via pyarrow, staged locally."""
+
+    def __init__(self, uri: str, staging: Path):
+        import pyarrow.fs as pafs
+
+        try:
+            self.fs, self.base = pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError with long messages
+            raise UserError(f"checkpoint.storage={uri}: cannot open ({str(e).splitlines()[0]}); "
+                            "check the URI and credentials") from None
+        self.uri = uri.rstrip("/")
+        self.local_root = staging
+
+    def _path(self, rel: str) -> str:
+        return f"{self.base.rstrip('/')}/{rel}"
+
+    def list_steps(self) -> list[tuple[int, bool]]:
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+        out = []
+        for info in infos:
+            m = STEP_DIR.match(info.base_name)
+            if m and info.type == pafs.FileType.Directory:
+                committed = self.fs.get_file_info(self._path(f"{info.base_name}/{COMMITTED}")).type
+                out.append((int(m.group(1)), committed == pafs.FileType.File))
+        return sorted(out)
+
+    def read_meta(self, tag: str) -> dict:
+        with self.fs.open_input_stream(self._path(f"{tag}/{META}")) as fh:
+            return json.loads(fh.read().decode())
+
+    def remove(self, tag: str) -> None:
+        try:
+            self.fs.delete_dir(self._path(tag))
+        except (FileNotFoundError, OSError):
+            pass
+        shutil.rmtree(self.local_root / tag, ignore_errors=True)
+
+    def upload_rank_files(self, tag: str, names: list[str]) -> None:
+        import pyarrow.fs as pafs
+
+        self.fs.create_dir(self._path(tag), recursive=True)
+        for name in names:
+            pafs.copy_files(str(self.local_root / tag / name), self._path(f"{tag}/{name}"),
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def put_text(self, rel: str, text: str) -> None:
+        with self.fs.open_output_stream(self._path(rel)) as fh:
+            fh.write(text.encode())
+
+    def fetch(self, tag: str) -> None:
+        import pyarrow.fs as pafs
+
+        dest = self.local_root / tag
+        if (dest / COMMITTED).is_file():
+            return
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        pafs.copy_files(self._path(tag), str(dest), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+    def describe(self, tag: str) -> str:
+        return f"{self.uri}/{tag}"
+
+
+def open_storage(cfg: Config) -> LocalStorage | UriStorage:
+    run_dir = Path(cfg.train.run_dir)
+    where = cfg.checkpoint.storage
+    if where and "://" in where:
+        return UriStorage(where, run_dir / "checkpoints")
+    return LocalStorage(Path(where) if where else run_dir / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing and checking what to resume from
+
+
+def committed_steps(storage) -> list[int]:
+    return [step for step, ok in storage.list_steps() if ok]
+
+
+def resume_target(cfg: Config, storage, launch_id: Optional[str] = None) -> Optional[str]:
+    """The tag to resume from: the newest committed (auto), none (never), or the one named — except after a
+    restart within one launch (Ray restarted the workers): then the newest committed checkpoint that this
+    launch wrote, whatever the setting."""
+    setting = cfg.checkpoint.resume
+    steps = committed_steps(storage)
+    if launch_id and steps and storage.read_meta(tag_of(steps[-1])).get("launch_id") == launch_id:
+        return tag_of(steps[-1])
+    if setting == "never":
+        return None
+    if setting == "auto":
+        return tag_of(steps[-1]) if steps else None
+    name = Path(setting.rstrip("/")).name
+    m = STEP_DIR.match(name)
+    if not m:
+        raise UserError(f"--resume {setting}: not a checkpoint directory (step_NNNNNN); "
+                        f"committed ones: {', '.join(tag_of(s) for s in committed_steps(storage)) or 'none'}")
+    if int(m.group(1)) not in committed_steps(storage):
+        raise UserError(f"--resume {setting}: checkpoint has no COMMITTED marker (an interrupted save) "
+                        f"or is not in {storage.describe('')}; pick a committed one")
+    return name
+
+
+def check_compatible(meta: dict, cfg: Config, world_size: int, where: str) -> None:
+    """Refuse a checkpoint whose model differs, naming the fields; or whose ZeRO partitioning cannot load."""
+    theirs = meta["config"]["model"]
+    ours = cfg.to_dict()["model"]
+    if theirs != ours:
+        diffs = diff_fields(theirs, ours, "model.")
+        raise UserError(f"checkpoint {where} was written for another model ({'; '.join(diffs)}); "
+                        "resume with the same model config or start fresh with --no-resume")
+    if meta["world_size"] != world_size and cfg.zero.stage > 0:
+        raise UserError(f"checkpoint {where} holds ZeRO-{cfg.zero.stage} shards of {meta['world_size']} ranks, "
+                        f"this run has {world_size}; resume with cluster.workers={meta['world_size']}")
+    if meta["config"]["zero"]["stage"] != cfg.zero.stage:
+        raise UserError(f"checkpoint {where} was written with zero.stage={meta['config']['zero']['stage']}, "
+                        f"this run has {cfg.zero.stage}; resume with the same stage")
+
+
+def retention(steps: list[int], keep_last: int, keep_every: int) -> list[int]:
+    """The committed steps to delete: all but the newest keep_last and the multiples of keep_every."""
+    keep = set(steps[-keep_last:])
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return [s for s in steps if s not in keep]
+
+
+def build_meta(cfg: Config, step: int, tokens: int, states: list[dict], tracker_run_id: Optional[str],
+               extra: dict) -> dict:
+    """meta.json: what a resume needs besides the DeepSpeed files; states are the per-rank cursors and RNGs."""
+    return {
+        "step": step,
+        "tokens": tokens,
+        "world_size": len(states),
+        "loader": [s["loader"] for s in states],
+        "rng": [s["rng"] for s in states],
+        "tracker_run_id": tracker_run_id,
+        "model_hash": section_hash(cfg.model),
+        "config": cfg.to_dict(),
+        "time": time.time(),
+        **extra,
+    }
+
+
+def rank_files(local_dir: Path, rank: int) -> list[str]:
+    """The DeepSpeed files this rank wrote (rank 0 also owns the shared ones)."""
+    names = []
+    for p in sorted(local_dir.iterdir()):
+        m = re.search(r"zero_pp_rank_(\d+)_", p.name)
+        if m:
+            if int(m.group(1)) == rank:
+                names.append(p.name)
+        elif rank == 0 and p.name not in (META, COMMITTED):
+            names.append(p.name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The save and load protocols (every rank calls them)
+
+
+def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, fault_hook=lambda: None) -> None:
+    """Write one checkpoint: DeepSpeed shards from every rank, then meta.json, COMMITTED and latest from rank 0.
+
+    rank_state (loader cursor, RNG) is gathered from every rank; make_meta(states) builds meta.json.
+    """
+    from ctxtrain.engine import barrier, gather_objects
+
+    if rank == 0:
+        if any(tag_of(step) == tag for step, _ in storage.list_steps()):
+            storage.remove(tag)  # a save of this step that a crash interrupted (or an older run's)
+    barrier()
+    engine.save(str(storage.local_root), tag)
+    fault_hook()  # rehearsal: a rank may die here, its shard written, nothing committed
+    storage.upload_rank_files(tag, rank_files(storage.local_root / tag, rank))
+    states = gather_objects(rank_state)  # also the barrier: every rank has written and uploaded
+    if rank == 0:
+        storage.put_text(f"{tag}/{META}", json.dumps(make_meta(states), indent=1) + "\n")
+        storage.put_text(f"{tag}/{COMMITTED}", f"{time.time()}\n")
+        storage.put_text("latest", tag + "\n")
+    barrier()
+
+
+def load(engine, storage, cfg: Config, tag: str, world_size: int) -> dict:
+    """Check a committed checkpoint against this run, fetch it if remote, and load it into the engine."""
+    meta = storage.read_meta(tag)
+    check_compatible(meta, cfg, world_size, storage.describe(tag))
+    storage.fetch(tag)
+    engine.load(str(storage.local_root), tag)
+    return meta
+
+
+def apply_retention(storage, cfg: Config) -> list[int]:
+    """Delete committed checkpoints beyond the retention policy (rank 0); returns the deleted steps."""
+    doomed = retention(committed_steps(storage), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+    for step in doomed:
+        storage.remove(tag_of(step))
+    return doomed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+
+
+def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
+    root = run_dir / "checkpoints"
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the train.run_dir of a run")
+    storage = LocalStorage(root)
+    steps = committed_steps(storage)
+    if not steps:
+        raise UserError(f"{root} holds no committed checkpoint; train until one is written (checkpoint.every)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise UserError(f"--step {step}: no committed checkpoint; committed steps: {', '.join(map(str, steps))}")
+    return root / tag_of(step)
+
+
+def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, progress: bool = True) -> Path:
+    """Consolidate a committed checkpoint into OUT/model.safetensors + OUT/config.json (ctxtrain), and for a
+    Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from ctxtrain.config import load_config
+    from ctxtrain.engine import consolidate
+    from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
+
+    run_dir, out = Path(run_dir), Path(out)
+    ckpt = resolve_export_checkpoint(run_dir, step)
+    cfg = load_config(run_dir / "config.yaml")
+    meta = json.loads((ckpt / META).read_text())
+    bar = tqdm(total=3, desc="export", disable=not progress, unit="part")
+    state = consolidate(str(ckpt))
+    bar.update()
+    if cfg.model.tie_embeddings:
+        state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores a tensor once
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(meta["step"])})
+    write_atomic(out / "config.json", json.dumps({"ctxtrain_model": cfg.to_dict()["model"], "step": meta["step"],
+                                                  "tokens": meta["tokens"]}, indent=1) + "\n")
+    bar.update()
+    try:
+        check_llama_shaped(cfg.model)
+        llama = True
+    except ValueError:
+        llama = False
+    if llama:
+        hf = out / "hf"
+        hf.mkdir(exist_ok=True)
+        full = dict(state)
+        if cfg.model.tie_embeddings:
+            full["lm_head.weight"] = full["tok_embed.weight"]
+        hf_state = {k: v.contiguous() for k, v in to_llama_state_dict(full, cfg.model).items()}
+        save_file(hf_state, str(hf / "model.safetensors"), metadata={"format": "pt"})
+        write_atomic(hf / "config.json", json.dumps(llama_config_dict(cfg.model), indent=1) + "\n")
+        tokenizer = Path(cfg.data.path) / "tokenizer.json"
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, hf / "tokenizer.json")
+    bar.update()
+    bar.close()
+    return out

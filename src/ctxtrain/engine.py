@@ -1,0 +1,261 @@
+"""DeepSpeed, and only here: the process group, the generated DeepSpeed config, ZeRO 0-3 with offload,
+the optimizer with its weight-decay groups, the LR schedule, activation checkpointing, one training step,
+and consolidation of ZeRO shards for export.
+
+Nobody writes a ds_config.json by hand: `ds_config(cfg)` derives it from the typed config and the run
+directory keeps the generated one. The optimizer is torch's AdamW handed to DeepSpeed as a client
+optimizer: with it, save + load continues bit for bit on every ZeRO stage, offload included (DeepSpeed's
+CPU Adam recomputes its bias correction after a load and drifts by ~1e-4).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+# DeepSpeed calls torch's older collective names on every step; torch warns on each call.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from ctxtrain.config import Config, OptimConfig  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # we created the process group (so we destroy it); under Ray Train, Ray owns it
+
+
+def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from ctxtrain.errors import UserError
+
+            raise UserError("train.device=cuda but this worker sees no GPU; use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(cfg: Config) -> DistInfo:
+    """Join the process group that the launcher (Ray Train, the local launcher, torchrun) set up, or make a
+    one-process group; DeepSpeed then initializes on it."""
+    owns = False
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        device = pick_device(cfg, int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        owns = True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg, local_rank)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, parameter groups, DeepSpeed config
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warmup, then cosine/linear decay to min_lr."""
+    if optim.warmup_steps and step <= optim.warmup_steps:
+        return optim.lr * step / optim.warmup_steps
+    if optim.decay == "constant":
+        return optim.lr
+    span = max(1, max_steps - optim.warmup_steps)
+    progress = min(1.0, max(0.0, (step - optim.warmup_steps) / span))
+    if optim.decay == "cosine":
+        return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+    return optim.lr - progress * (optim.lr - optim.min_lr)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights); no decay on norms and biases (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config, derived from the typed config (saved as RUN_DIR/ds_config.json)."""
+    z = cfg.zero
+    zero: dict = {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": True}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute every block in the backward pass; the state dict keeps its names. Returns the block count."""
+    blocks = [m for name in ("blocks", "encoder", "decoder") for m in getattr(model, name, [])]
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return len(blocks)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engine
+
+
+def batch_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """Mean loss of one micro-batch: LM on packed windows, or teacher-forced translation."""
+    if "tokens" in batch:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        return model(tokens[:, :-1], tokens[:, 1:])
+    b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return model(b["src"], b["tgt"], src_mask=b["src_mask"], tgt_mask=b["tgt_mask"], targets=b["targets"])
+
+
+class Engine:
+    """A DeepSpeed engine around the model, with the step the training loop calls."""
+
+    def __init__(self, cfg: Config, model: nn.Module, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
+        self.device = dist_info.device
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr_at(1, o, cfg.train.max_steps),
+                                      betas=(o.beta1, o.beta2), eps=o.eps)
+        self.config = ds_config(cfg, dist_info.world_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                                             dist_init_required=False)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batches: list[dict], lr: float) -> tuple[float, Optional[float]]:
+        """Forward/backward over the micro-batches (gradient accumulation), then one optimizer step.
+        Returns this rank's mean loss and the global gradient norm (before clipping)."""
+        self.ds.train()
+        self.set_lr(lr)
+        total = 0.0
+        for batch in batches:
+            loss = batch_loss(self.ds, batch, self.device)
+            self.ds.backward(loss)
+            self.ds.step()
+            total += loss.detach().float().item()
+        norm = self.ds.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            norm = norm.item()
+        return total / len(batches), (float(norm) if norm is not None else None)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> float:
+        self.ds.eval()
+        loss = batch_loss(self.ds, batch, self.device).float().item()
+        self.ds.train()
+        return loss
+
+    def save(self, root: str, tag: str) -> None:
+        """Every rank writes its DeepSpeed files under root/tag (one optimizer shard per rank under ZeRO)."""
+        self.ds.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+
+    def load(self, root: str, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            from ctxtrain.errors import UserError
+
+            raise UserError(f"checkpoint {root}/{tag} could not be loaded by DeepSpeed; pick another with --resume")
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def sum_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def gather_objects(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def consolidate(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """fp32 weights from a checkpoint directory: DeepSpeed's zero-to-fp32 for ZeRO 1-3, the module state
+    for stage 0 (which writes no partitioned optimizer states)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    parent, tag = os.path.split(os.path.normpath(checkpoint_dir))
+    if any(name.startswith(("zero_pp_rank", "bf16_zero_pp_rank")) for name in os.listdir(checkpoint_dir)):
+        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    else:
+        state = torch.load(os.path.join(checkpoint_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                           weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}

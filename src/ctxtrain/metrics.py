@@ -1,0 +1,96 @@
+"""Throughput, MFU and memory, measured honestly.
+
+MFU = (training FLOPs per token x tokens/s of the job) / (number of accelerators x dense bf16 peak of one).
+FLOPs per token: `ctxtrain.model.flops` (6 N + 6 L d T, causal attention counted once). The peak is
+`train.peak_tflops` when given, else looked up from the GPU's name below; on CPU, and on a GPU we do
+not know, MFU is None (null in metrics.jsonl) rather than a number against an invented peak.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets, without sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+}
+
+
+def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> Optional[float]:
+    """FLOP/s of one accelerator for MFU, or None when there is no honest number (CPU, unknown GPU)."""
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak: Optional[float]) -> Optional[float]:
+    if peak is None or tokens_per_s <= 0:
+        return None
+    return flops_per_token * tokens_per_s / (n_devices * peak)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory(device: torch.device) -> dict:
+    """mem_bytes (peak GPU allocation since the last reset, or process RSS on CPU) and the details."""
+    if device.type == "cuda":
+        out = {
+            "mem_bytes": torch.cuda.max_memory_allocated(device),
+            "mem_allocated_bytes": torch.cuda.memory_allocated(device),
+            "mem_reserved_bytes": torch.cuda.memory_reserved(device),
+            "mem_peak_bytes": torch.cuda.max_memory_allocated(device),
+            "mem_rss_bytes": rss_bytes(),
+        }
+        return out
+    rss = rss_bytes()
+    return {"mem_bytes": rss, "mem_rss_bytes": rss, "mem_allocated_bytes": None, "mem_reserved_bytes": None,
+            "mem_peak_bytes": None}
+
+
+class Stopwatch:
+    """Accumulates named durations within a step (data wait, forward/backward, checkpoint save)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def time(self, name: str):
+        watch = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.totals[name] = watch.totals.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()
+
+    def pop(self, name: str) -> float:
+        return self.totals.pop(name, 0.0)

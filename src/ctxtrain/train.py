@@ -1,0 +1,323 @@
+"""The training loop that every worker runs, however it was started (Ray Train, the local launcher, torchrun).
+
+    ctxtrain train configs/lm_tiny.yaml --cluster.workers=2
+
+`run(cfg)` builds the pieces (process group, model, loaders, DeepSpeed engine, checkpoint storage), resumes
+from the newest committed checkpoint if there is one, and loops: fetch micro-batches, `Engine.train_step`,
+metrics, evaluation, checkpoints, stop conditions. The schedule is a pure function of the step, the data
+order a pure function of the cursor, and both are in the checkpoint: a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ctxtrain import checkpoint as ckpt
+from ctxtrain import metrics as M
+from ctxtrain.config import Config, to_yaml
+from ctxtrain.data.loader import Dataset, StreamingLoader
+from ctxtrain.engine import Engine, any_rank, enable_activation_checkpointing, init_distributed, lr_at, shutdown
+from ctxtrain.errors import UserError
+from ctxtrain.model import build_model, encdec_train_flops, lm_train_flops_per_token, param_count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks that can run before any worker starts
+
+
+def check_data(cfg: Config) -> Dataset:
+    """The dataset exists, fits the model, and holds at least one global batch; one-line errors otherwise."""
+    ds = Dataset(cfg.data.path)
+    want = "lm" if cfg.model.kind == "lm" else "translation"
+    if ds.task != want:
+        raise UserError(f"data.path={cfg.data.path} holds {ds.task} data but model.kind={cfg.model.kind} needs "
+                        f"{want} data; point data.path at a {want} dataset")
+    if ds.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer of {cfg.data.path} has "
+                        f"{ds.vocab_size} ids; set model.vocab_size >= {ds.vocab_size}")
+    ds.usable_shards("train", cfg.data.skip_corrupt)
+    return ds
+
+
+def preflight(cfg: Config) -> None:
+    """What a launcher checks before it starts workers: data, and the checkpoint to resume from."""
+    check_data(cfg)
+    storage = ckpt.open_storage(cfg)
+    tag = ckpt.resume_target(cfg, storage)
+    if tag is not None:
+        ckpt.check_compatible(storage.read_meta(tag), cfg, cfg.cluster.workers, storage.describe(tag))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run-directory files written by rank 0
+
+
+class MetricsFile:
+    """RUN_DIR/metrics.jsonl: one JSON line per step. On resume the steps after the checkpoint are cut,
+    so that each step appears once (they are recomputed, with the same values)."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.last_logged_step = 0  # the newest step already logged before this start (for trackers)
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash
+            self.last_logged_step = max(self.last_logged_step, rec.get("step", 0))
+            if rec.get("step", 0) <= resume_step:
+                kept.append(line)
+        ckpt.write_atomic(self.path, "".join(k + "\n" for k in kept))
+        self.fh = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def record_start(run_dir: Path, resumed_from: Optional[int], launch_id: Optional[str], fresh: bool) -> int:
+    """Append this start to RUN_DIR/starts.jsonl; returns the restart count: the starts of this run (worker
+    groups restarted by Ray, drivers re-run) since it last started fresh, minus one."""
+    path = run_dir / "starts.jsonl"
+    if fresh and path.exists():
+        path.unlink()
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"time": time.time(), "resumed_from": resumed_from, "launch_id": launch_id}) + "\n")
+    return sum(1 for _ in open(path)) - 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fault injection (rehearse recovery on a real cluster)
+
+
+def maybe_die(cfg: Config, rank: int, step: int, during: str) -> None:
+    """SIGKILL this rank once, at fault.at_step (step) or the first checkpoint at or after it (checkpoint)."""
+    f = cfg.fault
+    if f.kill_rank != rank or f.during != during or step < f.at_step or (during == "step" and step != f.at_step):
+        return
+    marker = Path(cfg.train.run_dir) / f"fault-rank{rank}-step{f.at_step}-{f.during}.done"
+    if marker.exists():
+        return
+    with open(marker, "w") as fh:
+        fh.write(f"killed at step {step} during {during}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    print(f"ctxtrain: fault injection: rank {rank} kills itself at step {step} during {during}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG state (dropout) in meta.json
+
+
+def rng_state(device: torch.device) -> str:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def set_rng_state(blob: str, device: torch.device) -> None:
+    state = torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def _loader(cfg: Config, rank: int, world: int, split: str) -> StreamingLoader:
+    d = cfg.data
+    train = split == "train"
+    return StreamingLoader(d.path, split=split, seq_len=d.seq_len, batch_size=d.batch_size, rank=rank,
+                           world_size=world, num_workers=d.num_workers if train else 0, seed=cfg.train.seed,
+                           shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train, skip_corrupt=d.skip_corrupt,
+                           max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len)
+
+
+def evaluate(cfg: Config, engine: Engine, rank: int, world: int) -> Optional[dict]:
+    """Mean loss over the first train.eval_batches micro-batches of the val split on every rank."""
+    loader = _loader(cfg, rank, world, "val")
+    losses = []
+    for i, batch in enumerate(loader):
+        if i == cfg.train.eval_batches:
+            break
+        losses.append(engine.eval_loss(batch))
+    if not losses:
+        return None
+    from ctxtrain.engine import mean_over_ranks
+
+    val_loss = mean_over_ranks(sum(losses) / len(losses), engine.device)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def _flops(cfg: Config, batch: dict) -> float:
+    """Training FLOPs of one micro-batch as computed (padding included for translation)."""
+    if cfg.model.kind == "lm":
+        B, T1 = batch["tokens"].shape
+        return lm_train_flops_per_token(cfg.model, T1 - 1) * B * (T1 - 1)
+    B, S = batch["src"].shape
+    return B * encdec_train_flops(cfg.model, S, batch["tgt"].shape[1])
+
+
+def run(cfg: Config) -> dict:
+    """Train (or resume) until max_steps, max_tokens, stop_at_step or stop_after_minutes; returns a summary."""
+    info = init_distributed(cfg)
+    try:
+        return _train(cfg, info)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg: Config, info) -> dict:
+    rank, world, device = info.rank, info.world_size, info.device
+    run_dir = Path(cfg.train.run_dir)
+    t_start = time.time()
+    check_data(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    engine = Engine(cfg, model, info)
+    if rank == 0:
+        ckpt.write_atomic(run_dir / "ds_config.json", json.dumps(engine.config, indent=1) + "\n")
+    torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
+
+    storage = ckpt.open_storage(cfg)
+    train_loader = _loader(cfg, rank, world, "train")
+    progress = Progress()
+    launch_id = os.environ.get("CTXTRAIN_LAUNCH_ID")
+    tag = ckpt.resume_target(cfg, storage, launch_id)
+    meta = None
+    if tag is not None:
+        meta = ckpt.load(engine, storage, cfg, tag, world)
+        progress.step, progress.tokens = meta["step"], meta["tokens"]
+        train_loader.load_state_dict(meta["loader"][0])  # every rank's cursor is the same global position
+        if meta["world_size"] == world:
+            set_rng_state(meta["rng"][rank], device)
+
+    metrics_file, restarts = None, 0
+    if rank == 0:
+        metrics_file = MetricsFile(run_dir, progress.step)
+        restarts = record_start(run_dir, progress.step if meta else None, launch_id,
+                                fresh=meta is None and cfg.checkpoint.resume == "never")
+        kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"
+        print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {world} workers on {device.type}, "
+              f"ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run_dir}"
+              + (f", resumed from {tag}" if tag else ""), flush=True)
+
+    peak = M.peak_flops(device, cfg.train.peak_tflops)
+    watch = M.Stopwatch()
+    batches = iter(train_loader)
+    last = {}
+    stop_reason = None
+    while progress.step < cfg.train.max_steps:
+        step = progress.step + 1
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with watch.time("data"):
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        maybe_die(cfg, rank, step, "step")
+        loss, grad_norm = engine.train_step(micro, lr_at(step, cfg.optim, cfg.train.max_steps))
+        local_tokens = sum(int(b["n_tokens"]) for b in micro)
+        local_flops = sum(_flops(cfg, b) for b in micro)
+        sums = torch.tensor([loss, local_tokens], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        step_time = time.perf_counter() - t0
+        progress.step, progress.tokens = step, progress.tokens + int(sums[1].item())
+        tokens_per_s = sums[1].item() / step_time
+        record = {
+            "step": step,
+            "loss": sums[0].item() / world,
+            "lr": lr_at(step, cfg.optim, cfg.train.max_steps),
+            "grad_norm": grad_norm,
+            "tokens": progress.tokens,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_worker": local_tokens / step_time,
+            "mfu": M.mfu(local_flops / max(local_tokens, 1), tokens_per_s, world, peak),
+            "step_time_s": step_time,
+            "data_wait_s": watch.pop("data"),
+            "epoch": train_loader.epoch,
+            "restarts": restarts,
+            **M.memory(device),
+        }
+
+        # Stop conditions, agreed by every rank (wall time differs between ranks).
+        if cfg.train.stop_at_step == step:
+            stop_reason = "stop_at_step"
+        elif cfg.train.max_tokens is not None and progress.tokens >= cfg.train.max_tokens:
+            stop_reason = "max_tokens"
+        elif cfg.train.stop_after_minutes is not None and any_rank(
+                time.time() - t_start >= 60 * cfg.train.stop_after_minutes, device):
+            stop_reason = "stop_after_minutes"
+        final = step == cfg.train.max_steps or stop_reason is not None
+
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+            result = evaluate(cfg, engine, rank, world)
+            if result:
+                record.update(result)
+        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            t_ckpt = time.perf_counter()
+            rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
+            extra = {"stop_reason": stop_reason, "restarts": restarts, "launch_id": launch_id}
+            ckpt.save(engine, storage, ckpt.tag_of(step), rank, rank_state,
+                      lambda states: ckpt.build_meta(cfg, step, progress.tokens, states, None, extra),
+                      fault_hook=lambda: maybe_die(cfg, rank, step, "checkpoint"))
+            if rank == 0:
+                ckpt.apply_retention(storage, cfg)
+            record["ckpt_save_s"] = time.perf_counter() - t_ckpt
+        if rank == 0:
+            metrics_file.write(record)
+            if step % cfg.train.log_every == 0 or final or step == 1:
+                _log_line(record, cfg.train.max_steps, t_start)
+        last = record
+        if stop_reason:
+            break
+
+    if rank == 0:
+        metrics_file.close()
+        print(f"ctxtrain: {'stopped (' + stop_reason + ')' if stop_reason else 'finished'} at step "
+              f"{progress.step}, loss {last.get('loss', float('nan')):.4f}"
+              + (f", val ppl {last['val_ppl']:.2f}" if "val_ppl" in last else ""), flush=True)
+    return {"step": progress.step, "tokens": progress.tokens, "stop_reason": stop_reason, **last}
+
+
+def _log_line(r: dict, max_steps: int, t_start: float) -> None:
+    elapsed = time.time() - t_start
+    eta = (max_steps - r["step"]) * r["step_time_s"]
+    extra = f" val_loss={r['val_loss']:.4f}" if "val_loss" in r else ""
+    print(f"step={r['step']}/{max_steps} loss={r['loss']:.4f}{extra} lr={r['lr']:.2e} "
+          f"tokens/s={r['tokens_per_s']:,.0f} elapsed={elapsed:,.0f}s eta={eta:,.0f}s", flush=True)
+    sys.stdout.flush()

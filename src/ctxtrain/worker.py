@@ -1,0 +1,36 @@
+"""Entry of one worker process started by the local launcher: `python -m ctxtrain.worker MODULE:FUNC CONFIG.json`.
+
+It calls FUNC(cfg) — `ctxtrain.train:run` for training, the same function Ray Train calls. A UserError goes
+to $CTXTRAIN_ERROR_FILE (the launcher prints it once) and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from ctxtrain.config import from_dict
+from ctxtrain.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    entry, cfg_path = argv
+    module, func = entry.split(":")
+    cfg = from_dict(json.loads(open(cfg_path).read()), cfg_path)
+    try:
+        getattr(importlib.import_module(module), func)(cfg)
+    except UserError as e:
+        path = os.environ.get("CTXTRAIN_ERROR_FILE")
+        if path:
+            with open(path, "w") as fh:
+                fh.write(str(e))
+        else:
+            print(f"ctxtrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,32 @@
+"""Worker entry points for tests, run by the real local launcher in every worker process
+(`ctxtrain.local_launch.launch(cfg, entry="tests.integration.probes:...")`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ctxtrain import checkpoint as ckpt
+from ctxtrain.engine import Engine, init_distributed, shutdown
+from ctxtrain.model import build_model
+
+PROBE_TOKENS = torch.arange(64).reshape(2, 32) * 97 % 8000
+
+
+def engine_logits(cfg) -> None:
+    """Restore the newest committed checkpoint into a fresh ZeRO engine and save its logits on fixed tokens."""
+    info = init_distributed(cfg)
+    try:
+        torch.manual_seed(0)
+        engine = Engine(cfg, build_model(cfg.model), info)
+        storage = ckpt.open_storage(cfg)
+        tag = ckpt.resume_target(cfg, storage)
+        ckpt.load(engine, storage, cfg, tag, info.world_size)
+        engine.ds.eval()
+        with torch.no_grad():
+            logits = engine.ds(PROBE_TOKENS.to(info.device))
+        if info.rank == 0:
+            torch.save({"tag": tag, "logits": logits.float().cpu()}, Path(cfg.train.run_dir) / "probe_logits.pt")
+    finally:
+        shutdown(info)

@@ -1,0 +1,161 @@
+"""The training engine on real DeepSpeed (CPU, gloo), 2 worker processes, real shards: ZeRO stages, exact
+resume, the checkpoint commit protocol, export to transformers, and the encoder-decoder learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.helpers import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_zero3_run_layout(zero3_run):
+    run_dir, m, proc = zero3_run
+    assert sorted(m) == list(range(1, 21))
+    for field in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mem_bytes"):
+        assert m[20][field] is not None, field
+    assert m[20]["tokens"] == 20 * 2 * 4 * 128
+    assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    ckpts = run_dir / "checkpoints"
+    # retention: the last 2 (15, 20) and every 10th (10); step 5 was deleted
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000010", "step_000015", "step_000020"]
+    assert (ckpts / "latest").read_text().strip() == "step_000020"
+    newest = ckpts / "step_000020"
+    assert (newest / "COMMITTED").is_file()
+    optim = sorted(p.name for p in newest.glob("*optim_states.pt"))
+    assert optim == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["step"] == 20 and meta["world_size"] == 2 and len(meta["loader"]) == 2 and len(meta["rng"]) == 2
+    assert meta["loader"][0]["consumed"] == 20 * 2 * 4 and "tracker_run_id" in meta
+    assert meta["tokens"] == m[20]["tokens"]
+
+
+def test_zero_stages_agree_and_learn(zero3_run, stdlib_shards, tmp_path):
+    """Stages 1 and 2 (with activation checkpointing and optimizer offload on) give ZeRO-3's first loss."""
+    _, m3, _ = zero3_run
+    first = {3: m3[1]["loss"]}
+    for stage, extra in ((1, "--train.activation_checkpointing=true"), (2, "--zero.offload_optimizer=true")):
+        _, m = train(tmp_path / f"z{stage}", stdlib_shards, "--train.max_steps=6", f"--zero.stage={stage}", extra)
+        first[stage] = m[1]["loss"]
+        assert m[6]["loss"] < m[1]["loss"] - 0.1, (stage, [m[s]["loss"] for s in sorted(m)])
+    assert m3[20]["loss"] < m3[1]["loss"] - 1.0
+    assert abs(first[1] - first[3]) < 1e-6 and abs(first[2] - first[3]) < 1e-6, first
+
+
+def test_stop_and_resume_continue_exactly(zero3_run, stdlib_shards, tmp_path):
+    _, whole, _ = zero3_run
+    run_dir = tmp_path / "stopped"
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
+                    "--train.stop_at_step=10")
+    assert max(m) == 10 and "stopped (stop_at_step) at step 10" in proc.stdout
+    assert (run_dir / "checkpoints" / "step_000010" / "COMMITTED").is_file()
+    # the schedule still follows max_steps=20: the lr at step 10 is the 20-step run's
+    assert m[10]["lr"] == whole[10]["lr"]
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5")
+    assert "resumed from step_000010" in proc.stdout
+    assert sorted(m) == list(range(1, 21))  # every step once in metrics.jsonl
+    for step in range(11, 21):
+        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6, (step, m[step]["loss"], whole[step]["loss"])
+
+
+def test_uncommitted_checkpoint_is_never_used(zero3_run, stdlib_shards, tmp_path):
+    src, whole, _ = zero3_run
+    run_dir = tmp_path / "uncommitted"
+    shutil.copytree(src, run_dir)
+    (run_dir / "checkpoints" / "step_000020" / "COMMITTED").unlink()
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5")
+    assert "resumed from step_000015" in proc.stdout
+    for step in range(16, 21):
+        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6
+    # the interrupted step_000020 was replaced by a committed one
+    assert (run_dir / "checkpoints" / "step_000020" / "COMMITTED").is_file()
+
+
+def test_checkpoint_of_another_model_is_refused(zero3_run, stdlib_shards, tmp_path):
+    src, _, _ = zero3_run
+    run_dir = tmp_path / "other_model"
+    shutil.copytree(src, run_dir)
+    proc, _ = train(run_dir, stdlib_shards, "--train.max_steps=30", "--zero.stage=3", "--model.n_layers=3",
+                    check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.n_layers 4->3" in lines[0], proc.stderr
+
+
+def test_resume_flag_picks_a_checkpoint_and_no_resume_starts_fresh(zero3_run, stdlib_shards, tmp_path):
+    src, whole, _ = zero3_run
+    run_dir = tmp_path / "pick"
+    shutil.copytree(src, run_dir)
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3",
+                    f"--resume={run_dir / 'checkpoints' / 'step_000010'}", "--checkpoint.every=0")
+    assert "resumed from step_000010" in proc.stdout and abs(m[11]["loss"] - whole[11]["loss"]) <= 1e-6
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=2", "--zero.stage=3", "--no-resume")
+    assert "resumed" not in proc.stdout and sorted(m) == [1, 2]
+    assert abs(m[1]["loss"] - whole[1]["loss"]) <= 1e-6
+
+
+def test_export_zero3_loads_in_transformers_with_engine_logits(zero3_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    run_dir, _, _ = zero3_run
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "export", str(run_dir), "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and (out / "hf" / "config.json").is_file()
+
+    # The trained engine's own logits: the last checkpoint restored into a fresh 2-rank ZeRO-3 engine.
+    from ctxtrain.config import load_config
+    from ctxtrain.local_launch import launch
+    from tests.integration.probes import PROBE_TOKENS
+
+    cfg = load_config(run_dir / "config.yaml")
+    os.environ["PYTHONPATH"] = str(REPO)
+    assert launch(cfg, entry="tests.integration.probes:engine_logits") == 0
+    probe = torch.load(run_dir / "probe_logits.pt")
+    assert probe["tag"] == "step_000020"
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(PROBE_TOKENS).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_stop_after_minutes_ends_cleanly(stdlib_shards, tmp_path):
+    proc, m = train(tmp_path / "timed", stdlib_shards, "--train.max_steps=100000", "--zero.stage=1",
+                    "--train.stop_after_minutes=0.15")
+    assert "stopped (stop_after_minutes)" in proc.stdout
+    last = max(m)
+    assert 1 <= last < 100000
+    meta = json.loads((tmp_path / "timed" / "checkpoints" / f"step_{last:06d}" / "meta.json").read_text())
+    assert meta["stop_reason"] == "stop_after_minutes"
+    # the schedule is still the one laid out over 100000 steps
+    from ctxtrain.config import load_config
+    from ctxtrain.engine import lr_at
+
+    optim = load_config(tmp_path / "timed" / "config.yaml").optim
+    assert m[last]["lr"] == pytest.approx(lr_at(last, optim, 100000), rel=1e-12)
+    assert m[last]["lr"] != pytest.approx(lr_at(last, optim, last), rel=1e-6) or last <= optim.warmup_steps
+
+
+def test_encoder_decoder_learns_translation(en_fr_shards, tmp_path):
+    _, m = train(tmp_path / "mt", en_fr_shards, "--train.max_steps=60", "--train.eval_every=15",
+                 "--train.eval_batches=4", "--data.batch_size=16", "--model.vocab_size=4096",
+                 "--checkpoint.every=0", config="translate_tiny.yaml")
+    val = [m[s]["val_loss"] for s in (15, 30, 45, 60)]
+    assert val == sorted(val, reverse=True) and val[-1] < val[0] - 0.5, val
+    assert all(m[s]["tokens"] > 0 for s in m)
+
+
+def test_bad_data_path_is_one_line(tmp_path):
+    proc, _ = train(tmp_path / "r", tmp_path / "no_such_data", "--train.max_steps=2", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "no_such_data" in proc.stderr

@@ -1,0 +1,61 @@
+"""Pure parts of the engine: the LR schedule, weight-decay groups, the generated DeepSpeed config, retention."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from ctxtrain.checkpoint import retention
+from ctxtrain.config import load_config
+from ctxtrain.engine import ds_config, lr_at, param_groups
+from ctxtrain.model import DecoderLM, EncoderDecoder, ModelConfig
+from tests.conftest import CONFIGS
+
+
+def test_schedule_warmup_then_cosine_to_min():
+    o = load_config(None, ["--optim.lr=1e-3", "--optim.min_lr=1e-4", "--optim.warmup_steps=10"]).optim
+    assert lr_at(1, o, 110) == pytest.approx(1e-4)
+    assert lr_at(10, o, 110) == pytest.approx(1e-3)
+    assert lr_at(60, o, 110) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cosine at pi/2
+    assert lr_at(110, o, 110) == pytest.approx(1e-4)
+    assert lr_at(500, o, 110) == pytest.approx(1e-4)  # past the end it stays at min_lr
+    lrs = [lr_at(s, o, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_schedule_linear_and_constant():
+    lin = load_config(None, ["--optim.decay=linear", "--optim.warmup_steps=0", "--optim.lr=1.0", "--optim.min_lr=0"]).optim
+    assert lr_at(50, lin, 100) == pytest.approx(0.5)
+    const = load_config(None, ["--optim.decay=constant", "--optim.warmup_steps=4"]).optim
+    assert lr_at(2, const, 100) == pytest.approx(const.lr / 2) and lr_at(99, const, 100) == const.lr
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    for model in (DecoderLM(ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=2)),
+                  EncoderDecoder(ModelConfig(kind="encdec", vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=1,
+                                             bias=True, norm="layernorm", mlp="gelu", pos="sinusoidal"))):
+        decay, no_decay = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        assert all(("norm" in names[id(p)] or names[id(p)].endswith("bias")) for p in no_decay["params"])
+        assert all(p.ndim == 2 for p in decay["params"])
+        assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_ds_config_follows_the_typed_config():
+    cfg = load_config(CONFIGS / "lm_tiny.yaml", ["--zero.stage=3", "--zero.offload_optimizer=true",
+                                                 "--zero.offload_params=true", "--train.grad_accum=4",
+                                                 "--train.dtype=bf16", "--optim.grad_clip=0.5"])
+    ds = ds_config(cfg, world_size=8)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["train_batch_size"] == cfg.data.batch_size * 4 * 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 0.5
+
+
+def test_retention_keeps_last_and_every_mth():
+    steps = [5, 10, 15, 20, 25, 30]
+    assert retention(steps, keep_last=2, keep_every=0) == [5, 10, 15, 20]
+    assert retention(steps, keep_last=2, keep_every=10) == [5, 15]
+    assert retention([5], keep_last=3, keep_every=0) == []
