@@ -30,6 +30,7 @@ if [ "${1:-}" = "dev" ]; then
     command -v chromium >/dev/null 2>&1 || need="$need chromium"
     command -v shellcheck >/dev/null 2>&1 || need="$need shellcheck"
     if [ -n "$need" ]; then
+      # shellcheck disable=SC2086  # $need is a list of package names
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need) >/dev/null \
         || echo "install.sh: could not apt-get install$need; the tests that need it will be skipped" >&2
     fi

@@ -121,7 +121,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from ctxtrain import local_launch
 
         return local_launch.launch(cfg)
-    raise UserError("cluster.launcher=ray is not built yet; use --cluster.launcher=local")
+    from ctxtrain.launcher import train_on_ray
+
+    return train_on_ray(cfg)
 
 
 def cmd_submit(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -246,10 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("submit", help=VERBS["submit"],
+                       description="Submit `ctxtrain train` to a Ray cluster: "
+                                   "ctxtrain submit configs/lm_1b.yaml --address http://HEAD:8265")
+    p.add_argument("config", help="experiment YAML (resolved here, shipped with the job)")
+    p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--env", action="append", metavar="NAME", help="also pass this environment variable")
+    p.add_argument("--no-ship", action="store_true", help="use the cluster's installed ctxtrain, not this one")
+    p.set_defaults(func=cmd_submit)
+    for verb, fn in (("jobs", cmd_jobs), ("status", cmd_status), ("logs", cmd_logs), ("stop", cmd_stop)):
+        p = sub.add_parser(verb, help=VERBS[verb])
+        if verb != "jobs":
+            p.add_argument("job", help="job id (from `ctxtrain submit` or `ctxtrain jobs`)")
+        if verb == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="keep printing as the job writes")
+        p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+        p.set_defaults(func=fn)
+
     for verb in VERBS:
         if verb in sub.choices:
             continue
-        p = sub.add_parser(verb, help=VERBS[verb])
+        p = sub.add_parser(verb, help=VERBS[verb] + " (not built yet)")
+        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
         p.set_defaults(func=_not_built(verb))
     return parser
 

@@ -248,7 +248,7 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
-    launcher: Literal["ray", "local"] = "local"
+    launcher: Literal["ray", "local"] = "ray"
     """ray: Ray Train workers (embedded Ray, or the cluster at `address`); local: plain processes on this machine."""
 
     workers: int = 1

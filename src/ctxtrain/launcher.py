@@ -1,0 +1,322 @@
+"""Ray, and only here: embedded or remote clusters, Ray Train workers with a failure policy, job submission.
+
+    ctxtrain train configs/lm_tiny.yaml --cluster.workers=2           # Ray embedded on this machine
+    ctxtrain train configs/lm_1b.yaml --address ray://HEAD:10001       # join a cluster
+    ctxtrain submit configs/lm_1b.yaml --address http://HEAD:8265     # a job on a cluster; returns its id
+
+Training: a `TorchTrainer` whose workers each call `ctxtrain.train.run(cfg)`, the same function the local
+launcher and torchrun call. Ray forms the process group (gloo on CPU, nccl on GPU); DeepSpeed joins it.
+When a worker dies, Ray restarts the whole group (up to `cluster.max_failures` times) and every worker
+resumes from the newest committed checkpoint of this launch. Checkpoints are written by the workers
+straight into `checkpoint.storage` (RUN_DIR/checkpoints by default) with ctxtrain's own commit protocol,
+not through `ray.train.report`: no second copy of large files, and the COMMITTED semantics stay ctxtrain's.
+Ray keeps its own run state under RUN_DIR/ray (or the storage URI's `ray/`).
+
+Embedded Ray listens on 127.0.0.1 (dashboard and job server) unless `cluster.dashboard_host` says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+from ctxtrain.config import Config, to_yaml
+from ctxtrain.errors import UserError
+
+# Environment variables a job may need on the cluster; passed through the job's runtime env when set here,
+# never written to the run dir, the config or the logs.
+SECRET_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "HF_TOKEN",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+              "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
+# Passed to every worker (not secrets): how DeepSpeed and torch behave there.
+WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "WANDB_SILENT", "PYTHONPATH",
+              "CTXTRAIN_PROGRESS")
+
+
+def redact(text: str) -> str:
+    """Replace the values of secret environment variables in a message (Ray's errors quote runtime envs)."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _absolute(cfg: Config) -> Config:
+    """Paths resolved on the driver, so that workers (whatever their working directory) see the same ones."""
+    from ctxtrain.config import from_dict
+
+    d = cfg.to_dict()
+    d["train"]["run_dir"] = str(Path(d["train"]["run_dir"]).resolve())
+    d["data"]["path"] = str(Path(d["data"]["path"]).resolve())
+    storage = d["checkpoint"]["storage"]
+    if storage and "://" not in storage:
+        d["checkpoint"]["storage"] = str(Path(storage).resolve())
+    resume = d["checkpoint"]["resume"]
+    if resume not in ("auto", "never"):
+        d["checkpoint"]["resume"] = str(Path(resume).resolve()) if "://" not in resume else resume
+    return from_dict(d)
+
+
+def _worker_loop(config: dict) -> None:
+    """What each Ray Train worker runs: the per-worker entry point, unchanged."""
+    from ctxtrain import train
+    from ctxtrain.config import from_dict
+
+    os.environ["CTXTRAIN_LAUNCH_ID"] = config["launch_id"]
+    train.run(from_dict(config["cfg"]))
+
+
+def _ray_storage(cfg: Config) -> str:
+    storage = cfg.checkpoint.storage
+    if storage and "://" in storage:
+        return storage.rstrip("/")
+    return cfg.train.run_dir
+
+
+def train_on_ray(cfg: Config) -> int:
+    """Run training on Ray (embedded here, or the cluster at cluster.address / $RAY_ADDRESS)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = _absolute(cfg)
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    embedded = not address
+    env = {k: os.environ[k] for k in WORKER_ENV + SECRET_ENV if k in os.environ}
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train's print patch echoes every worker line twice
+    if not embedded:
+        # Inside a submitted job the job's runtime env (secrets, shipped package) meets ours: merge them.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    try:
+        if embedded:
+            ctx = ray.init(address="local", include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
+                           dashboard_port=cfg.cluster.dashboard_port, _node_ip_address="127.0.0.1",
+                           runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
+        else:
+            ctx = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "an embedded cluster"
+        raise UserError(redact(f"cannot start or reach Ray at {where} ({str(e).splitlines()[0][:300]}); "
+                               "check --address / RAY_ADDRESS")) from None
+    try:
+        dashboard = getattr(ctx, "dashboard_url", None)
+        if dashboard:
+            dashboard = dashboard if dashboard.startswith("http") else f"http://{dashboard}"
+        resources = ray.cluster_resources()
+        gpus = cfg.cluster.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        need_cpu = cfg.cluster.workers * cfg.cluster.cpus_per_worker
+        if need_cpu > resources.get("CPU", 0):
+            raise UserError(f"cluster.workers={cfg.cluster.workers} x cluster.cpus_per_worker="
+                            f"{cfg.cluster.cpus_per_worker} needs {need_cpu:g} CPUs; the Ray cluster has "
+                            f"{resources.get('CPU', 0):g}; lower them or add nodes")
+        if gpus and cfg.cluster.workers * gpus > resources.get("GPU", 0):
+            raise UserError(f"cluster.workers={cfg.cluster.workers} x {gpus:g} GPUs needs more than the "
+                            f"{resources.get('GPU', 0):g} GPUs of the Ray cluster; lower cluster.workers")
+        print(f"ctxtrain: Ray {'embedded' if embedded else 'cluster ' + str(address)}: "
+              f"{cfg.cluster.workers} workers x ({cfg.cluster.cpus_per_worker:g} CPU, {gpus:g} GPU), "
+              f"placement {cfg.cluster.placement}, max_failures {cfg.cluster.max_failures}"
+              + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
+        launch_id = uuid.uuid4().hex[:12]
+        resources_per_worker = {"CPU": cfg.cluster.cpus_per_worker}
+        if gpus:
+            resources_per_worker["GPU"] = gpus
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id},
+            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=bool(gpus),
+                                         resources_per_worker=resources_per_worker,
+                                         placement_strategy=cfg.cluster.placement.upper()),
+            run_config=RunConfig(name="ray", storage_path=_ray_storage(cfg),
+                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                                 worker_runtime_env={"env_vars": {**env, "CTXTRAIN_LAUNCH_ID": launch_id}}),
+        )
+        try:
+            trainer.fit()
+        except Exception as e:  # TrainingFailedError and friends, after the failure policy gave up
+            raise UserError(redact(_failure_summary(cfg, e))) from None
+        return 0
+    finally:
+        if embedded:
+            ray.shutdown()
+
+
+def _failure_summary(cfg: Config, error: Exception) -> str:
+    failures = getattr(error, "worker_failures", None) or {}
+    first = next(iter(failures.values()), error)
+    text = str(first).strip().splitlines()
+    user = [line for line in text if "UserError:" in line or "DataError:" in line or "ConfigError:" in line]
+    detail = (user[-1].split("Error:", 1)[1].strip() if user else (text[-1] if text else type(error).__name__))
+    return (f"training failed after {cfg.cluster.max_failures} restarts: {detail[:400]}; "
+            f"see the worker logs above and {cfg.train.run_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs on a cluster (Ray job submission)
+
+
+def job_server_address(address: Optional[str]) -> str:
+    """--address, else $RAY_API_SERVER_ADDRESS, else an http $RAY_ADDRESS, else http://127.0.0.1:8265."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not address and os.environ.get("RAY_ADDRESS", "").startswith("http"):
+        address = os.environ["RAY_ADDRESS"]
+    address = address or "http://127.0.0.1:8265"
+    return address if "://" in address else f"http://{address}"
+
+
+def _client(address: Optional[str]):
+    # Ray 2.60 clusters use token auth by default; Ray's client sends the token only in token mode.
+    if "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    url = job_server_address(address)
+    parsed = urlparse(url)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 8265)
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray job server at {url} ({e.strerror or e}); start the head with "
+                        "`ray start --head` (dashboard on port 8265) or pass --address http://HEAD:8265") from None
+    try:
+        return JobSubmissionClient(url), url
+    except Exception as e:  # ConnectionError, RuntimeError from a non-Ray server
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "authentication" in str(e).lower() or "401" in str(e) or "403" in str(e):
+            raise UserError(f"the Ray job server at {url} wants an auth token ({first}); export RAY_AUTH_TOKEN "
+                            "(or copy the head's ~/.ray/auth_token) and RAY_AUTH_MODE=token") from None
+        raise UserError(f"{url} does not answer as a Ray job server ({first}); check --address") from None
+
+
+def _job_call(fn, job_id: str, url: str):
+    try:
+        return fn()
+    except RuntimeError as e:
+        msg = str(e)
+        if "does not exist" in msg or "404" in msg:
+            raise UserError(f"no job {job_id} at {url}; list them with `ctxtrain jobs --address {url}`") from None
+        raise UserError(f"the job server at {url} refused: {msg.splitlines()[0]}") from None
+
+
+def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_package: bool = True) -> str:
+    """Submit `ctxtrain train` with this resolved config as a Ray job; returns the job id."""
+    for field, value in (("train.run_dir", cfg.train.run_dir), ("data.path", cfg.data.path)):
+        if not Path(value).is_absolute() and "://" not in value:
+            raise UserError(f"{field}={value} is relative: on the cluster it would resolve inside the job's "
+                            f"temporary working directory; pass an absolute path on shared storage, e.g. "
+                            f"--{field}=/shared/{Path(value).name}")
+    client, url = _client(address)
+    env = {}
+    for name in list(SECRET_ENV) + list(env_names):
+        if name in os.environ:
+            env[name] = os.environ[name]
+        elif name in env_names:
+            raise UserError(f"--env {name}: not set in this environment; export it first")
+    work = Path(tempfile.mkdtemp(prefix="ctxtrain-job-"))
+    (work / "config.yaml").write_text(to_yaml(cfg))
+    runtime_env: dict = {"working_dir": str(work), "env_vars": env}
+    if ship_package:
+        import ctxtrain
+
+        runtime_env["py_modules"] = [str(Path(ctxtrain.__file__).parent)]
+    metadata = {"ctxtrain_run_dir": cfg.train.run_dir, "ctxtrain_max_steps": str(cfg.train.max_steps)}
+    job_id = client.submit_job(entrypoint="python -m ctxtrain train config.yaml", runtime_env=runtime_env,
+                               metadata=metadata, submission_id=f"ctxtrain-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                                                 f"{uuid.uuid4().hex[:6]}")
+    if env:
+        print(f"passed from the environment: {', '.join(sorted(env))}", file=sys.stderr)
+    return job_id
+
+
+def list_jobs(address: Optional[str]) -> list[dict]:
+    client, _ = _client(address)
+    out = []
+    for job in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+        out.append({"job_id": job.submission_id or job.job_id, "status": str(job.status.value),
+                    "start_time": job.start_time, "entrypoint": job.entrypoint,
+                    "run_dir": (job.metadata or {}).get("ctxtrain_run_dir", "")})
+    return out
+
+
+_LOG_LINE = re.compile(r"step=(\d+)/(\d+) loss=([\d.]+).*?tokens/s=([\d,]+).*?eta=([\d,]+)s")
+
+
+def job_status(job_id: str, address: Optional[str]) -> dict:
+    """State of a job plus its latest step, loss, tokens/s and ETA (from its metrics.jsonl when this machine
+    sees the run dir, else from its log lines)."""
+    client, url = _client(address)
+    info = _job_call(lambda: client.get_job_info(job_id), job_id, url)
+    out = {"job_id": job_id, "status": str(info.status.value), "message": info.message or "", "dashboard": url,
+           "run_dir": (info.metadata or {}).get("ctxtrain_run_dir")}
+    latest = _latest_from_run_dir(out["run_dir"], int((info.metadata or {}).get("ctxtrain_max_steps", 0) or 0))
+    if latest is None:
+        logs = _job_call(lambda: client.get_job_logs(job_id), job_id, url)
+        matches = _LOG_LINE.findall(logs)
+        if matches:
+            step, total, loss, tps, eta = matches[-1]
+            latest = {"step": int(step), "max_steps": int(total), "loss": float(loss),
+                      "tokens_per_s": float(tps.replace(",", "")), "eta_s": float(eta.replace(",", ""))}
+    if latest:
+        out.update(latest)
+    return out
+
+
+def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dict]:
+    import json
+
+    if not run_dir:
+        return None
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = path.read_text().strip().splitlines()
+    if not lines:
+        return None
+    last = json.loads(lines[-1])
+    eta = (max_steps - last["step"]) * last["step_time_s"] if max_steps else None
+    return {"step": last["step"], "max_steps": max_steps, "loss": last["loss"], "tokens_per_s": last["tokens_per_s"],
+            "eta_s": eta}
+
+
+def job_logs(job_id: str, address: Optional[str], follow: bool) -> None:
+    client, url = _client(address)
+    if not follow:
+        sys.stdout.write(_job_call(lambda: client.get_job_logs(job_id), job_id, url))
+        return
+
+    async def tail():
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    _job_call(lambda: client.get_job_info(job_id), job_id, url)
+    asyncio.run(tail())
+
+
+def stop_job(job_id: str, address: Optional[str], wait_s: float = 60) -> str:
+    client, url = _client(address)
+    _job_call(lambda: client.stop_job(job_id), job_id, url)
+    deadline = time.time() + wait_s
+    status = ""
+    while time.time() < deadline:
+        status = str(client.get_job_status(job_id).value)
+        if status in ("STOPPED", "SUCCEEDED", "FAILED"):
+            break
+        time.sleep(0.5)
+    return status

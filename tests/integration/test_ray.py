@@ -1,0 +1,203 @@
+"""Ray orchestration on real Ray (CPU): embedded training with ZeRO-3, recovery from a killed worker (during a
+step and during a checkpoint) with the losses of an uninterrupted run, a simulated two-node cluster, and job
+submission against a head started here with `ray start --head`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS
+from tests.helpers import FAST, ctxtrain, env, metrics, starts, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _same_losses(m: dict, reference: dict, steps) -> None:
+    for step in steps:
+        assert abs(m[step]["loss"] - reference[step]["loss"]) <= 1e-6, (step, m[step]["loss"], reference[step]["loss"])
+
+
+def test_ray_recovers_from_a_killed_worker_with_identical_losses(zero3_run, stdlib_shards, tmp_path):
+    _, reference, _ = zero3_run
+    run_dir = tmp_path / "killed"
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
+                    "--fault.kill_rank=1", "--fault.at_step=7", "--cluster.max_failures=2", launcher="ray")
+    assert "Ray embedded: 2 workers" in proc.stdout and "dashboard http://127.0.0.1:" in proc.stdout
+    assert (run_dir / "fault-rank1-step7-step.done").is_file()
+    launches = starts(run_dir)
+    assert len(launches) == 2, launches  # Ray restarted the worker group once
+    assert launches[1]["resumed_from"] == 5 and launches[0]["launch_id"] == launches[1]["launch_id"]
+    assert sorted(m) == list(range(1, 21))  # every step once, the recomputed 6 and 7 included
+    _same_losses(m, reference, range(1, 21))
+    assert m[20]["restarts"] == 1 and m[5]["restarts"] == 0
+    assert (run_dir / "ray").is_dir()  # Ray's own run state lives in the run dir
+
+
+def test_ray_kill_during_checkpoint_never_resumes_the_half_written_one(zero3_run, stdlib_shards, tmp_path):
+    _, reference, _ = zero3_run
+    run_dir = tmp_path / "killed_in_ckpt"
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
+                    "--checkpoint.keep_last=10", "--fault.kill_rank=1", "--fault.at_step=7",
+                    "--fault.during=checkpoint", "--cluster.max_failures=2", launcher="ray")
+    launches = starts(run_dir)
+    assert len(launches) == 2 and launches[1]["resumed_from"] == 5, launches  # not 10: it had no COMMITTED
+    assert sorted(m) == list(range(1, 21))
+    _same_losses(m, reference, range(1, 21))
+    # the step-10 checkpoint that the restarted group wrote is complete and committed
+    assert (run_dir / "checkpoints" / "step_000010" / "COMMITTED").is_file()
+    meta = json.loads((run_dir / "checkpoints" / "step_000010" / "meta.json").read_text())
+    assert meta["restarts"] == 1
+
+
+def test_ray_driver_rerun_resumes(stdlib_shards, tmp_path, zero3_run):
+    """The driver died (here: it was told to stop at step 4); running the same command again resumes."""
+    _, reference, _ = zero3_run
+    run_dir = tmp_path / "rerun"
+    train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--train.stop_at_step=4",
+          launcher="ray")
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--train.stop_at_step=8",
+                    launcher="ray")
+    assert "resumed from step_000004" in proc.stdout
+    _same_losses(m, reference, range(1, 9))
+
+
+@pytest.fixture
+def two_node_cluster():
+    """ray.cluster_utils.Cluster: a head with no CPUs and two 1-CPU nodes, so 2 workers need both nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    cluster.shutdown()
+
+
+def test_two_node_cluster_train_checkpoint_resume(two_node_cluster, stdlib_shards, tmp_path, zero3_run):
+    cluster, nodes = two_node_cluster
+    _, reference, _ = zero3_run
+    run_dir = tmp_path / "two_nodes"
+    common = ["--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=3", "--cluster.placement=spread",
+              f"--cluster.address={cluster.address}"]
+    proc, m = train(run_dir, stdlib_shards, *common, "--train.stop_at_step=3", launcher="ray")
+    assert f"Ray cluster {cluster.address}" in proc.stdout
+    assert (run_dir / "checkpoints" / "step_000003" / "COMMITTED").is_file()
+    proc, m = train(run_dir, stdlib_shards, *common, "--train.stop_at_step=6", launcher="ray")
+    assert "resumed from step_000003" in proc.stdout
+    _same_losses(m, reference, range(1, 7))
+    import ray
+
+    ray.init(address=cluster.address)
+    try:
+        per_node = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+    assert sorted(per_node.values()) == [0, 1, 1]  # 2 one-CPU workers can only run one per node
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs against a head started with `ray start --head`
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    port, dash = _free_port(), _free_port()
+    temp = tmp_path_factory.mktemp("rayhead")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={temp}", "--block"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if ctxtrain("jobs", "--address", address).returncode == 0:
+            break
+        time.sleep(2)
+    else:
+        proc.terminate()
+        pytest.fail("ray start --head did not come up in 90 s")
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_status(job: str, address: str, want: set[str], timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    out = ""
+    while time.time() < deadline:
+        out = ctxtrain("status", job, "--address", address).stdout
+        state = out.split(":", 1)[1].split()[0] if ":" in out else ""
+        if state in want:
+            return out
+        time.sleep(2)
+    raise AssertionError(f"job {job} did not reach {want}: {out}")
+
+
+def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
+    address = ray_head
+    run_dir = tmp_path / "job"
+    args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST, f"--train.run_dir={run_dir}",
+            f"--data.path={stdlib_shards}", "--train.max_steps=6", "--train.log_every=2"]
+    r = ctxtrain(*args, extra_env={"WANDB_API_KEY": "secret-not-to-be-written"})
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().splitlines()[-1]
+    assert job.startswith("ctxtrain-")
+    out = _wait_status(job, address, {"SUCCEEDED", "FAILED", "STOPPED"})
+    assert f"job {job}: SUCCEEDED" in out, out + ctxtrain("logs", job, "--address", address).stdout[-3000:]
+    assert "step 6/6" in out and "dashboard http://127.0.0.1:" in out
+    logs = ctxtrain("logs", job, "--address", address).stdout
+    assert "step=6/6 loss=" in logs
+    assert sorted(metrics(run_dir)) == list(range(1, 7))
+    # the secret travelled in the job's environment only: nowhere in the run dir or the logs
+    assert "secret-not-to-be-written" not in logs
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert b"secret-not-to-be-written" not in path.read_bytes(), path
+    assert job in ctxtrain("jobs", "--address", address).stdout
+
+    # a long job, stopped while it runs
+    long_dir = tmp_path / "long"
+    args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST, f"--train.run_dir={long_dir}",
+            f"--data.path={stdlib_shards}", "--train.max_steps=100000", "--train.log_every=1"]
+    job = ctxtrain(*args).stdout.strip().splitlines()[-1]
+    deadline = time.time() + 300
+    while time.time() < deadline and not metrics(long_dir):
+        time.sleep(2)
+    assert metrics(long_dir), ctxtrain("logs", job, "--address", address).stdout[-3000:]
+    r = ctxtrain("stop", job, "--address", address)
+    assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout + r.stderr
+
+
+def test_unreachable_address_is_one_line():
+    port = _free_port()
+    for verb in (["jobs"], ["status", "x"], ["logs", "x"], ["stop", "x"]):
+        r = ctxtrain(*verb, "--address", f"http://127.0.0.1:{port}")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"127.0.0.1:{port}" in r.stderr
+    r = ctxtrain("submit", str(CONFIGS / "lm_tiny.yaml"), "--address", f"http://127.0.0.1:{port}",
+                 "--train.run_dir=/abs/run", "--data.path=/abs/data")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_submit_refuses_relative_run_dir():
+    r = ctxtrain("submit", str(CONFIGS / "lm_tiny.yaml"), "--address", "http://127.0.0.1:1")
+    assert r.returncode == 2 and "train.run_dir=runs/lm_tiny is relative" in r.stderr
