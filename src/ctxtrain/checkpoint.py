@@ -314,17 +314,17 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
     """Consolidate a committed checkpoint into OUT/model.safetensors + OUT/config.json (ctxtrain), and for a
     Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     from ctxtrain.config import load_config
     from ctxtrain.engine import consolidate
     from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
+    from ctxtrain.progress import bar as progress_bar
 
     run_dir, out = Path(run_dir), Path(out)
     ckpt = resolve_export_checkpoint(run_dir, step)
     cfg = load_config(run_dir / "config.yaml")
     meta = json.loads((ckpt / META).read_text())
-    bar = tqdm(total=3, desc="export", disable=not progress, unit="part")
+    bar = progress_bar(3, "export", "part", enabled=progress)
     state = consolidate(str(ckpt))
     bar.update()
     if cfg.model.tie_embeddings:

@@ -10,6 +10,7 @@ line on stderr and exit status 2. Heavy libraries are imported inside the verb t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -114,16 +115,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
         train.run(cfg)
         return 0
+    from ctxtrain.progress import ProgressBar, want_bar
     from ctxtrain.train import preflight
 
     preflight(cfg)
-    if cfg.cluster.launcher == "local":
-        from ctxtrain import local_launch
+    # A bar needs a terminal here and the run dir visible here (not so for a remote cluster's workers).
+    local_run = cfg.cluster.launcher == "local" or not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    bar = want_bar() and local_run
+    os.environ["CTXTRAIN_PROGRESS"] = "bar" if bar else "lines"
+    with ProgressBar(cfg.train.run_dir, cfg.train.max_steps) if bar else contextlib.nullcontext():
+        if cfg.cluster.launcher == "local":
+            from ctxtrain import local_launch
 
-        return local_launch.launch(cfg)
-    from ctxtrain.launcher import train_on_ray
+            return local_launch.launch(cfg)
+        from ctxtrain.launcher import train_on_ray
 
-    return train_on_ray(cfg)
+        return train_on_ray(cfg)
 
 
 def cmd_submit(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -183,6 +190,16 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 
     out = export(args.run_dir, args.out, step=args.step, progress=not args.no_progress)
     print(f"exported to {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
+    if overrides:
+        raise UserError(f"report takes no config overrides (got {overrides[0]})")
+    from ctxtrain.report import build_report
+
+    out = build_report(args.run_dirs, args.out, args.png)
+    print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
     return 0
 
 
@@ -264,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--follow", "-f", action="store_true", help="keep printing as the job writes")
         p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("report", help=VERBS["report"])
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--png", metavar="DIR", help="also write each plot as DIR/NAME.png")
+    p.set_defaults(func=cmd_report)
 
     for verb in VERBS:
         if verb in sub.choices:

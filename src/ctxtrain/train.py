@@ -31,6 +31,7 @@ from ctxtrain.data.loader import Dataset, StreamingLoader
 from ctxtrain.engine import Engine, any_rank, enable_activation_checkpointing, init_distributed, lr_at, shutdown
 from ctxtrain.errors import UserError
 from ctxtrain.model import build_model, encdec_train_flops, lm_train_flops_per_token, param_count
+from ctxtrain.tracking import Tracker, make_tracker
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,7 +71,6 @@ class MetricsFile:
 
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
-        self.last_logged_step = 0  # the newest step already logged before this start (for trackers)
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
         kept = []
         for line in lines:
@@ -78,7 +78,6 @@ class MetricsFile:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-            self.last_logged_step = max(self.last_logged_step, rec.get("step", 0))
             if rec.get("step", 0) <= resume_step:
                 kept.append(line)
         ckpt.write_atomic(self.path, "".join(k + "\n" for k in kept))
@@ -227,17 +226,22 @@ def _train(cfg: Config, info) -> dict:
         if meta["world_size"] == world:
             set_rng_state(meta["rng"][rank], device)
 
-    metrics_file, restarts = None, 0
+    metrics_file, restarts, tracker = None, 0, Tracker()
     if rank == 0:
+        tracker = make_tracker(cfg, rank, run_dir, meta.get("tracker_run_id") if meta else None, launch_id)
+        tracker.log_config(cfg.to_dict())
         metrics_file = MetricsFile(run_dir, progress.step)
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
         kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"
         print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {world} workers on {device.type}, "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run_dir}"
-              + (f", resumed from {tag}" if tag else ""), flush=True)
+              + (f", resumed from {tag}" if tag else "")
+              + (f", W&B run {tracker.run_id} ({tracker.mode})" if tracker.run_id else ""), flush=True)
 
     peak = M.peak_flops(device, cfg.train.peak_tflops)
+    # A launcher that draws a progress bar from metrics.jsonl (a terminal) asks for no periodic lines.
+    show_lines = os.environ.get("CTXTRAIN_PROGRESS", "lines") != "bar"
     watch = M.Stopwatch()
     batches = iter(train_loader)
     last = {}
@@ -293,14 +297,15 @@ def _train(cfg: Config, info) -> dict:
             rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
             extra = {"stop_reason": stop_reason, "restarts": restarts, "launch_id": launch_id}
             ckpt.save(engine, storage, ckpt.tag_of(step), rank, rank_state,
-                      lambda states: ckpt.build_meta(cfg, step, progress.tokens, states, None, extra),
+                      lambda states: ckpt.build_meta(cfg, step, progress.tokens, states, tracker.run_id, extra),
                       fault_hook=lambda: maybe_die(cfg, rank, step, "checkpoint"))
             if rank == 0:
                 ckpt.apply_retention(storage, cfg)
             record["ckpt_save_s"] = time.perf_counter() - t_ckpt
         if rank == 0:
             metrics_file.write(record)
-            if step % cfg.train.log_every == 0 or final or step == 1:
+            tracker.log(record, step)
+            if show_lines and (step % cfg.train.log_every == 0 or final or step == 1):
                 _log_line(record, cfg.train.max_steps, t_start)
         last = record
         if stop_reason:
@@ -308,6 +313,9 @@ def _train(cfg: Config, info) -> dict:
 
     if rank == 0:
         metrics_file.close()
+        tracker.summary({k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "mfu")}
+                        | {"steps": progress.step, "stop_reason": stop_reason})
+        tracker.finish()
         print(f"ctxtrain: {'stopped (' + stop_reason + ')' if stop_reason else 'finished'} at step "
               f"{progress.step}, loss {last.get('loss', float('nan')):.4f}"
               + (f", val ppl {last['val_ppl']:.2f}" if "val_ppl" in last else ""), flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,6 +41,24 @@ def test_ray_recovers_from_a_killed_worker_with_identical_losses(zero3_run, stdl
     _same_losses(m, reference, range(1, 21))
     assert m[20]["restarts"] == 1 and m[5]["restarts"] == 0
     assert (run_dir / "ray").is_dir()  # Ray's own run state lives in the run dir
+
+    # W&B (offline): one run id across the restart, every step once in its history, with the step's metrics
+    from ctxtrain.tracking import read_history
+
+    run_id = json.loads((run_dir / "tracker.json").read_text())["run_id"]
+    meta = json.loads((run_dir / "checkpoints" / "step_000020" / "meta.json").read_text())
+    assert meta["tracker_run_id"] == run_id
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) >= 2 and all(f.name.split("-")[-1] == run_id or f.name.split("-")[-2] == run_id
+                                     for f in folders), folders  # one folder per process start, one id
+    history = read_history(run_dir, run_id)
+    steps = [step for step, _ in history]
+    assert sorted(steps) == list(range(1, 21)), steps  # each step once: first to last, none twice
+    for step, values in history:
+        assert values["loss"] == pytest.approx(m[step]["loss"], abs=1e-9)
+        for key in ("lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_worker", "step_time_s",
+                    "data_wait_s", "mem_bytes", "restarts"):
+            assert key in values, (step, key)
 
 
 def test_ray_kill_during_checkpoint_never_resumes_the_half_written_one(zero3_run, stdlib_shards, tmp_path):
@@ -163,7 +182,9 @@ def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
     assert job.startswith("ctxtrain-")
     out = _wait_status(job, address, {"SUCCEEDED", "FAILED", "STOPPED"})
     assert f"job {job}: SUCCEEDED" in out, out + ctxtrain("logs", job, "--address", address).stdout[-3000:]
-    assert "step 6/6" in out and "dashboard http://127.0.0.1:" in out
+    # latest step, loss, tokens/s, ETA and the dashboard URL
+    assert re.search(r"step 6/6  loss [\d.]+  tokens/s [\d,]+  eta 0 s", out), out
+    assert "dashboard http://127.0.0.1:" in out
     logs = ctxtrain("logs", job, "--address", address).stdout
     assert "step=6/6 loss=" in logs
     assert sorted(metrics(run_dir)) == list(range(1, 7))

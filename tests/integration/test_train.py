@@ -4,6 +4,7 @@ resume, the checkpoint commit protocol, export to transformers, and the encoder-
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,8 +22,14 @@ pytestmark = pytest.mark.slow
 def test_zero3_run_layout(zero3_run):
     run_dir, m, proc = zero3_run
     assert sorted(m) == list(range(1, 21))
-    for field in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s", "mem_bytes"):
-        assert m[20][field] is not None, field
+    for step in m:  # the contract's fields, and issue 6's, on every line
+        for field in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "tokens_per_s_worker",
+                      "step_time_s", "data_wait_s", "mem_bytes", "mem_rss_bytes", "restarts", "epoch"):
+            assert m[step][field] is not None, (step, field)
+        assert m[step]["mfu"] is None  # CPU: no honest peak, so null rather than invented
+        assert "mem_allocated_bytes" in m[step] and "mem_reserved_bytes" in m[step] and "mem_peak_bytes" in m[step]
+    assert {s for s in m if "ckpt_save_s" in m[s]} == {5, 10, 15, 20}
+    assert m[20]["val_loss"] > 0 and m[20]["val_ppl"] == pytest.approx(math.exp(m[20]["val_loss"]))
     assert m[20]["tokens"] == 20 * 2 * 4 * 128
     assert json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     ckpts = run_dir / "checkpoints"
@@ -159,3 +166,11 @@ def test_bad_data_path_is_one_line(tmp_path):
     proc, _ = train(tmp_path / "r", tmp_path / "no_such_data", "--train.max_steps=2", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "no_such_data" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_mfu_is_a_number_on_gpu(stdlib_shards, tmp_path):
+    _, m = train(tmp_path / "gpu", stdlib_shards, "--train.max_steps=3", "--cluster.workers=1", "--train.dtype=bf16",
+                 "--train.device=cuda", "--zero.stage=2")
+    assert all(isinstance(m[s]["mfu"], float) and 0 < m[s]["mfu"] < 1 for s in (2, 3))
+    assert m[3]["mem_peak_bytes"] > 0 and m[3]["mem_reserved_bytes"] >= m[3]["mem_allocated_bytes"]

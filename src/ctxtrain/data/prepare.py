@@ -32,6 +32,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from ctxtrain.data import corpora
+from ctxtrain.progress import bar as progress_bar
 from ctxtrain.data.tokenizer import EOS, file_sha256, lang_tag, load_tokenizer, train_bpe
 from ctxtrain.errors import UserError
 
@@ -195,8 +196,7 @@ def prepare(opts: PrepareOptions) -> dict:
 
         every = _val_every(opts.val_fraction, n_units)
         splits = {"train": _ShardSet(tmp, "train", target), "val": _ShardSet(tmp, "val", target)}
-        bar = tqdm(total=n_units, unit="file" if task == "lm" else "pair", desc="prepare", disable=not opts.progress,
-                   file=sys.stderr, mininterval=0.5)
+        bar = progress_bar(n_units, "prepare", "file" if task == "lm" else "pair", enabled=opts.progress)
         n_bytes = 0
         doc_index = 0
         seen: set[bytes] = set()  # exact duplicates are dropped: they would leak between train and val

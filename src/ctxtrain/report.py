@@ -1,0 +1,221 @@
+"""`ctxtrain report RUN_DIR [RUN_DIR ...] --out report.html [--png DIR]`: a view of runs without W&B.
+
+One self-contained HTML file (inline SVG, inline CSS, no script, nothing fetched): a summary row per run;
+plots of loss and val loss, learning rate, tokens/s, MFU, memory, and step time / data wait against step,
+several runs overlaid (one colour per run); each run's config and checkpoint list. With --png, the same
+plots as PNG files.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ctxtrain.errors import UserError
+
+COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+GIB = 1024**3
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    rows: list[dict]
+    config_text: str
+    checkpoints: list[dict] = field(default_factory=list)
+    restarts: int = 0
+    tracker_run_id: Optional[str] = None
+
+    def series(self, key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key] / scale) for r in self.rows if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def load_run(path: str | Path) -> Run:
+    p = Path(path)
+    metrics = p / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{p} has no metrics.jsonl; pass the train.run_dir of a run")
+    rows = []
+    for line in metrics.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    config_text = (p / "config.yaml").read_text() if (p / "config.yaml").is_file() else "(no config.yaml)"
+    checkpoints = []
+    root = p / "checkpoints"
+    for d in sorted(root.glob("step_*")) if root.is_dir() else []:
+        meta_path = d / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        checkpoints.append({
+            "name": d.name,
+            "committed": (d / "COMMITTED").is_file(),
+            "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+            "time": meta.get("time"),
+            "tokens": meta.get("tokens"),
+            "world_size": meta.get("world_size"),
+        })
+    tracker = json.loads((p / "tracker.json").read_text()).get("run_id") if (p / "tracker.json").is_file() else None
+    restarts = max((r.get("restarts") or 0 for r in rows), default=0)
+    return Run(p, p.name, rows, config_text, checkpoints, restarts, tracker)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+
+PLOTS = [
+    ("loss", "Loss", "loss"),
+    ("lr", "Learning rate", "lr"),
+    ("throughput", "Tokens/s (job)", "tokens/s"),
+    ("mfu", "MFU", "fraction of peak"),
+    ("memory", "Memory", "GiB"),
+    ("timing", "Step time and data wait", "seconds"),
+]
+
+
+def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=100)
+    drawn = 0
+    for i, run in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
+        if key == "loss":
+            drawn += _line(ax, run.series("loss"), color, f"{run.name} loss")
+            x, y = run.series("val_loss")
+            if x:
+                ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.name} val loss")
+                drawn += 1
+        elif key == "lr":
+            drawn += _line(ax, run.series("lr"), color, run.name)
+        elif key == "throughput":
+            drawn += _line(ax, run.series("tokens_per_s"), color, run.name)
+        elif key == "mfu":
+            drawn += _line(ax, run.series("mfu"), color, run.name)
+        elif key == "memory":
+            gpu = run.series("mem_peak_bytes", GIB)
+            if gpu[0]:
+                drawn += _line(ax, gpu, color, f"{run.name} GPU peak")
+                drawn += _line(ax, run.series("mem_reserved_bytes", GIB), color, f"{run.name} GPU reserved", ":")
+            else:
+                drawn += _line(ax, run.series("mem_rss_bytes", GIB), color, f"{run.name} RSS (CPU run)")
+        elif key == "timing":
+            drawn += _line(ax, run.series("step_time_s"), color, f"{run.name} step")
+            drawn += _line(ax, run.series("data_wait_s"), color, f"{run.name} data wait", ":")
+    if not drawn:
+        why = "MFU is null: CPU runs have no honest peak to divide by" if key == "mfu" else "no data"
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="#555555")
+    else:
+        ax.legend(fontsize=8, loc="best")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig, drawn
+
+
+def _line(ax, series, color, label, style="-") -> int:
+    x, y = series
+    if not x:
+        return 0
+    ax.plot(x, y, color=color, linestyle=style, linewidth=1.6, label=label)
+    return 1
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTML
+
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px; color: #222; background: #fff; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
+table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th { background: #f4f4f4; } td.name, th.name { text-align: left; }
+figure.plot { margin: 8px 0 18px; width: 900px; height: 340px; } figure.plot svg { width: 900px; height: 340px; }
+pre { background: #f7f7f7; padding: 8px; font-size: 12px; max-height: 420px; overflow: auto; }
+.swatch { display: inline-block; width: 12px; height: 12px; margin-right: 6px; vertical-align: middle; }
+"""
+
+
+def _fmt(v, spec: str = "") -> str:
+    if v is None:
+        return "–"
+    return format(v, spec) if spec else str(v)
+
+
+def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    if not run_dirs:
+        raise UserError("report needs at least one RUN_DIR")
+    runs = [load_run(d) for d in run_dirs]
+    names = [r.name for r in runs]
+    for i, run in enumerate(runs):  # two runs with the same directory name stay apart in legends
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({i + 1})"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ctxtrain report</title><style>{CSS}</style>"
+             "</head><body>", "<h1>ctxtrain report</h1>",
+             f"<p>{len(runs)} run(s), written {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
+
+    parts.append("<h2>Runs</h2><table id='runs'><tr><th class='name'>run</th><th>steps</th><th>loss</th>"
+                 "<th>val loss</th><th>val ppl</th><th>tokens</th><th>tokens/s</th><th>MFU</th><th>restarts</th>"
+                 "<th class='name'>W&amp;B run</th></tr>")
+    for i, run in enumerate(runs):
+        last = run.rows[-1] if run.rows else {}
+        val = next((r for r in reversed(run.rows) if r.get("val_loss") is not None), {})
+        parts.append(
+            f"<tr><td class='name'><span class='swatch' style='background:{COLORS[i % len(COLORS)]}'></span>"
+            f"{html.escape(run.name)}</td><td>{_fmt(last.get('step'))}</td><td>{_fmt(last.get('loss'), '.4f')}</td>"
+            f"<td>{_fmt(val.get('val_loss'), '.4f')}</td><td>{_fmt(val.get('val_ppl'), '.2f')}</td>"
+            f"<td>{_fmt(last.get('tokens'), ',')}</td><td>{_fmt(last.get('tokens_per_s'), ',.0f')}</td>"
+            f"<td>{_fmt(last.get('mfu'), '.3f')}</td><td>{run.restarts}</td>"
+            f"<td class='name'>{html.escape(run.tracker_run_id or '–')}</td></tr>")
+    parts.append("</table>")
+
+    parts.append("<h2>Plots</h2>")
+    if png_dir:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+    for key, title, ylabel in PLOTS:
+        fig, _ = _figure(key, title, ylabel, runs)
+        parts.append(f"<figure class='plot' id='plot-{key}'>{_svg(fig)}</figure>")
+        if png_dir:
+            fig.savefig(Path(png_dir) / f"{key}.png", dpi=100)
+        plt.close(fig)
+
+    for run in runs:
+        parts.append(f"<h2>{html.escape(run.name)}</h2><p>{html.escape(str(run.path.resolve()))}</p>")
+        parts.append("<table class='checkpoints'><tr><th class='name'>checkpoint</th><th>committed</th><th>size</th>"
+                     "<th>tokens</th><th>ranks</th><th class='name'>written</th></tr>")
+        for c in run.checkpoints:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"])) if c["time"] else "–"
+            parts.append(f"<tr><td class='name'>{c['name']}</td><td>{'yes' if c['committed'] else 'NO'}</td>"
+                         f"<td>{c['bytes'] / 2**20:,.1f} MiB</td><td>{_fmt(c['tokens'], ',')}</td>"
+                         f"<td>{_fmt(c['world_size'])}</td><td class='name'>{when}</td></tr>")
+        if not run.checkpoints:
+            parts.append("<tr><td class='name' colspan='6'>no checkpoints</td></tr>")
+        parts.append("</table>")
+        parts.append(f"<details open><summary>config.yaml</summary><pre>{html.escape(run.config_text)}</pre></details>")
+    parts.append("</body></html>")
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("\n".join(parts))
+    return out_path
