@@ -81,8 +81,11 @@ class LocalStorage:
     def put_text(self, rel: str, text: str) -> None:
         write_atomic(self.root / rel, text)
 
-    def fetch(self, tag: str) -> None:
+    def fetch(self, tag: str, rank: int) -> None:
         pass
+
+    def drop_staged(self, tag: str) -> None:
+        pass  # the files are the checkpoint
 
     def describe(self, tag: str) -> str:
         return str(self.root / tag)
@@ -140,16 +143,28 @@ class UriStorage:
         with self.fs.open_output_stream(self._path(rel)) as fh:
             fh.write(text.encode())
 
-    def fetch(self, tag: str) -> None:
+    def fetch(self, tag: str, rank: int) -> None:
+        """Download this rank's shard and the shared files into staging. Ranks of one node share the staging
+        directory, so each file lands under a temporary name and is renamed into place."""
         import pyarrow.fs as pafs
 
         dest = self.local_root / tag
-        if (dest / COMMITTED).is_file():
-            return
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        pafs.copy_files(self._path(tag), str(dest), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        dest.mkdir(parents=True, exist_ok=True)
+        for info in self.fs.get_file_info(pafs.FileSelector(self._path(tag))):
+            m = re.search(r"zero_pp_rank_(\d+)_", info.base_name)
+            if info.type != pafs.FileType.File or (m and int(m.group(1)) != rank):
+                continue
+            target = dest / info.base_name
+            if target.is_file() and target.stat().st_size == info.size:
+                continue
+            tmp = dest / f".{info.base_name}.rank{rank}"
+            pafs.copy_files(info.path, str(tmp), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            os.replace(tmp, target)
+
+    def drop_staged(self, tag: str) -> None:
+        """After the commit the bucket holds the checkpoint; the local staging copy would only take disk."""
+        shutil.rmtree(self.local_root / tag, ignore_errors=True)
 
     def describe(self, tag: str) -> str:
         return f"{self.uri}/{tag}"
@@ -272,13 +287,14 @@ def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, faul
         storage.put_text(f"{tag}/{COMMITTED}", f"{time.time()}\n")
         storage.put_text("latest", tag + "\n")
     barrier()
+    storage.drop_staged(tag)
 
 
-def load(engine, storage, cfg: Config, tag: str, world_size: int) -> dict:
+def load(engine, storage, cfg: Config, tag: str, world_size: int, rank: int) -> dict:
     """Check a committed checkpoint against this run, fetch it if remote, and load it into the engine."""
     meta = storage.read_meta(tag)
     check_compatible(meta, cfg, world_size, storage.describe(tag))
-    storage.fetch(tag)
+    storage.fetch(tag, rank)
     engine.load(str(storage.local_root), tag)
     return meta
 

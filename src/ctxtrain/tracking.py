@@ -9,8 +9,10 @@ in every checkpoint's meta.json and reused on resume with W&B's resume mode — 
 or after a re-run driver. A resumed job recomputes the steps after its checkpoint; W&B expects monotonic
 steps, so steps that W&B already holds are not sent again (their recomputed values are the same: resume is
 exact). What W&B holds is read from W&B itself, not assumed: online, the resumed run's step counter; offline,
-the history records in this run's files under RUN_DIR/wandb (`read_history`). A step that was logged but not
-yet written when a worker died is therefore sent again, and one that was written is never sent twice.
+the history records in this run's files under RUN_DIR/wandb (`read_history`). W&B writes asynchronously, so a
+process killed by Ray can lose its last records: on resume, the steps that metrics.jsonl keeps (up to the
+checkpoint) and W&B lacks are sent again from metrics.jsonl, then training continues. Each step reaches the
+history once.
 """
 
 from __future__ import annotations

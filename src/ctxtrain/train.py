@@ -53,8 +53,13 @@ def check_data(cfg: Config) -> Dataset:
 
 
 def preflight(cfg: Config) -> None:
-    """What a launcher checks before it starts workers: data, and the checkpoint to resume from."""
+    """What a launcher checks before it starts workers: data, W&B login, and the checkpoint to resume from."""
     check_data(cfg)
+    from ctxtrain.tracking import logged_in, wandb_mode
+
+    if cfg.tracking.enabled and wandb_mode(cfg) == "online" and not logged_in():
+        raise UserError("W&B mode is online but this machine has no W&B login; run `wandb login`, set "
+                        "WANDB_API_KEY, or use --tracking.mode=offline (or WANDB_MODE=offline)")
     storage = ckpt.open_storage(cfg)
     tag = ckpt.resume_target(cfg, storage)
     if tag is not None:
@@ -72,15 +77,15 @@ class MetricsFile:
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = []
+        self.kept: list[dict] = []  # the lines up to the checkpoint, in order
         for line in lines:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
             if rec.get("step", 0) <= resume_step:
-                kept.append(line)
-        ckpt.write_atomic(self.path, "".join(k + "\n" for k in kept))
+                self.kept.append(rec)
+        ckpt.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
         self.fh = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -89,6 +94,13 @@ class MetricsFile:
 
     def close(self) -> None:
         self.fh.close()
+
+
+def resend_lost_steps(tracker: Tracker, metrics_file: MetricsFile) -> None:
+    """After a resume: the steps up to the checkpoint that the tracker lost with a killed process (W&B writes
+    asynchronously) are sent again from metrics.jsonl; the tracker skips every step it already holds."""
+    for record in metrics_file.kept:
+        tracker.log(record, record["step"])
 
 
 def record_start(run_dir: Path, resumed_from: Optional[int], launch_id: Optional[str], fresh: bool) -> int:
@@ -220,7 +232,7 @@ def _train(cfg: Config, info) -> dict:
     tag = ckpt.resume_target(cfg, storage, launch_id)
     meta = None
     if tag is not None:
-        meta = ckpt.load(engine, storage, cfg, tag, world)
+        meta = ckpt.load(engine, storage, cfg, tag, world, rank)
         progress.step, progress.tokens = meta["step"], meta["tokens"]
         train_loader.load_state_dict(meta["loader"][0])  # every rank's cursor is the same global position
         if meta["world_size"] == world:
@@ -231,6 +243,7 @@ def _train(cfg: Config, info) -> dict:
         tracker = make_tracker(cfg, rank, run_dir, meta.get("tracker_run_id") if meta else None, launch_id)
         tracker.log_config(cfg.to_dict())
         metrics_file = MetricsFile(run_dir, progress.step)
+        resend_lost_steps(tracker, metrics_file)
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
         kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"

@@ -22,7 +22,7 @@ def engine_logits(cfg) -> None:
         engine = Engine(cfg, build_model(cfg.model), info)
         storage = ckpt.open_storage(cfg)
         tag = ckpt.resume_target(cfg, storage)
-        ckpt.load(engine, storage, cfg, tag, info.world_size)
+        ckpt.load(engine, storage, cfg, tag, info.world_size, info.rank)
         engine.ds.eval()
         with torch.no_grad():
             logits = engine.ds(PROBE_TOKENS.to(info.device))

@@ -87,6 +87,26 @@ def test_uncommitted_checkpoint_is_never_used(zero3_run, stdlib_shards, tmp_path
     assert (run_dir / "checkpoints" / "step_000020" / "COMMITTED").is_file()
 
 
+def test_checkpoints_in_an_object_store_uri(zero3_run, stdlib_shards, tmp_path):
+    """checkpoint.storage as a URI (file:// here: the same pyarrow path as s3:// or gs://): the commit order
+    holds in the store, local staging is dropped after the commit, and a fresh machine resumes from the store."""
+    _, whole, _ = zero3_run
+    store = tmp_path / "bucket"
+    uri = f"file://{store}"
+    common = ["--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=3", f"--checkpoint.storage={uri}"]
+    train(tmp_path / "node_a", stdlib_shards, *common, "--train.stop_at_step=6")
+    assert sorted(p.name for p in store.glob("step_*")) == ["step_000003", "step_000006"]  # keep_last=2
+    newest = store / "step_000006"
+    assert (newest / "COMMITTED").is_file() and (newest / "meta.json").is_file()
+    assert len(list(newest.glob("*optim_states.pt"))) == 2 and (store / "latest").read_text().strip() == newest.name
+    assert not list((tmp_path / "node_a" / "checkpoints").glob("step_*"))  # staging dropped after upload
+    # another machine, another (empty) run dir: resumes from the store, losses as if never stopped
+    proc, m = train(tmp_path / "node_b", stdlib_shards, *common, "--train.stop_at_step=9")
+    assert "resumed from step_000006" in proc.stdout
+    for step in (7, 8, 9):
+        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6
+
+
 def test_checkpoint_of_another_model_is_refused(zero3_run, stdlib_shards, tmp_path):
     src, _, _ = zero3_run
     run_dir = tmp_path / "other_model"

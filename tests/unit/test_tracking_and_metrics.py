@@ -63,3 +63,28 @@ def test_mfu_is_a_number_on_gpu():
     peak = peak_flops(device, None)
     assert peak is not None or not any(k in name for k in ("H100", "H200", "A100")), name
     assert mfu(1e9, 1e4, 1, peak_flops(device, 989.0)) > 0
+
+
+def test_resume_resends_the_steps_wandb_lost(tmp_path):
+    """W&B kept steps 1-3 of a run killed after its step-5 checkpoint: the resume sends 4-5 from metrics.jsonl,
+    then 6 onwards; the history holds every step once."""
+    _offline_run(tmp_path, "runlost1", range(1, 4))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    code = f"""
+from pathlib import Path
+from ctxtrain.config import load_config
+from ctxtrain.tracking import WandbTracker
+from ctxtrain.train import MetricsFile, resend_lost_steps
+run_dir = Path({str(tmp_path)!r})
+tracker = WandbTracker(load_config(None, ["--tracking.mode=offline"]), "runlost1", run_dir)
+assert tracker.last_step == 3, tracker.last_step
+metrics = MetricsFile(run_dir, resume_step=5)
+resend_lost_steps(tracker, metrics)
+for step in (6, 7):  # recomputed after the resume
+    tracker.log({{"step": step, "loss": 1.0 / step}}, step)
+tracker.finish()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "WANDB_SILENT": "true"})
+    history = read_history(tmp_path, "runlost1")
+    assert [s for s, _ in history] == list(range(1, 8))
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
