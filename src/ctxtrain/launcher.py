@@ -18,6 +18,7 @@ Embedded Ray listens on 127.0.0.1 (dashboard and job server) unless `cluster.das
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -67,6 +68,19 @@ def _absolute(cfg: Config) -> Config:
     return from_dict(d)
 
 
+def _check_fits_here(cfg: Config) -> None:
+    """Embedded Ray has this machine's CPUs and GPUs; say so before starting it when the workers won't fit."""
+    import torch
+
+    have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    gpus = cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None else (1.0 if have["GPU"] else 0.0)
+    need = {"CPU": cfg.cluster.workers * cfg.cluster.cpus_per_worker, "GPU": cfg.cluster.workers * gpus}
+    short = [f"{need[k]:g} {k}s (this machine has {have[k]:g})" for k in need if need[k] > have[k]]
+    if short:
+        raise UserError(f"cluster.workers={cfg.cluster.workers} needs {' and '.join(short)}; lower cluster.workers "
+                        "or cluster.cpus_per_worker/gpus_per_worker, or join a cluster with --address")
+
+
 def _worker_loop(config: dict) -> None:
     """What each Ray Train worker runs: the per-worker entry point, unchanged."""
     from ctxtrain import train
@@ -95,7 +109,11 @@ def train_on_ray(cfg: Config) -> int:
     env = {k: os.environ[k] for k in WORKER_ENV + SECRET_ENV if k in os.environ}
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train's print patch echoes every worker line twice
-    if not embedded:
+    if embedded:
+        _check_fits_here(cfg)
+        # Token auth stays on for the embedded cluster; its notice about how to turn it off is noise here.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    else:
         # Inside a submitted job the job's runtime env (secrets, shipped package) meets ours: merge them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     try:
@@ -117,14 +135,12 @@ def train_on_ray(cfg: Config) -> int:
         gpus = cfg.cluster.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-        need_cpu = cfg.cluster.workers * cfg.cluster.cpus_per_worker
-        if need_cpu > resources.get("CPU", 0):
-            raise UserError(f"cluster.workers={cfg.cluster.workers} x cluster.cpus_per_worker="
-                            f"{cfg.cluster.cpus_per_worker} needs {need_cpu:g} CPUs; the Ray cluster has "
-                            f"{resources.get('CPU', 0):g}; lower them or add nodes")
-        if gpus and cfg.cluster.workers * gpus > resources.get("GPU", 0):
-            raise UserError(f"cluster.workers={cfg.cluster.workers} x {gpus:g} GPUs needs more than the "
-                            f"{resources.get('GPU', 0):g} GPUs of the Ray cluster; lower cluster.workers")
+        need = {"CPU": cfg.cluster.workers * cfg.cluster.cpus_per_worker, "GPU": cfg.cluster.workers * gpus}
+        short = [f"{need[k]:g} {k}s (the cluster has {resources.get(k, 0):g})" for k in need
+                 if need[k] > resources.get(k, 0)]
+        if short and not embedded:  # an autoscaling cluster may add the nodes; Ray Train waits for them
+            print(f"ctxtrain: the Ray cluster has too few resources right now: {'; '.join(short)}; "
+                  "training starts when its autoscaler adds nodes", flush=True)
         print(f"ctxtrain: Ray {'embedded' if embedded else 'cluster ' + str(address)}: "
               f"{cfg.cluster.workers} workers x ({cfg.cluster.cpus_per_worker:g} CPU, {gpus:g} GPU), "
               f"placement {cfg.cluster.placement}, max_failures {cfg.cluster.max_failures}"

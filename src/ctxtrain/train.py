@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +286,7 @@ def _train(cfg: Config, info) -> dict:
             "step_time_s": step_time,
             "data_wait_s": watch.pop("data"),
             "epoch": train_loader.epoch,
+            "data_skipped_shards": train_loader.stats["skipped_shards"],
             "restarts": restarts,
             **M.memory(device),
         }
@@ -326,12 +326,16 @@ def _train(cfg: Config, info) -> dict:
 
     if rank == 0:
         metrics_file.close()
-        tracker.summary({k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "mfu")}
-                        | {"steps": progress.step, "stop_reason": stop_reason})
+        if last:
+            tracker.summary({k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "mfu")}
+                            | {"steps": progress.step, "stop_reason": stop_reason})
+            print(f"ctxtrain: {'stopped (' + stop_reason + ')' if stop_reason else 'finished'} at step "
+                  f"{progress.step}, loss {last['loss']:.4f}"
+                  + (f", val ppl {last['val_ppl']:.2f}" if "val_ppl" in last else ""), flush=True)
+        else:
+            print(f"ctxtrain: the run is already at step {progress.step} of train.max_steps={cfg.train.max_steps}; "
+                  "nothing to train (raise train.max_steps to continue)", flush=True)
         tracker.finish()
-        print(f"ctxtrain: {'stopped (' + stop_reason + ')' if stop_reason else 'finished'} at step "
-              f"{progress.step}, loss {last.get('loss', float('nan')):.4f}"
-              + (f", val ppl {last['val_ppl']:.2f}" if "val_ppl" in last else ""), flush=True)
     return {"step": progress.step, "tokens": progress.tokens, "stop_reason": stop_reason, **last}
 
 
@@ -341,4 +345,3 @@ def _log_line(r: dict, max_steps: int, t_start: float) -> None:
     extra = f" val_loss={r['val_loss']:.4f}" if "val_loss" in r else ""
     print(f"step={r['step']}/{max_steps} loss={r['loss']:.4f}{extra} lr={r['lr']:.2e} "
           f"tokens/s={r['tokens_per_s']:,.0f} elapsed={elapsed:,.0f}s eta={eta:,.0f}s", flush=True)
-    sys.stdout.flush()

@@ -222,3 +222,10 @@ def test_unreachable_address_is_one_line():
 def test_submit_refuses_relative_run_dir():
     r = ctxtrain("submit", str(CONFIGS / "lm_tiny.yaml"), "--address", "http://127.0.0.1:1")
     assert r.returncode == 2 and "train.run_dir=runs/lm_tiny is relative" in r.stderr
+
+
+def test_embedded_ray_with_too_many_workers_is_one_line(stdlib_shards, tmp_path):
+    proc, _ = train(tmp_path / "big", stdlib_shards, "--cluster.workers=64", "--train.max_steps=2",
+                    launcher="ray", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cluster.workers=64 needs 64 CPUs" in proc.stderr
