@@ -29,6 +29,7 @@ from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from ctxtrain.config import Config, OptimConfig  # noqa: E402
+from ctxtrain.local_launch import free_port  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def init_distributed(cfg: Config) -> DistInfo:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         device = pick_device(cfg, int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
         owns = True
@@ -73,14 +74,6 @@ def init_distributed(cfg: Config) -> DistInfo:
     device = pick_device(cfg, local_rank)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------

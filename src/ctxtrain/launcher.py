@@ -294,17 +294,11 @@ def job_status(job_id: str, address: Optional[str]) -> dict:
 
 
 def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dict]:
-    import json
+    from ctxtrain.metrics import last_record
 
-    if not run_dir:
+    last = last_record(run_dir) if run_dir else None
+    if last is None:
         return None
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    lines = path.read_text().strip().splitlines()
-    if not lines:
-        return None
-    last = json.loads(lines[-1])
     eta = (max_steps - last["step"]) * last["step_time_s"] if max_steps else None
     return {"step": last["step"], "max_steps": max_steps, "loss": last["loss"], "tokens_per_s": last["tokens_per_s"],
             "eta_s": eta}

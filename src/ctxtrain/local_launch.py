@@ -22,7 +22,8 @@ from ctxtrain.config import Config
 from ctxtrain.errors import UserError
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None =
     with tempfile.TemporaryDirectory(prefix="ctxtrain-launch-") as tmp:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps(cfg.to_dict()))
-        port = _free_port()
+        port = free_port()
         threads = max(1, int(cfg.cluster.cpus_per_worker))
         launch_id = uuid.uuid4().hex[:12]
         procs = []

@@ -8,13 +8,14 @@ bar: rank 0 prints a plain line every `train.log_every` steps. `CTXTRAIN_PROGRES
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
 from pathlib import Path
 
 from tqdm import tqdm
+
+from ctxtrain.metrics import last_record
 
 
 def want_bar() -> bool:
@@ -40,7 +41,7 @@ def bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
 
 class ProgressBar:
     def __init__(self, run_dir: str | Path, max_steps: int, interval: float = 0.5):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
         self.max_steps, self.interval = max_steps, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -57,20 +58,8 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
 
-    def _last(self) -> dict | None:
-        try:
-            lines = self.path.read_text().strip().splitlines()
-        except OSError:
-            return None
-        for line in reversed(lines):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-        return None
-
     def _update(self) -> None:
-        last = self._last()
+        last = last_record(self.run_dir)
         if last is None:
             return
         if self._bar is None:

@@ -88,3 +88,11 @@ tracker.finish()
     history = read_history(tmp_path, "runlost1")
     assert [s for s, _ in history] == list(range(1, 8))
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_last_record_skips_a_line_being_written(tmp_path):
+    from ctxtrain.metrics import last_record
+
+    assert last_record(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert last_record(tmp_path) == {"step": 2, "loss": 1.5}
