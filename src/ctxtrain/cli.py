@@ -30,7 +30,7 @@ VERBS = {
     "logs": "print (or --follow) a job's logs",
     "stop": "stop a running job",
     "report": "write a self-contained HTML report of one or more runs",
-    "plan": "estimate memory per GPU before launch",
+    "plan": "predict one worker's peak memory before launch, and the longest sequence that fits",
 }
 
 
@@ -116,12 +116,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         train.run(cfg)
         return 0
     from ctxtrain.progress import ProgressBar, want_bar
-    from ctxtrain.train import preflight
+    from ctxtrain.train import preflight, runs_here
 
     preflight(cfg)
     # A bar needs a terminal here and the run dir visible here (not so for a remote cluster's workers).
-    local_run = cfg.cluster.launcher == "local" or not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
-    bar = want_bar() and local_run
+    bar = want_bar() and runs_here(cfg)
     os.environ["CTXTRAIN_PROGRESS"] = "bar" if bar else "lines"
     with ProgressBar(cfg.train.run_dir, cfg.train.max_steps) if bar else contextlib.nullcontext():
         if cfg.cluster.launcher == "local":
@@ -191,6 +190,32 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     out = export(args.run_dir, args.out, step=args.step, progress=not args.no_progress)
     print(f"exported to {out}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ctxtrain.config import load_config
+    from ctxtrain.plan import GIB, available_here, format_plan, plan
+
+    cfg = load_config(args.config, overrides)
+    world = args.gpus or cfg.cluster.workers
+    for name in ("gpus", "gpu_mem", "host_mem"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')}={value}: must be positive")
+    if args.gpu_mem or args.gpus:
+        device, device_bytes = "cuda", (args.gpu_mem * GIB if args.gpu_mem else None)
+        host_bytes = args.host_mem * GIB if args.host_mem else None
+        if device_bytes is None:
+            here, here_bytes, _ = available_here(1, want_gpu=True)
+            device_bytes = here_bytes if here == "cuda" else None
+    else:
+        device, device_bytes, host_bytes = available_here(world)
+        if args.host_mem:
+            host_bytes = args.host_mem * GIB / world
+            device_bytes = device_bytes if device == "cuda" else host_bytes
+    result = plan(cfg, world, device)
+    print(format_plan(cfg, result, device_bytes, host_bytes))
+    return 0 if device_bytes is None or result.fits(device_bytes, host_bytes) else 1
 
 
 def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -281,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--follow", "-f", action="store_true", help="keep printing as the job writes")
         p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
         p.set_defaults(func=fn)
+
+    p = sub.add_parser("plan", help=VERBS["plan"],
+                       description="Predict one worker's peak memory before launch, and the longest sequence that "
+                                   "fits: ctxtrain plan configs/lm_1b.yaml --gpus 8 --gpu-mem 80. Exit status 0 "
+                                   "when it fits, 1 when it does not.")
+    p.add_argument("config", help="experiment YAML")
+    p.add_argument("--gpus", type=int, help="GPU workers (default: cluster.workers; implies a GPU plan)")
+    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of one GPU (default: this machine's GPU)")
+    p.add_argument("--host-mem", type=float, metavar="GiB",
+                   help="host memory of one node for offloaded state (default: this machine's available memory)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help=VERBS["report"])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

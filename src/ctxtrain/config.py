@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -100,9 +101,6 @@ class TrainConfig:
     log_every: int = 10
     """Steps between plain log lines when no terminal shows a progress bar."""
 
-    activation_checkpointing: bool = False
-    """Recompute each block in the backward pass instead of keeping its activations."""
-
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when a GPU is visible to the worker, else CPU."""
 
@@ -171,6 +169,40 @@ class OptimConfig:
         for name in ("weight_decay", "grad_clip", "eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"optim.{name}={getattr(self, name)}: must be 0 or more")
+
+
+@dataclass
+class MemoryConfig:
+    checkpoint: Literal["none", "full", "selective", "offload"] = "none"
+    """Activation checkpointing of every block. none: keep every activation. full: keep each block's input and
+    recompute the block in the backward pass. selective: also keep attention's output (costly to recompute at
+    long length) and recompute the projections, MLP and norms. offload: full, with the kept block inputs moved
+    to host memory and brought back for the backward pass (pinned memory, copies on a side stream on GPU)."""
+
+    loss_chunk: Optional[int] = None
+    """Tokens per chunk of the LM head + cross-entropy (0 or null: all tokens of a micro-batch at once). Chunked,
+    the [tokens, vocab] logits exist one chunk at a time in forward and backward; same loss and gradients."""
+
+    mlp_chunk: Optional[int] = None
+    """Tokens per chunk of every MLP (DeepSpeed's TiledMLP; 0 or null: not chunked). Chunked, the MLP's
+    [tokens, d_ff] activations exist one chunk at a time; same outputs and gradients, one more MLP forward."""
+
+    margin: float = 0.05
+    """Allocator margin of `ctxtrain plan`: this fraction is added to the predicted peak (fragmentation of the
+    caching allocator on GPU, of malloc's arenas on CPU)."""
+
+    force: bool = False
+    """Train even when `ctxtrain plan` predicts that the config does not fit in the memory of a worker."""
+
+    def __post_init__(self) -> None:
+        for name in ("loss_chunk", "mlp_chunk"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"memory.{name}={value}: must be a positive number of tokens, or 0/null (off)")
+            if value == 0:
+                setattr(self, name, None)
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"memory.margin={self.margin}: must lie in [0, 1) (a fraction of the predicted peak)")
 
 
 @dataclass
@@ -315,6 +347,9 @@ class Config:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     """DeepSpeed ZeRO partitioning and offload."""
 
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Activation checkpointing and the chunked loss and MLP: what a long sequence costs in memory."""
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Sharded checkpoints: interval, retention, storage, resume."""
 
@@ -435,8 +470,32 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         raise ConfigError(str(e).splitlines()[0]) from None
 
 
+def migrate(data: dict, source: str) -> list[str]:
+    """Rewrite, in place, fields that an earlier version named otherwise; returns one deprecation line for each.
+
+    train.activation_checkpointing (bool) became memory.checkpoint (none | full | selective | offload)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "activation_checkpointing" not in train:
+        return []
+    old = _coerce(train.pop("activation_checkpointing"), bool, "train.activation_checkpointing")
+    if data.get("memory") is None:
+        data["memory"] = {}
+    memory = data["memory"]
+    if not isinstance(memory, dict):
+        return []  # _build names the bad section
+    given = memory.get("checkpoint")
+    if old and given not in (None, "full"):
+        raise ConfigError(f"train.activation_checkpointing=true contradicts memory.checkpoint={given} in {source}; "
+                          "drop the deprecated train.activation_checkpointing")
+    if old:
+        memory["checkpoint"] = "full"
+    return [f"train.activation_checkpointing is deprecated (in {source}); write memory.checkpoint="
+            f"{'full' if old else 'none'} instead"]
+
+
 def from_dict(data: dict, source: str = "the config") -> Config:
     """A plain nested dict (as in YAML or `to_dict`) -> a checked Config."""
+    migrate(data, source)
     return _build(Config, data, "", source)
 
 
@@ -480,7 +539,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...)")
     data = apply_overrides(data, list(overrides))
-    return from_dict(data, source if not overrides else f"{source} or the command line")
+    source = source if not overrides else f"{source} or the command line"
+    for line in migrate(data, source):
+        print(f"ctxtrain: {line}", file=sys.stderr)
+    return from_dict(data, source)
 
 
 def to_yaml(cfg: Config, comments: bool = False) -> str:

@@ -40,7 +40,7 @@ SECRET_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"
               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 # Passed to every worker (not secrets): how DeepSpeed and torch behave there.
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "WANDB_SILENT", "PYTHONPATH",
-              "CTXTRAIN_PROGRESS")
+              "CTXTRAIN_PROGRESS", "CTXTRAIN_MEMORY_CHECKED")
 
 
 def redact(text: str) -> str:

@@ -60,8 +60,16 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory(device: torch.device) -> dict:
-    """mem_bytes (peak GPU allocation since the last reset, or process RSS on CPU) and the details."""
+def peak_rss_bytes() -> int:
+    """The largest resident set size this process has had (what GNU `time -f %M` reports for it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory(device: torch.device, rss_baseline: int = 0) -> dict:
+    """mem_bytes (peak GPU allocation since the last reset, or process RSS on CPU) and the details.
+
+    mem_peak_bytes is what `ctxtrain plan` predicts: on GPU the peak allocation of the step; on CPU the peak RSS
+    growth of the process over rss_baseline (its RSS before the model was built)."""
     if device.type == "cuda":
         out = {
             "mem_bytes": torch.cuda.max_memory_allocated(device),
@@ -73,7 +81,7 @@ def memory(device: torch.device) -> dict:
         return out
     rss = rss_bytes()
     return {"mem_bytes": rss, "mem_rss_bytes": rss, "mem_allocated_bytes": None, "mem_reserved_bytes": None,
-            "mem_peak_bytes": None}
+            "mem_peak_bytes": peak_rss_bytes() - rss_baseline}
 
 
 class Stopwatch:

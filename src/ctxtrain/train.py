@@ -27,7 +27,8 @@ from ctxtrain import checkpoint as ckpt
 from ctxtrain import metrics as M
 from ctxtrain.config import Config, to_yaml
 from ctxtrain.data.loader import Dataset, StreamingLoader
-from ctxtrain.engine import Engine, any_rank, enable_activation_checkpointing, init_distributed, lr_at, shutdown
+from ctxtrain.engine import Engine, apply_levers, init_distributed, lr_at, shutdown
+from ctxtrain.engine.memory import return_freed_host_memory
 from ctxtrain.errors import UserError
 from ctxtrain.model import build_model, encdec_train_flops, lm_train_flops_per_token, param_count
 from ctxtrain.tracking import Tracker, make_tracker
@@ -51,9 +52,43 @@ def check_data(cfg: Config) -> Dataset:
     return ds
 
 
+def runs_here(cfg: Config) -> bool:
+    """The workers start on this machine: the local launcher, or Ray embedded here (no address to join)."""
+    return cfg.cluster.launcher == "local" or not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_memory(cfg: Config, world: int, device: Optional[torch.device] = None) -> None:
+    """Refuse in one line a config that `ctxtrain plan` predicts will not fit (memory.force skips this).
+
+    Without a device, for workers about to start on this machine: its GPUs, else its host memory shared by the
+    workers. With one (a worker checking itself, when no driver could: a remote cluster, torchrun): that
+    device's free memory."""
+    from ctxtrain.plan import GPU_RESERVED, available_here, check_fits, host_memory_bytes
+
+    if cfg.memory.force:
+        return
+    if device is None:
+        kind, device_bytes, host_bytes = available_here(cfg.cluster.workers, want_gpu=cfg.cluster.gpus_per_worker != 0)
+        where = ("GPU memory" if kind == "cuda"
+                 else f"this machine's available memory shared by {cfg.cluster.workers} workers")
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        host_bytes = host_memory_bytes() / max(1, local)
+        kind = device.type
+        if kind == "cuda":
+            device_bytes, where = torch.cuda.mem_get_info(device)[0] - GPU_RESERVED, f"free memory of {device}"
+        else:
+            device_bytes, host_bytes = host_bytes, None
+            where = f"this node's available memory shared by {local} workers"
+    check_fits(cfg, world, kind, device_bytes, host_bytes, where)
+
+
 def preflight(cfg: Config) -> None:
-    """What a launcher checks before it starts workers: data, W&B login, and the checkpoint to resume from."""
+    """What a launcher checks before it starts workers: data, memory, W&B login, the checkpoint to resume from."""
     check_data(cfg)
+    if runs_here(cfg):
+        check_memory(cfg, cfg.cluster.workers)
+        os.environ["CTXTRAIN_MEMORY_CHECKED"] = "1"  # the workers need not check again
     from ctxtrain.tracking import logged_in, wandb_mode
 
     if cfg.tracking.enabled and wandb_mode(cfg) == "online" and not logged_in():
@@ -154,6 +189,72 @@ def set_rng_state(blob: str, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Metrics that stay on the device until the next log line
+
+
+class PendingSteps:
+    """The steps since the last log line. A step's loss and gradient norm stay device tensors; `flush` reads all
+    of them with one collective and one transfer (the only host sync of the interval), so the device is never
+    waited on per step. Step time and tokens/s are the interval's averages: without a sync per step, the host's
+    clock per step would measure how far it ran ahead, not the step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.steps: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, loss, grad_norm, tokens: int, flops: float, data_wait: float, memory: dict) -> None:
+        self.steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": tokens, "flops": flops,
+                           "data_wait_s": data_wait, "memory": memory})
+
+    def flush(self, timed_out: bool) -> tuple[list[dict], bool]:
+        """Records of the pending steps (losses averaged over ranks, tokens summed) and whether any rank timed out."""
+        n = len(self.steps)
+        local = torch.stack([torch.stack([p["loss"].to(torch.float64),
+                                          torch.tensor(float(p["tokens"]), dtype=torch.float64, device=self.device)])
+                             for p in self.steps] + [torch.tensor([float(timed_out), 0.0], dtype=torch.float64,
+                                                                  device=self.device)])
+        torch.distributed.all_reduce(local)
+        norms = [p["grad_norm"] for p in self.steps]  # global already (DeepSpeed reduces it)
+        if any(isinstance(g, torch.Tensor) for g in norms):
+            nan = float("nan")
+            norms = torch.stack([torch.as_tensor(nan if g is None else g, dtype=torch.float64, device=self.device)
+                                 for g in norms]).tolist()
+            norms = [None if g != g else g for g in norms]
+        summed = local.tolist()
+        world = torch.distributed.get_world_size()
+        elapsed = time.perf_counter() - self.t0
+        step_time = elapsed / n
+        records = []
+        for p, (loss_sum, tokens), norm in zip(self.steps, summed[:n], norms):
+            records.append({
+                "step": p["step"],
+                "loss": loss_sum / world,
+                "grad_norm": float(norm) if norm is not None else None,
+                "_global_tokens": int(tokens),
+                "tokens_per_s": tokens / step_time,
+                "tokens_per_s_worker": p["tokens"] / step_time,
+                "_flops_per_token": p["flops"] / max(p["tokens"], 1),
+                "step_time_s": step_time,
+                "data_wait_s": p["data_wait_s"],
+                **p["memory"],
+            })
+        self.steps.clear()
+        self.restart_clock()
+        return records, summed[n][0] > 0
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+
+def plan_peak(cfg: Config, world: int, device: torch.device) -> int:
+    """The planner's predicted peak for this worker (logged next to the measured peak on the first line)."""
+    from ctxtrain.plan import plan
+
+    return plan(cfg, world, device.type).device_peak
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -185,7 +286,7 @@ def evaluate(cfg: Config, engine: Engine, rank: int, world: int) -> Optional[dic
         return None
     from ctxtrain.engine import mean_over_ranks
 
-    val_loss = mean_over_ranks(sum(losses) / len(losses), engine.device)
+    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
@@ -212,13 +313,20 @@ def _train(cfg: Config, info) -> dict:
     run_dir = Path(cfg.train.run_dir)
     t_start = time.time()
     check_data(cfg)
+    if os.environ.get("CTXTRAIN_MEMORY_CHECKED") != "1":
+        check_memory(cfg, world, device)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    import torch._dynamo  # noqa: F401  (torch.optim loads it on first use: ~70 MB of code, not of training state)
+
+    return_freed_host_memory()
+
+    rss_before = M.rss_bytes()  # CPU: the planner predicts the peak RSS growth over this
+    predicted = plan_peak(cfg, world, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    apply_levers(model, cfg.memory, device)
     engine = Engine(cfg, model, info)
     if rank == 0:
         ckpt.write_atomic(run_dir / "ds_config.json", json.dumps(engine.config, indent=1) + "\n")
@@ -258,54 +366,53 @@ def _train(cfg: Config, info) -> dict:
     batches = iter(train_loader)
     last = {}
     stop_reason = None
+    pending = PendingSteps(device)
+    first_line = True
     while progress.step < cfg.train.max_steps:
         step = progress.step + 1
-        t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with watch.time("data"):
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         maybe_die(cfg, rank, step, "step")
         loss, grad_norm = engine.train_step(micro, lr_at(step, cfg.optim, cfg.train.max_steps))
-        local_tokens = sum(int(b["n_tokens"]) for b in micro)
-        local_flops = sum(_flops(cfg, b) for b in micro)
-        sums = torch.tensor([loss, local_tokens], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(sums)
-        step_time = time.perf_counter() - t0
-        progress.step, progress.tokens = step, progress.tokens + int(sums[1].item())
-        tokens_per_s = sums[1].item() / step_time
-        record = {
-            "step": step,
-            "loss": sums[0].item() / world,
-            "lr": lr_at(step, cfg.optim, cfg.train.max_steps),
-            "grad_norm": grad_norm,
-            "tokens": progress.tokens,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_worker": local_tokens / step_time,
-            "mfu": M.mfu(local_flops / max(local_tokens, 1), tokens_per_s, world, peak),
-            "step_time_s": step_time,
-            "data_wait_s": watch.pop("data"),
-            "epoch": train_loader.epoch,
-            "data_skipped_shards": train_loader.stats["skipped_shards"],
-            "restarts": restarts,
-            **M.memory(device),
-        }
-
-        # Stop conditions, agreed by every rank (wall time differs between ranks).
+        pending.add(step, loss, grad_norm, sum(int(b["n_tokens"]) for b in micro), sum(_flops(cfg, b) for b in micro),
+                    watch.pop("data"), M.memory(device, rss_before))
+        progress.step = step
         if cfg.train.stop_at_step == step:
             stop_reason = "stop_at_step"
-        elif cfg.train.max_tokens is not None and progress.tokens >= cfg.train.max_tokens:
-            stop_reason = "max_tokens"
-        elif cfg.train.stop_after_minutes is not None and any_rank(
-                time.time() - t_start >= 60 * cfg.train.stop_after_minutes, device):
-            stop_reason = "stop_after_minutes"
-        final = step == cfg.train.max_steps or stop_reason is not None
+        evaluating = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps
+        saving = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+        if not (step % cfg.train.log_every == 0 or step == 1 or evaluating or saving or stop_reason
+                or step == cfg.train.max_steps):
+            continue
 
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps:
+        # Every log_every steps (and before an evaluation or a checkpoint): the one host sync of the interval.
+        limit = cfg.train.stop_after_minutes
+        timed_out = limit is not None and time.time() - t_start >= 60 * limit
+        records, any_timed_out = pending.flush(timed_out)
+        for record in records:
+            progress.tokens += record.pop("_global_tokens")
+            record.update(tokens=progress.tokens, lr=lr_at(record["step"], cfg.optim, cfg.train.max_steps),
+                          epoch=train_loader.epoch, data_skipped_shards=train_loader.stats["skipped_shards"],
+                          restarts=restarts, mfu=M.mfu(record.pop("_flops_per_token"), record["tokens_per_s"],
+                                                       world, peak))
+            if first_line:
+                record["mem_predicted_bytes"] = predicted
+                first_line = False
+        if stop_reason is None:  # stop conditions read at this sync, agreed by every rank
+            if cfg.train.max_tokens is not None and progress.tokens >= cfg.train.max_tokens:
+                stop_reason = "max_tokens"
+            elif any_timed_out:
+                stop_reason = "stop_after_minutes"
+        final = step == cfg.train.max_steps or stop_reason is not None
+        record = records[-1]
+
+        if evaluating:
             result = evaluate(cfg, engine, rank, world)
             if result:
                 record.update(result)
-        if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+        if final or saving:
             t_ckpt = time.perf_counter()
             rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
             extra = {"stop_reason": stop_reason, "restarts": restarts, "launch_id": launch_id}
@@ -316,13 +423,15 @@ def _train(cfg: Config, info) -> dict:
                 ckpt.apply_retention(storage, cfg)
             record["ckpt_save_s"] = time.perf_counter() - t_ckpt
         if rank == 0:
-            metrics_file.write(record)
-            tracker.log(record, step)
-            if show_lines and (step % cfg.train.log_every == 0 or final or step == 1):
+            for r in records:
+                metrics_file.write(r)
+                tracker.log(r, r["step"])
+            if show_lines:
                 _log_line(record, cfg.train.max_steps, t_start)
         last = record
-        if stop_reason:
+        if final:
             break
+        pending.restart_clock()  # evaluation and checkpoint time is not step time
 
     if rank == 0:
         metrics_file.close()

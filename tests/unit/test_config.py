@@ -53,6 +53,9 @@ def test_overrides_are_typed(tmp_path):
         ("--model.n_kv_heads=3", "model.n_kv_heads"),
         ("--train.stop_at_step=5000", "train.stop_at_step"),
         ("--fault.kill_rank=5", "fault.kill_rank"),
+        ("--memory.checkpoint=some", "memory.checkpoint"),
+        ("--memory.loss_chunk=-8", "memory.loss_chunk"),
+        ("--memory.margin=1.5", "memory.margin"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override, field, capsys):
@@ -69,6 +72,18 @@ def test_bad_yaml_and_missing_file(tmp_path, capsys):
     assert cli.main(["config", "show", str(tmp_path / "none.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "bad.yaml" in err[0] and "none.yaml" in err[1]
+
+
+def test_deprecated_activation_checkpointing_still_works_with_one_line(tmp_path, capsys):
+    (tmp_path / "old.yaml").write_text("train:\n  activation_checkpointing: true\n")
+    cfg = load_config(tmp_path / "old.yaml")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert cfg.memory.checkpoint == "full" and not hasattr(cfg.train, "activation_checkpointing")
+    assert len(err) == 1 and "deprecated" in err[0] and "memory.checkpoint=full" in err[0]
+    assert load_config(tmp_path / "old.yaml", ["--memory.checkpoint=full"]).memory.checkpoint == "full"
+    with pytest.raises(ConfigError, match="contradicts memory.checkpoint=selective"):
+        load_config(tmp_path / "old.yaml", ["--memory.checkpoint=selective"])
+    assert load_config(None, ["--train.activation_checkpointing=false"]).memory.checkpoint == "none"
 
 
 def test_config_error_carries_field_name():

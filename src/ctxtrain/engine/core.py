@@ -1,21 +1,18 @@
-"""DeepSpeed, and only here: the process group, the generated DeepSpeed config, ZeRO 0-3 with offload,
-the optimizer with its weight-decay groups, the LR schedule, activation checkpointing, one training step,
-and consolidation of ZeRO shards for export.
+"""DeepSpeed: the process group, the generated DeepSpeed config, ZeRO 0-3 with offload, the optimizer with its
+weight-decay groups, the LR schedule, one training step, and consolidation of ZeRO shards for export.
 
 Nobody writes a ds_config.json by hand: `ds_config(cfg)` derives it from the typed config and the run
-directory keeps the generated one. The optimizer is torch's AdamW handed to DeepSpeed as a client
-optimizer: with it, save + load continues bit for bit on every ZeRO stage, offload included (DeepSpeed's
+directory keeps the generated one. The optimizer is torch's fused AdamW handed to DeepSpeed as a
+client optimizer: with it, save + load continues bit for bit on every ZeRO stage, offload included (DeepSpeed's
 CPU Adam recomputes its bias correction after a load and drifts by ~1e-4).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -26,10 +23,10 @@ warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from ctxtrain.config import Config, OptimConfig  # noqa: E402
 from ctxtrain.local_launch import free_port  # noqa: E402
+from ctxtrain.plan import bucket_elements  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,6 +109,10 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if z.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+    bucket = bucket_elements(cfg.model)
+    zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket
+    if z.stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -124,18 +125,6 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-
-
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Recompute every block in the backward pass; the state dict keeps its names. Returns the block count."""
-    blocks = [m for name in ("blocks", "encoder", "decoder") for m in getattr(model, name, [])]
-    for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward)
-    return len(blocks)
-
-
-def _checkpointed(forward, *args, **kwargs):
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,11 +147,17 @@ class Engine:
         self.cfg, self.dist = cfg, dist_info
         self.device = dist_info.device
         o = cfg.optim
+        # fused: one in-place kernel per step; the default foreach path holds two float32 copies of the
+        # partition as temporaries, which is the peak of a long-sequence step once activations are freed.
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr_at(1, o, cfg.train.max_steps),
-                                      betas=(o.beta1, o.beta2), eps=o.eps)
+                                      betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
         self.config = ds_config(cfg, dist_info.world_size)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                              dist_init_required=False)
+        if dist_info.world_size == 1 and cfg.zero.stage == 0:
+            # Nothing to reduce on one rank, and DeepSpeed's fallback all-reduce would still flatten every
+            # gradient into a copy (up to 5e8 elements): a whole model's gradients of memory at the peak.
+            self.ds.enable_backward_allreduce = False
 
     @property
     def module(self) -> nn.Module:
@@ -172,26 +167,24 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, batches: list[dict], lr: float) -> tuple[float, Optional[float]]:
+    def train_step(self, batches: list[dict], lr: float) -> tuple[torch.Tensor, object]:
         """Forward/backward over the micro-batches (gradient accumulation), then one optimizer step.
-        Returns this rank's mean loss and the global gradient norm (before clipping)."""
+        Returns this rank's mean loss as a device tensor and the global gradient norm before clipping (as
+        DeepSpeed gives it: a tensor, a float or None); nothing here waits for the device."""
         self.ds.train()
         self.set_lr(lr)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
             loss = batch_loss(self.ds, batch, self.device)
             self.ds.backward(loss)
             self.ds.step()
-            total += loss.detach().float().item()
-        norm = self.ds.get_global_grad_norm()
-        if isinstance(norm, torch.Tensor):
-            norm = norm.item()
-        return total / len(batches), (float(norm) if norm is not None else None)
+            total += loss.detach().float()
+        return total / len(batches), self.ds.get_global_grad_norm()
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict) -> float:
+    def eval_loss(self, batch: dict) -> torch.Tensor:
         self.ds.eval()
-        loss = batch_loss(self.ds, batch, self.device).float().item()
+        loss = batch_loss(self.ds, batch, self.device).detach().float()
         self.ds.train()
         return loss
 
@@ -207,22 +200,10 @@ class Engine:
             raise UserError(f"checkpoint {root}/{tag} could not be loaded by DeepSpeed; pick another with --resume")
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def mean_over_ranks(value, device: torch.device) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1).clone()
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
-
-
-def sum_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 def gather_objects(obj) -> list:

@@ -1,0 +1,336 @@
+"""Long sequences on one device: ctxtrain's memory levers against Hugging Face Llama, measured in the same run.
+
+    python bench/longseq.py --cpu                                   # the README's CPU table (~30 min, 2 cores)
+    python bench/longseq.py --cpu --lengths 256,512 --arms plain,full+loss+mlp,hf    # CI's smoke run
+    python bench/longseq.py --gpu                                   # one GPU (needs transformers, liger-kernel)
+
+--cpu: a Llama-shaped model (d 256, 4 layers, 4 heads, SwiGLU 704, vocab 32000, RoPE, RMSNorm), batch 1, fp32.
+Every (arm, length) runs in a fresh process: a 16-token step (so that the optimizer's state exists), then one
+training step at the length; it reports the process's peak RSS growth over its RSS before the model was built:
+weights, gradients, optimizer state and the step's activations, as GNU `time -f %M` would see it less the
+interpreter and its libraries. Arms:
+  - ctxtrain with each lever combination, through its own engine (DeepSpeed ZeRO-0 on one rank, fused AdamW,
+    `ctxtrain.engine.apply_levers` as `ctxtrain train` applies them);
+  - hf: `transformers.LlamaForCausalLM` with SDPA and `gradient_checkpointing_enable()`, the same shapes, fused
+    AdamW, in a plain loop.
+Both processes give freed memory back to the OS the same way (`return_freed_host_memory`), so RSS follows live
+tensors in both. From the lengths: the slope in bytes per sequence token (least squares) and the intercept, and
+from those the longest length whose growth stays under --budget-gib (extrapolated: a CPU takes hours to run a
+200k-token step; the fit's largest residual is printed to show how straight the line is). Ratios against hf.
+
+--gpu: the ~1B model of configs/lm_1b.yaml in bf16 on one GPU: ctxtrain (full checkpointing, chunked loss and
+MLP, and offload at the longest lengths) against hf and hf + Liger (fused linear cross-entropy, RMSNorm, RoPE,
+SwiGLU), as ../shared/peers measured them: tokens/s, causal MFU (ctxtrain.model.flops, the same formula for
+every arm), peak GiB (max_memory_allocated) and out-of-memory, at 8k-512k and at the longest length the planner
+gives ctxtrain; each length is skipped when its step would not finish inside --budget-min. Writes JSON to $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "lm_tiny.yaml"
+CPU_MODEL = dict(vocab_size=32000, d_model=256, n_layers=4, n_heads=4, d_ff=704)
+CHUNK = 256  # tokens per chunk of the loss and the MLP: their constant buffers stay small next to 8k+ tokens
+
+# ctxtrain's arms: memory.* settings
+ARMS = {
+    "plain": {},
+    "loss": {"loss_chunk": CHUNK},
+    "full+loss": {"checkpoint": "full", "loss_chunk": CHUNK},
+    "selective+loss+mlp": {"checkpoint": "selective", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
+    "full+loss+mlp": {"checkpoint": "full", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
+    "offload+loss+mlp": {"checkpoint": "offload", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
+}
+PEER = "hf"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One measurement (a child process): build, one training step, report the peak
+
+
+def ctxtrain_config(model: dict, seq_len: int, memory: dict, dtype: str, device: str):
+    from ctxtrain.config import load_config
+
+    overrides = [f"--model.{k}={v}" for k, v in model.items()] + [f"--memory.{k}={v}" for k, v in memory.items()]
+    return load_config(CONFIG, overrides + [f"--data.seq_len={seq_len}", "--data.batch_size=1", "--zero.stage=0",
+                                            f"--train.dtype={dtype}", "--cluster.workers=1", f"--train.device={device}",
+                                            "--tracking.enabled=false"])
+
+
+def ctxtrain_stepper(cfg):
+    """A function that runs one ctxtrain training step on a given token batch (the engine `ctxtrain train` uses)."""
+    import torch
+
+    from ctxtrain.engine import Engine, apply_levers, init_distributed
+    from ctxtrain.model import build_model
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    info = init_distributed(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    apply_levers(model, cfg.memory, info.device)
+    engine = Engine(cfg, model, info)
+
+    def step(tokens):
+        loss, _ = engine.train_step([{"tokens": tokens}], 1e-4)
+        return loss
+
+    return step, info.device
+
+
+def hf_stepper(model: dict, dtype, device: str, liger: bool = False):
+    """One plain training step of transformers' Llama with SDPA and gradient checkpointing (the peer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+    cfg = LlamaConfig(vocab_size=model["vocab_size"], hidden_size=model["d_model"], intermediate_size=model["d_ff"],
+                      num_hidden_layers=model["n_layers"], num_attention_heads=model["n_heads"],
+                      num_key_value_heads=model["n_heads"], max_position_embeddings=1 << 22,
+                      tie_word_embeddings=False, rope_theta=model.get("rope_theta", 10000.0))
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        m = LlamaForCausalLM(cfg).to(dtype)
+    m.config.use_cache = False
+    m.gradient_checkpointing_enable()
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+
+    def step(tokens):
+        loss = m(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def child(arm: str, seq_len: int) -> None:
+    """Print {"arm", "seq_len", "growth", "step_s"} for one training step at this length (the CPU mode)."""
+    import resource
+
+    import torch
+    import torch._dynamo  # noqa: F401  (loaded by torch.optim on first use: code, not training memory)
+
+    from ctxtrain.engine.memory import return_freed_host_memory
+    from ctxtrain.metrics import rss_bytes
+
+    return_freed_host_memory()
+    if arm == PEER:
+        import transformers  # noqa: F401
+    else:
+        import deepspeed  # noqa: F401
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    before = rss_bytes()
+    if arm == PEER:
+        step = hf_stepper(CPU_MODEL, torch.float32, "cpu")
+    else:
+        step, _ = ctxtrain_stepper(ctxtrain_config(CPU_MODEL, seq_len, ARMS[arm], "fp32", "cpu"))
+    g = torch.Generator().manual_seed(1)
+    step(torch.randint(0, CPU_MODEL["vocab_size"], (1, 17), generator=g))  # the optimizer's state exists from here on
+    tokens = torch.randint(0, CPU_MODEL["vocab_size"], (1, seq_len + 1), generator=g)
+    t0 = time.perf_counter()
+    loss = step(tokens)
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"arm": arm, "seq_len": seq_len, "growth": peak - before, "step_s": elapsed,
+                      "loss": float(loss)}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --cpu
+
+
+def fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """Least squares growth = intercept + slope x length; returns (slope, intercept, largest relative residual)."""
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(g for _, g in points) / n
+    sxx = sum((t - mx) ** 2 for t, _ in points)
+    slope = sum((t - mx) * (g - my) for t, g in points) / sxx
+    intercept = my - slope * mx
+    worst = max(abs(g - (intercept + slope * t)) / g for t, g in points)
+    return slope, intercept, worst
+
+
+def run_cpu(arms: list[str], lengths: list[int], budget_gib: float) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "ignore"}
+    rows = []
+    for arm in arms:
+        for seq_len in lengths:
+            port = str(29000 + (os.getpid() + len(rows)) % 2000)
+            proc = subprocess.run([sys.executable, __file__, "--child", arm, str(seq_len)], capture_output=True,
+                                  text=True, env={**env, "MASTER_PORT": port})
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                raise SystemExit(f"longseq: {arm} at {seq_len} failed:\n{proc.stderr[-3000:]}")
+            rows.append(json.loads(lines[-1]))
+            r = rows[-1]
+            print(f"  {arm:20} {seq_len:>7,} tokens: growth {r['growth'] / 2**20:8.1f} MiB, step {r['step_s']:6.1f} s",
+                  flush=True)
+    budget = budget_gib * 2**30
+    summary = {}
+    for arm in arms:
+        points = [(r["seq_len"], r["growth"]) for r in rows if r["arm"] == arm]
+        slope, intercept, worst = fit(points)
+        summary[arm] = {"bytes_per_token": slope, "intercept": intercept, "worst_residual": worst,
+                        "longest": max(0, int((budget - intercept) / slope)) if slope > 0 else None}
+    return {"rows": rows, "summary": summary, "budget_gib": budget_gib, "lengths": lengths}
+
+
+def print_cpu(result: dict) -> None:
+    s = result["summary"]
+    peer = s.get(PEER)
+    print(f"\nCPU, fp32, batch 1, d 256 x 4 layers, vocab 32000; lengths {result['lengths']}; "
+          f"budget {result['budget_gib']:g} GiB")
+    print(f"{'arm':20} {'bytes/token':>12} {'intercept':>12} {'fit resid.':>10} {'longest':>12}"
+          + (f" {'bytes/token vs hf':>18} {'longest vs hf':>14}" if peer else ""))
+    for arm, r in s.items():
+        line = (f"{arm:20} {r['bytes_per_token']:>12,.0f} {r['intercept'] / 2**20:>9,.0f} MiB {r['worst_residual']:>10.1%}"
+                f" {r['longest'] or 0:>12,}")
+        if peer:
+            line += (f" {r['bytes_per_token'] / peer['bytes_per_token']:>18.3f}"
+                     f" {(r['longest'] or 0) / max(peer['longest'] or 1, 1):>14.2f}")
+        print(line)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --gpu
+
+
+def run_gpu(budget_min: float, lengths: list[int]) -> dict:
+    """The three arms on one GPU, ascending lengths until out of memory or out of time; one process per arm."""
+    out_dir = Path(os.environ.get("OUT", tempfile.gettempdir()))
+    results = {}
+    t_end = time.time() + 60 * budget_min
+    for arm in ("ctxtrain", "hf", "hf+liger"):
+        left = (t_end - time.time()) / 60
+        if left < 1:
+            results[arm] = {"skipped": "budget"}
+            continue
+        proc = subprocess.run([sys.executable, __file__, "--gpu-arm", arm, "--budget-min", f"{left / 2:.2f}",
+                               "--lengths", ",".join(map(str, lengths))], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        results[arm] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+        (out_dir / "longseq_gpu.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def gpu_arm(arm: str, budget_min: float, lengths: list[int]) -> None:
+    import torch
+
+    from ctxtrain.model import ModelConfig
+    from ctxtrain.model.flops import lm_train_flops_per_token
+    from ctxtrain.plan import GPU_RESERVED, longest_seq_len, plan
+
+    lm = ctxtrain_config({}, 8192, {}, "bf16", "cuda")
+    model = {k: getattr(lm.model, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "rope_theta")}
+    mcfg = ModelConfig(**{k: v for k, v in model.items()})
+    capacity = torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED
+    peak_tflops = 989.0
+    rows, t_end = [], time.time() + 60 * budget_min
+    memory = {"checkpoint": "full", "loss_chunk": 8192, "mlp_chunk": 8192}
+    planned = {}
+    if arm == "ctxtrain":
+        for policy in ("full", "offload"):
+            cfg = ctxtrain_config(model, 8192, {**memory, "checkpoint": policy}, "bf16", "cuda")
+            planned[policy] = longest_seq_len(cfg, 1, "cuda", capacity, None, policy, multiple=8192)
+        lengths = sorted(set(lengths + [planned["offload"]]))
+        step, _ = ctxtrain_stepper(ctxtrain_config(model, max(lengths), memory, "bf16", "cuda"))
+    else:
+        step = hf_stepper(model, torch.bfloat16, "cuda", liger=arm == "hf+liger")
+    s_per_token_sq = None  # step time per token^2 at the last length, to skip what would not finish in time
+    for T in lengths:
+        if s_per_token_sq and s_per_token_sq * T * T * 2 > t_end - time.time():
+            rows.append({"T": T, "skipped": "budget"})
+            continue
+        tokens = torch.randint(0, model["vocab_size"], (1, T + 1), device="cuda")
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            t0 = time.perf_counter()
+            step(tokens)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            timed = T <= 131072 and time.time() + 2 * first < t_end
+            if timed:
+                t0 = time.perf_counter()
+                step(tokens)
+                torch.cuda.synchronize()
+            s = time.perf_counter() - t0 if timed else first
+            fpt = lm_train_flops_per_token(mcfg, T)
+            row = {"T": T, "s_per_step": s, "tok_s": T / s, "mfu": fpt * T / s / (peak_tflops * 1e12),
+                   "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "timed": timed}
+            if arm == "ctxtrain":
+                cfg = ctxtrain_config(model, T, memory, "bf16", "cuda")
+                row["predicted_GiB"] = plan(cfg, 1, "cuda").device_peak / 2**30
+            rows.append(row)
+            s_per_token_sq = s / (T * T)
+        except torch.OutOfMemoryError:
+            rows.append({"T": T, "oom": True})
+            break
+        finally:
+            del tokens
+            torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(json.dumps({"arm": arm, "rows": rows, "planned_longest": planned}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--cpu", action="store_true", help="peak memory per token on this CPU (the README's table)")
+    mode.add_argument("--gpu", action="store_true", help="tokens/s, MFU and peak memory on one GPU")
+    mode.add_argument("--child", nargs=2, metavar=("ARM", "SEQ_LEN"), help=argparse.SUPPRESS)
+    mode.add_argument("--gpu-arm", metavar="ARM", help=argparse.SUPPRESS)
+    p.add_argument("--lengths", help="comma-separated sequence lengths")
+    p.add_argument("--arms", help=f"comma-separated arms (--cpu): {', '.join([*ARMS, PEER])}")
+    p.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the longest length (--cpu)")
+    p.add_argument("--budget-min", type=float, default=11.0, help="time budget of the whole run (--gpu)")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+        return 0
+    if args.gpu_arm:
+        gpu_arm(args.gpu_arm, args.budget_min, [int(x) for x in args.lengths.split(",")])
+        return 0
+    if args.gpu:
+        lengths = [int(x) for x in (args.lengths or "8192,32768,131072,262144,393216,524288").split(",")]
+        result = run_gpu(args.budget_min, lengths)
+        print(json.dumps(result, indent=1))
+        return 0
+    lengths = [int(x) for x in (args.lengths or "8192,16384,24576").split(",")]
+    arms = (args.arms or ",".join([*ARMS, PEER])).split(",")
+    unknown = [a for a in arms if a not in ARMS and a != PEER]
+    if unknown or len(lengths) < 2:
+        p.error(f"unknown arm {unknown[0]}" if unknown else "--lengths needs two or more lengths for a slope")
+    result = run_cpu(arms, lengths, args.budget_gib)
+    print_cpu(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

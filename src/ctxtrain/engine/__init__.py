@@ -1,0 +1,40 @@
+"""The engine: DeepSpeed (the only package importing it) and what it wraps around the model.
+
+- `core`: the process group, the generated DeepSpeed config, ZeRO 0-3, the optimizer, the step, consolidation.
+- `memory`: the memory levers (activation checkpointing policies, the chunked LM head + loss, the chunked MLP).
+"""
+
+from ctxtrain.engine.core import (
+    DistInfo,
+    Engine,
+    barrier,
+    batch_loss,
+    consolidate,
+    ds_config,
+    gather_objects,
+    init_distributed,
+    lr_at,
+    mean_over_ranks,
+    param_groups,
+    pick_device,
+    shutdown,
+)
+from ctxtrain.engine.memory import Levers, apply_levers
+
+__all__ = [
+    "DistInfo",
+    "Engine",
+    "Levers",
+    "apply_levers",
+    "barrier",
+    "batch_loss",
+    "consolidate",
+    "ds_config",
+    "gather_objects",
+    "init_distributed",
+    "lr_at",
+    "mean_over_ranks",
+    "param_groups",
+    "pick_device",
+    "shutdown",
+]

@@ -1,0 +1,546 @@
+"""The memory planner: what one training worker holds at its peak, from the config alone, before anything starts.
+
+    ctxtrain plan configs/lm_1b.yaml --gpus 8 --gpu-mem 141 --data.seq_len=131072
+
+Formulas only (no tensors, no deepspeed): every term below is a function with a docstring saying what it
+counts. Nothing is fitted to a machine: the activation terms count the tensors that autograd keeps for the
+model's own ops (tests/unit/test_plan.py checks them against what autograd saves, exactly), the static terms
+follow DeepSpeed's ZeRO partitioning, and one stated margin (`memory.margin`) covers the allocator.
+
+Notation: P parameters, N data-parallel ranks, n = batch x seq_len tokens of one micro-batch, d width, F MLP
+width, V vocabulary, L layers, H heads (KV key/value heads), s bytes of an activation element (2 bf16, 4 fp32),
+w bytes of a working parameter (same as s).
+
+The peak of a step is
+    parameters + gradients + optimizer state (on the device unless offloaded) + communication buckets
+    + max(the backward pass's activations, the optimizer step's temporaries) + margin
+and the backward pass's activations are the checkpointed activations of every layer plus the larger of the
+loss buffer (the end of the forward pass) and the peak layer's working set (its recomputation and its
+gradients), plus attention's workspace. On a CPU "device" is host memory, and the prediction is of the
+worker's peak RSS growth over its RSS before the model was built.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ctxtrain.config import Config
+from ctxtrain.model.config import ModelConfig
+from ctxtrain.model.flops import param_count
+
+GIB = 1 << 30
+
+BUCKET_ELEMENTS = 50_000_000
+"""Elements of DeepSpeed's gradient-reduction and all-gather buckets, as ctxtrain sets them (capped at P).
+DeepSpeed's default, 5e8, would hold 1-2 GB of device memory in the bucket alone; 5e7 elements (100 MB of
+bf16) still make messages large enough to run the interconnect at full bandwidth."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a micro-batch is
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers the formulas read, taken from a config (and a sequence length, to solve for the longest)."""
+
+    model: ModelConfig
+    batch: int
+    seq_len: int  # LM window, or the target length of a translation pair
+    src_len: int  # source length of a translation pair (0 for the LM)
+    s: int  # bytes per activation element
+    stage: int
+    world: int
+    offload_optimizer: bool
+    offload_params: bool
+    overlap_comm: bool
+    checkpoint: str
+    loss_chunk: Optional[int]
+    mlp_chunk: Optional[int]
+    dropout: float
+    device: str  # "cuda" or "cpu"
+
+    @property
+    def tokens(self) -> int:
+        """n: target tokens of one micro-batch (the decoder's, for an encoder-decoder)."""
+        return self.batch * self.seq_len
+
+    @property
+    def src_tokens(self) -> int:
+        return self.batch * self.src_len
+
+
+def shape_of(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
+             checkpoint: Optional[str] = None) -> Shape:
+    m = cfg.model
+    lm = m.kind == "lm"
+    t = seq_len if seq_len is not None else (cfg.data.seq_len if lm else cfg.data.max_tgt_len)
+    src = 0 if lm else (seq_len if seq_len is not None else cfg.data.max_src_len)
+    return Shape(model=m, batch=cfg.data.batch_size, seq_len=t, src_len=src,
+                 s=2 if cfg.train.dtype == "bf16" else 4, stage=cfg.zero.stage, world=world,
+                 offload_optimizer=cfg.zero.offload_optimizer, offload_params=cfg.zero.offload_params,
+                 overlap_comm=cfg.zero.overlap_comm, checkpoint=checkpoint or cfg.memory.checkpoint,
+                 loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout, device=device)
+
+
+def bucket_elements(model: ModelConfig) -> int:
+    """DeepSpeed's reduce/all-gather bucket size that ctxtrain writes into ds_config (see BUCKET_ELEMENTS)."""
+    return int(min(BUCKET_ELEMENTS, param_count(model)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Static terms: weights, gradients, optimizer state, buckets (DeepSpeed ZeRO, with torch's AdamW)
+
+
+def _largest_module(m: ModelConfig) -> int:
+    """Parameters of the largest module that ZeRO-3 gathers at once: a block, or the embedding / LM head."""
+    d, f = m.d_model, m.d_ff
+    attn = 2 * d * d + 2 * d * m.kv_heads * m.head_dim
+    mlp = (3 if m.mlp == "swiglu" else 2) * d * f
+    block = attn + mlp + (attn if m.kind == "encdec" else 0)
+    return max(block, m.vocab_size * d)
+
+
+def parameters(sh: Shape) -> tuple[int, int]:
+    """Working weights (device, host). ZeRO 0-2 keep all P at w bytes on every rank; ZeRO-3 keeps 1/N of them,
+    plus the gathered working set: the module being computed and the one prefetched (twice the largest module);
+    with zero.offload_params the 1/N share lives in host memory."""
+    P, w = param_count(sh.model), sh.s
+    if sh.stage < 3:
+        return P * w, 0
+    gathered = min(P, 2 * _largest_module(sh.model)) * w
+    share = math.ceil(P / sh.world) * w
+    return (gathered, share) if sh.offload_params else (share + gathered, 0)
+
+
+def gradients(sh: Shape) -> tuple[int, int]:
+    """Gradients (device, host). ZeRO 0-1: every parameter's gradient at w bytes (ZeRO-1 partitions them only at
+    the step). ZeRO-2/3: this rank's 1/N partition (w bytes); ZeRO-3 also holds a module's whole gradient until
+    it is reduced into the partitions (two of the largest module's in flight). With optimizer offload the
+    partition's gradient is copied to host memory as float32 for the step."""
+    P, w, N = param_count(sh.model), sh.s, sh.world
+    device = P * w if sh.stage <= 1 else math.ceil(P / N) * w
+    if sh.stage == 3:
+        device += min(P, 2 * _largest_module(sh.model)) * w
+    host = math.ceil(P / N) * 4 if sh.offload_optimizer else 0
+    return device, host
+
+
+def optimizer_state(sh: Shape) -> tuple[int, int]:
+    """AdamW's state (device, host): two float32 moments per parameter, plus DeepSpeed's float32 master copy of
+    the weights under ZeRO 1-3 (it keeps one even in fp32 training) and under bf16 without ZeRO. ZeRO 1-3 hold
+    1/N of it per rank; zero.offload_optimizer puts it in host memory."""
+    P, N = param_count(sh.model), sh.world
+    if sh.stage == 0:
+        per_param = 8 + (4 if sh.s == 2 else 0)
+        total = P * per_param
+    else:
+        total = math.ceil(P / N) * 12
+    return (0, total) if sh.offload_optimizer else (total, 0)
+
+
+def communication_buckets(sh: Shape) -> int:
+    """DeepSpeed's contiguous gradient bucket (ZeRO 1-3; float32 for ZeRO-1, which accumulates there, w bytes
+    otherwise), doubled with zero.overlap_comm. ZeRO-0 all-reduces through a flattened copy of the gradients
+    (DeepSpeed's fallback, up to 5e8 elements at once); on one rank ctxtrain turns that off."""
+    if sh.stage == 0:
+        return 0 if sh.world == 1 else min(param_count(sh.model), 500_000_000) * sh.s
+    per = 4 if sh.stage == 1 else sh.s
+    return bucket_elements(sh.model) * per * (2 if sh.overlap_comm else 1)
+
+
+def optimizer_step_transients(sh: Shape) -> int:
+    """Temporaries of the optimizer step, when activations are already freed: under ZeRO 1-3 the float32
+    gradient of this rank's partition that DeepSpeed builds for the step. (ctxtrain's AdamW is torch's fused
+    one, which updates in place; the foreach default would add two float32 copies of the partition.)"""
+    if sh.offload_optimizer or sh.stage == 0:
+        return 0
+    return math.ceil(param_count(sh.model) / sh.world) * 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations, per token: what autograd keeps for each op of a block (see ctxtrain.model.transformer)
+
+
+def norm_kept(m: ModelConfig, s: int) -> int:
+    """Bytes per token that a pre-norm keeps besides its output: RMSNorm computes in float32, so it keeps the
+    float32 view of its input (the input itself in fp32, a copy in bf16), the normalized value (s) and 1/rms;
+    LayerNorm keeps its input (s), mean and 1/std."""
+    d = m.d_model
+    if m.norm == "rmsnorm":
+        return 4 * d + s * d + 4
+    return s * d + 2 * (4 if s == 4 else s)
+
+
+def attention_kept(m: ModelConfig, s: int, q_tokens: int = 1, kv_tokens: int = 1) -> int:
+    """Bytes that one attention keeps for q_tokens queries over kv_tokens keys: q, k and v as SDPA's inputs,
+    its output (also the output projection's input) and its float32 log-sum-exp per head. (Its input, the
+    norm's output, is counted with the norm.)"""
+    d, kv = m.d_model, m.kv_heads * m.head_dim
+    return s * (2 * d * q_tokens + 2 * kv * kv_tokens) + 4 * m.n_heads * q_tokens
+
+
+def mlp_kept(m: ModelConfig, s: int, dropout: float) -> int:
+    """Bytes per token that the MLP keeps: SwiGLU its gate output, silu(gate), up and their product (4F); the
+    GELU MLP its up output and GELU's output (2F), with dropout also its mask and output."""
+    f = m.d_ff
+    kept = 4 * f * s if m.mlp == "swiglu" else 2 * f * s
+    if m.mlp == "gelu" and dropout > 0:
+        kept += f * (1 + s)
+    return kept
+
+
+def residual_dropout_kept(m: ModelConfig, s: int, dropout: float, sublayers: int) -> int:
+    """Dropout on the residual branches keeps a mask and its output per sub-layer (nothing when dropout is 0).
+    Approximate: the kernels differ in the masks they keep (within 5% of a block on CPU, tests/unit/test_plan.py);
+    dropout belongs to the short translation sequences, not to the long ones the planner is for."""
+    return 0 if dropout <= 0 else sublayers * m.d_model * (1 + s)
+
+
+def block_kept(sh: Shape, decoder: bool = False) -> int:
+    """Bytes per token that one block keeps with no checkpointing: two (three in the decoder of an
+    encoder-decoder) pre-norms with their outputs, self-attention, cross-attention's queries and outputs (its
+    keys and values over the source are in `cross_kv_kept`), and the MLP. The block's input is the first norm's
+    kept input; the residual sum after attention is the next norm's."""
+    m, s = sh.model, sh.s
+    norms = 3 if decoder else 2
+    kept = norms * (norm_kept(m, s) + s * m.d_model) + attention_kept(m, s) + mlp_kept(m, s, sh.dropout)
+    if decoder:
+        kept += 2 * s * m.d_model + 4 * m.n_heads  # cross-attention: q, output, log-sum-exp
+    return kept + residual_dropout_kept(m, s, sh.dropout, norms)
+
+
+def cross_kv_kept(sh: Shape) -> int:
+    """Bytes per source token that each decoder layer's cross-attention keeps: its keys and values."""
+    return 2 * sh.s * sh.model.kv_heads * sh.model.head_dim
+
+
+def _layers(sh: Shape) -> list[tuple[int, bool]]:
+    """(tokens, is_decoder_layer) for every block."""
+    m = sh.model
+    if m.kind == "lm":
+        return [(sh.tokens, False)] * m.n_layers
+    return [(sh.src_tokens, False)] * m.encoder_layers + [(sh.tokens, True)] * m.n_layers
+
+
+def math_attention_scores(sh: Shape, decoder: bool) -> int:
+    """Attention dropout on CPU makes SDPA fall back to its math kernel, which keeps each attention's float32
+    scores, probabilities and dropout product: 12 bytes per score of B x H x T x S (self-attention over the
+    layer's own length; a decoder layer also over the source). Flash and cuDNN kernels (GPU, and CPU without
+    dropout) work in tiles and keep only the log-sum-exp. Translation lengths keep this small."""
+    if sh.dropout <= 0 or sh.device == "cuda":
+        return 0
+    per = 12 * sh.batch * sh.model.n_heads
+    if sh.model.kind == "lm":
+        return per * sh.seq_len ** 2
+    if not decoder:
+        return per * sh.src_len ** 2
+    return per * (sh.seq_len ** 2 + sh.seq_len * sh.src_len)
+
+
+def layer_bytes(sh: Shape, tokens: int, decoder: bool) -> int:
+    """All that one block keeps for a micro-batch with no checkpointing (its MLP's part only a chunk's worth
+    when chunked, as each chunk is recomputed in the backward pass)."""
+    kept = block_kept(sh, decoder) * tokens + math_attention_scores(sh, decoder)
+    if sh.mlp_chunk and sh.mlp_chunk < tokens:
+        kept -= mlp_kept(sh.model, sh.s, sh.dropout) * (tokens - sh.mlp_chunk)
+    if decoder:
+        kept += cross_kv_kept(sh) * sh.src_tokens
+    return kept
+
+
+def kept_between_passes(sh: Shape, tokens: int, decoder: bool) -> int:
+    """What one block keeps from its forward pass to its backward pass, by memory.checkpoint: everything
+    (none); its input (full, offload); its input and attention's output and log-sum-exp (selective)."""
+    if sh.checkpoint == "none":
+        return layer_bytes(sh, tokens, decoder)
+    kept = sh.s * sh.model.d_model * tokens
+    if sh.checkpoint == "selective":
+        kept += (sh.s * sh.model.d_model + 4 * sh.model.n_heads) * tokens * (2 if decoder else 1)
+    return kept
+
+
+def checkpointed_activations(sh: Shape) -> tuple[int, int]:
+    """Every block's kept activations (device, host), plus what the trunk's ends keep: the final norm, the
+    encoder's output (read by every decoder layer) and RoPE's cos/sin table. With `offload` on a GPU the block
+    inputs are in host memory and at most two are on the device at once (one in use, one brought back early)."""
+    m, s = sh.model, sh.s
+    kept = sum(kept_between_passes(sh, t, dec) for t, dec in _layers(sh))
+    ends = norm_kept(m, s) * sh.tokens + s * m.d_model * sh.src_tokens
+    if m.pos == "rope":
+        ends += 2 * s * m.head_dim * max(sh.seq_len, sh.src_len)
+    if sh.checkpoint == "offload" and sh.device == "cuda":
+        largest = max(s * m.d_model * t for t, _ in _layers(sh))
+        return ends + 2 * largest, kept
+    return kept + ends, 0
+
+
+def layer_gradients(sh: Shape, tokens: int) -> int:
+    """Gradient temporaries while one block runs backward: the gradients of its output and input, and the
+    larger of the MLP's (three [tokens, F] gradients at the product's backward, a chunk's worth when chunked)
+    and attention's (dq, dk, dv and d(output))."""
+    m, s = sh.model, sh.s
+    mlp_tokens = min(tokens, sh.mlp_chunk) if sh.mlp_chunk else tokens
+    mlp = (3 if m.mlp == "swiglu" else 2) * m.d_ff * s * mlp_tokens
+    attn = (2 * m.d_model + 2 * m.kv_heads * m.head_dim) * s * tokens
+    return 2 * s * m.d_model * tokens + max(mlp, attn)
+
+
+def peak_layer(sh: Shape) -> int:
+    """The largest block's working set in the backward pass: what it recomputes (all it would keep, minus what
+    was kept) and its gradient temporaries."""
+    best = 0
+    for tokens, dec in _layers(sh):
+        recomputed = 0 if sh.checkpoint == "none" else layer_bytes(sh, tokens, dec) - kept_between_passes(
+            sh, tokens, dec) + sh.s * sh.model.d_model * tokens
+        best = max(best, recomputed + layer_gradients(sh, tokens))
+    return best
+
+
+def loss_buffer(sh: Shape) -> int:
+    """The LM head and the loss at the end of the forward pass, besides the head's input (n x d x s). Plain: the
+    [n, V] logits, log-softmax's float32 output and the backward's two float32 [n, V] gradients (bf16 adds the
+    logits' bf16 copy and the gradient's cast): 3 x 4 (fp32) or 14 (bf16) bytes per logit. Chunked
+    (memory.loss_chunk = c): a chunk's float32 logits and logsumexp's temporary (8 bytes per logit of c
+    tokens), plus the gradients kept for the backward pass: the hidden states' (n x d x s) and the head's,
+    accumulated in float32 (V x d x 4; in bf16 each chunk's share is formed in bf16 and cast before it is
+    added, V x d x 6 more)."""
+    m, n, s = sh.model, sh.tokens, sh.s
+    V, d = m.vocab_size, m.d_model
+    if not sh.loss_chunk or sh.loss_chunk >= n:
+        return n * d * s + n * V * (12 if s == 4 else 14)
+    return n * d * s + 8 * sh.loss_chunk * V + n * d * s + V * d * (4 if s == 4 else 10)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class Term:
+    name: str
+    device: int
+    host: int = 0
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """The terms of one worker's memory, the predicted peaks and what they are compared with."""
+
+    shape: Shape
+    terms: list[Term]
+    margin: float
+    device_peak: int = 0
+    host_peak: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self, device_bytes: Optional[float], host_bytes: Optional[float]) -> bool:
+        return ((device_bytes is None or self.device_peak <= device_bytes)
+                and (host_bytes is None or self.host_peak <= host_bytes))
+
+    @property
+    def total_peak(self) -> int:
+        return self.device_peak + self.host_peak
+
+
+def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
+         checkpoint: Optional[str] = None) -> Plan:
+    """One worker's memory for this config on `world` workers; seq_len and checkpoint override the config's."""
+    sh = shape_of(cfg, world, device, seq_len, checkpoint)
+    (p_dev, p_host), (g_dev, g_host), (o_dev, o_host) = parameters(sh), gradients(sh), optimizer_state(sh)
+    a_dev, a_host = checkpointed_activations(sh)
+    layer, loss = peak_layer(sh), loss_buffer(sh)
+    scores = max(math_attention_scores(sh, dec) for _, dec in _layers(sh))
+    step = optimizer_step_transients(sh)
+    terms = [
+        Term("parameters", p_dev, p_host, f"{param_count(sh.model) / 1e6:,.1f}M, ZeRO-{sh.stage} over {world}"),
+        Term("gradients", g_dev, g_host),
+        Term("optimizer state", o_dev, o_host, "AdamW moments + fp32 master" + (" (offloaded)" if o_host else "")),
+        Term("communication buckets", communication_buckets(sh)),
+        Term("checkpointed activations", a_dev, a_host, f"memory.checkpoint={sh.checkpoint}"),
+        Term("peak layer working set", layer, 0, "recompute + gradients of one block"),
+        Term("loss buffer", loss, 0, f"chunk {sh.loss_chunk} tokens" if sh.loss_chunk else "whole [n, V] logits"),
+        Term("attention workspace", scores, 0, "math kernel's scores, largest layer (in the layer terms)"
+             if scores else "flash/cuDNN tiles: the log-sum-exp, in the layer terms"),
+        Term("optimizer step temporaries", step, 0, "when activations are freed"),
+    ]
+    static = p_dev + g_dev + o_dev + terms[3].device
+    backward = a_dev + max(layer, loss)
+    raw = static + max(backward, step)
+    host = p_host + g_host + o_host + a_host
+    if device == "cpu":  # one memory: what is "offloaded" stays in the worker's RSS
+        raw, host = raw + host, 0
+    margin = cfg.memory.margin
+    result = Plan(sh, terms, margin)
+    result.device_peak = int(raw * (1 + margin))
+    result.host_peak = int(host * (1 + margin))
+    terms.append(Term(f"allocator margin ({margin:.0%})", result.device_peak - raw, result.host_peak - host))
+    return result
+
+
+def longest_seq_len(cfg: Config, world: int, device: str, device_bytes: float, host_bytes: Optional[float],
+                    checkpoint: str, multiple: int = 1) -> int:
+    """The longest sequence (a multiple of `multiple`) whose plan fits; 0 if none does."""
+    lo, hi = 0, multiple
+    while plan(cfg, world, device, hi, checkpoint).fits(device_bytes, host_bytes):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 34:
+            return lo
+    while hi - lo > multiple:
+        mid = (lo + hi) // 2 // multiple * multiple
+        if mid in (lo, hi):
+            break
+        if plan(cfg, world, device, mid, checkpoint).fits(device_bytes, host_bytes):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _with(cfg: Config, **sections) -> Config:
+    from ctxtrain.config import from_dict
+
+    d = cfg.to_dict()
+    for key, value in sections.items():
+        section, name = key.split("__")
+        d[section][name] = value
+    return from_dict(d)
+
+
+def lever_that_fits(cfg: Config, world: int, device: str, device_bytes: float,
+                    host_bytes: Optional[float]) -> Optional[tuple[str, Plan]]:
+    """The cheapest memory lever (added one after the other, as a user would) under which the config fits:
+    the chunked loss, selective then full checkpointing, the chunked MLP, offloaded checkpoints (GPU), ZeRO-3
+    and optimizer offload (several workers). Returns the overrides to add and their plan, or None."""
+    n = cfg.data.seq_len * cfg.data.batch_size
+    chunk = min(4096, n)
+    steps: list[tuple[str, dict]] = []
+    if not cfg.memory.loss_chunk and chunk < n:
+        steps.append((f"--memory.loss_chunk={chunk}", {"memory__loss_chunk": chunk}))
+    order = ["none", "selective", "full"] + (["offload"] if device == "cuda" else [])
+    for policy in order[order.index(cfg.memory.checkpoint) + 1:] if cfg.memory.checkpoint in order else []:
+        steps.append((f"--memory.checkpoint={policy}", {"memory__checkpoint": policy}))
+    if not cfg.memory.mlp_chunk and chunk < n:
+        steps.append((f"--memory.mlp_chunk={chunk}", {"memory__mlp_chunk": chunk}))
+    if world > 1 and cfg.zero.stage < 3:
+        steps.append(("--zero.stage=3", {"zero__stage": 3}))
+    if cfg.zero.stage > 0 and not cfg.zero.offload_optimizer:
+        steps.append(("--zero.offload_optimizer=true", {"zero__offload_optimizer": True}))
+    said: list[str] = []
+    changes: dict = {}
+    for flag, change in steps:
+        said = [f for f in said if f.split("=")[0] != flag.split("=")[0]] + [flag]
+        changes.update(change)
+        trial = plan(_with(cfg, **changes), world, device)
+        if trial.fits(device_bytes, host_bytes):
+            return " ".join(said), trial
+    return None
+
+
+def check_fits(cfg: Config, world: int, device: str, device_bytes: float, host_bytes: Optional[float],
+               where: str) -> Plan:
+    """Refuse, in one line, a config predicted not to fit (unless memory.force); returns its plan otherwise."""
+    from ctxtrain.errors import UserError
+
+    p = plan(cfg, world, device)
+    if cfg.memory.force or p.fits(device_bytes, host_bytes):
+        return p
+    over_host = host_bytes is not None and p.host_peak > host_bytes
+    need, have = (p.host_peak, host_bytes) if over_host else (p.device_peak, device_bytes)
+    found = lever_that_fits(cfg, world, device, device_bytes, host_bytes)
+    fix = (f"{found[0]} would make it fit (predicted {fmt_bytes(found[1].device_peak)})" if found
+           else "no memory lever makes it fit; shorten data.seq_len (see `ctxtrain plan`) or add workers")
+    what = "host memory" if over_host else where
+    raise UserError(f"data.seq_len={cfg.data.seq_len} x data.batch_size={cfg.data.batch_size} is predicted not to "
+                    f"fit: {fmt_bytes(need)} per worker against {fmt_bytes(have)} of {what}; {fix}, or "
+                    "--memory.force=true runs it anyway")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What this machine offers
+
+
+GPU_RESERVED = GIB
+"""Device memory the planner leaves to the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers, which the
+caching allocator does not see (stated, not measured: about 0.5 GiB of context and up to 0.5 GiB of NCCL)."""
+
+
+def gpu_memory_bytes() -> Optional[int]:
+    """Total memory of this machine's first GPU, less GPU_RESERVED; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED
+
+
+def available_here(workers: int, want_gpu: Optional[bool] = None) -> tuple[str, float, Optional[float]]:
+    """(device kind, bytes per worker on the device, bytes of host memory per worker) on this machine, for
+    `workers` workers started here: a GPU each when there is one, else a share of host memory."""
+    host = host_memory_bytes() / max(1, workers)
+    gpu = gpu_memory_bytes() if want_gpu is not False else None
+    if gpu is not None:
+        return "cuda", gpu, host
+    return "cpu", host, None
+
+
+def host_memory_bytes() -> int:
+    """Memory this machine can give now: MemAvailable, or the cgroup limit when lower."""
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path).read().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            avail = min(avail, int(raw))
+    return avail
+
+
+def fmt_bytes(n: float) -> str:
+    if n >= GIB:
+        return f"{n / GIB:,.2f} GiB"
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes: Optional[float]) -> str:
+    """The table `ctxtrain plan` prints: the terms per worker, the peaks, the verdict and the longest lengths."""
+    sh = p.shape
+    where = "GPU" if sh.device == "cuda" else "CPU: device memory is host memory, the peak is RSS growth"
+    tokens = f"{sh.batch} x {sh.seq_len} tokens" + (f" (source {sh.src_len})" if sh.src_len else "")
+    lines = [f"one worker of {sh.world}: {tokens}, {'bf16' if sh.s == 2 else 'fp32'}, ZeRO-{sh.stage}, "
+             f"memory.checkpoint={sh.checkpoint}, loss_chunk={sh.loss_chunk}, mlp_chunk={sh.mlp_chunk} ({where})",
+             "",
+             f"{'term':28} {'device':>12} {'host':>12}  note"]
+    for t in p.terms:
+        lines.append(f"{t.name:28} {fmt_bytes(t.device):>12} {fmt_bytes(t.host) if t.host else '-':>12}  {t.note}")
+    lines.append(f"{'predicted peak':28} {fmt_bytes(p.device_peak):>12} "
+                 f"{fmt_bytes(p.host_peak) if p.host_peak else '-':>12}")
+    show = (lambda b: f"{fmt_bytes(b):>12}" if b else f"{'?':>12}")
+    lines.append(f"{'available':28} {show(device_bytes)} {show(host_bytes)}")
+    if device_bytes is None:
+        lines.append("verdict: unknown (give --gpu-mem)")
+        return "\n".join(lines)
+    lines.append("verdict: " + ("fits" if p.fits(device_bytes, host_bytes) else "does NOT fit"))
+    if not p.fits(device_bytes, host_bytes):
+        found = lever_that_fits(cfg, sh.world, sh.device, device_bytes, host_bytes)
+        lines.append(f"lever: {found[0]} (predicted {fmt_bytes(found[1].device_peak)})" if found
+                     else "lever: none fits; shorten the sequence or add workers")
+    what = "data.seq_len" if cfg.model.kind == "lm" else "pair length (max_src_len = max_tgt_len)"
+    lines += ["", f"longest {what} that fits, with loss_chunk={sh.loss_chunk} and mlp_chunk={sh.mlp_chunk}:"]
+    for policy in ("none", "full", "selective", "offload"):
+        longest = longest_seq_len(cfg, sh.world, sh.device, device_bytes, host_bytes, policy)
+        lines.append(f"  memory.checkpoint={policy:10} {longest:>12,}")
+    return "\n".join(lines)
