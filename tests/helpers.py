@@ -16,7 +16,8 @@ FAST = ["--data.batch_size=4", "--data.seq_len=128", "--train.eval_every=0", "--
 
 
 def env(**extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore",
+    # The checkout's own source first: a test runs the code beside it, whatever else is installed.
+    return {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO}", "PYTHONWARNINGS": "ignore",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", **extra}
 
 

@@ -168,7 +168,7 @@ def test_export_zero3_loads_in_transformers_with_engine_logits(zero3_run, tmp_pa
     from tests.integration.probes import PROBE_TOKENS
 
     cfg = load_config(run_dir / "config.yaml")
-    os.environ["PYTHONPATH"] = str(REPO)
+    os.environ["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{REPO}"
     assert launch(cfg, entry="tests.integration.probes:engine_logits") == 0
     probe = torch.load(run_dir / "probe_logits.pt")
     assert probe["tag"] == "step_000020"
