@@ -2,6 +2,7 @@
 
     python bench/longseq.py --cpu                                   # the README's CPU table (~30 min, 2 cores)
     python bench/longseq.py --cpu --lengths 256,512 --arms plain,full+loss+mlp,hf    # CI's smoke run
+    python bench/longseq.py --cpu --sp 1,2,4                        # bytes per token per worker under sequence parallelism
     python bench/longseq.py --gpu                                   # one GPU (needs transformers, liger-kernel)
 
 --cpu: a Llama-shaped model (d 256, 4 layers, 4 heads, SwiGLU 704, vocab 32000, RoPE, RMSNorm), batch 1, fp32.
@@ -17,6 +18,8 @@ Both processes give freed memory back to the OS the same way (`return_freed_host
 tensors in both. From the lengths: the slope in bytes per sequence token (least squares) and the intercept, and
 from those the longest length whose growth stays under --budget-gib (extrapolated: a CPU takes hours to run a
 200k-token step; the fit's largest residual is printed to show how straight the line is). Ratios against hf.
+With --sp 1,2,4 it runs `ctxtrain train` itself on sp workers instead (no lever, ZeRO-1, 2k-8k tokens) and
+reports one worker's bytes per token at each degree.
 
 --gpu: the ~1B model of configs/lm_1b.yaml in bf16 on one GPU: ctxtrain (full checkpointing, chunked loss and
 MLP, and offload at the longest lengths) against hf and hf + Liger (fused linear cross-entropy, RMSNorm, RoPE,
@@ -211,6 +214,49 @@ def print_cpu(result: dict) -> None:
         print(line)
 
 
+def run_sp(sps: list[int], lengths: list[int], data: str) -> dict:
+    """Sequence parallelism on this CPU: `ctxtrain train` itself (local launcher, sp workers, ZeRO-1, two steps)
+    per degree and length; rank 0's peak RSS growth per worker. No lever, so that activations dominate at
+    lengths a CPU runs quickly (with the levers a worker's activations at 16k tokens are smaller than the
+    constant terms and their run-to-run noise)."""
+    rows = []
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+    memory = ARMS["plain"]
+    for sp in sps:
+        for seq_len in lengths:
+            with tempfile.TemporaryDirectory() as run_dir:
+                cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIG), f"--train.run_dir={run_dir}",
+                       f"--data.path={data}", "--cluster.launcher=local", f"--cluster.workers={sp}",
+                       f"--parallel.sp={sp}", f"--data.seq_len={seq_len}", "--data.batch_size=1",
+                       "--data.num_workers=0", "--train.max_steps=2", "--train.eval_every=0", "--train.eval_batches=1",
+                       "--checkpoint.every=0", "--tracking.enabled=false", "--zero.stage=1", "--train.dtype=fp32",
+                       *[f"--model.{k}={v}" for k, v in CPU_MODEL.items()],
+                       *[f"--memory.{k}={v}" for k, v in memory.items()]]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    raise SystemExit(f"longseq: sp={sp} at {seq_len} failed:\n{proc.stderr[-3000:]}")
+                lines = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+            growth = max(r["mem_peak_bytes"] for r in lines)
+            rows.append({"sp": sp, "seq_len": seq_len, "growth": growth})
+            print(f"  sp={sp} {seq_len:>7,} tokens: worker growth {growth / 2**20:8.1f} MiB", flush=True)
+    summary = {}
+    for sp in sps:
+        slope, intercept, worst = fit([(r["seq_len"], r["growth"]) for r in rows if r["sp"] == sp])
+        summary[sp] = {"bytes_per_token": slope, "intercept": intercept, "worst_residual": worst}
+    return {"rows": rows, "summary": summary, "lengths": lengths}
+
+
+def print_sp(result: dict) -> None:
+    s = result["summary"]
+    base = s[min(s)]["bytes_per_token"]
+    print(f"\nSequence parallelism on CPU, one worker's peak RSS growth; lengths {result['lengths']}")
+    print(f"{'sp':>3} {'bytes/token/worker':>19} {'intercept':>12} {'vs sp=' + str(min(s)):>9}")
+    for sp, r in s.items():
+        print(f"{sp:>3} {r['bytes_per_token']:>19,.0f} {r['intercept'] / 2**20:>9,.0f} MiB "
+              f"{r['bytes_per_token'] / base:>9.2f}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # --gpu
 
@@ -307,6 +353,8 @@ def main() -> int:
     p.add_argument("--arms", help=f"comma-separated arms (--cpu): {', '.join([*ARMS, PEER])}")
     p.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the longest length (--cpu)")
     p.add_argument("--budget-min", type=float, default=11.0, help="time budget of the whole run (--gpu)")
+    p.add_argument("--sp", help="with --cpu: sequence-parallel degrees to compare instead (e.g. 1,2,4)")
+    p.add_argument("--data", default=str(REPO / "data" / "stdlib"), help="shards for --sp (ctxtrain prepare)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     if args.child:
@@ -319,6 +367,13 @@ def main() -> int:
         lengths = [int(x) for x in (args.lengths or "8192,32768,131072,262144,393216,524288").split(",")]
         result = run_gpu(args.budget_min, lengths)
         print(json.dumps(result, indent=1))
+        return 0
+    if args.sp:
+        result = run_sp([int(x) for x in args.sp.split(",")],
+                        [int(x) for x in (args.lengths or "2048,4096,8192").split(",")], args.data)
+        print_sp(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     lengths = [int(x) for x in (args.lengths or "8192,16384,24576").split(",")]
     arms = (args.arms or ",".join([*ARMS, PEER])).split(",")

@@ -206,6 +206,19 @@ class MemoryConfig:
 
 
 @dataclass
+class ParallelConfig:
+    sp: int = 1
+    """Sequence-parallel degree (DeepSpeed-Ulysses): each window is split across groups of `sp` consecutive
+    workers, which exchange attention's heads with an all-to-all; data parallelism runs across the groups
+    (workers = data-parallel groups x sp). Must divide cluster.workers, model.n_heads, the key/value heads and
+    data.seq_len."""
+
+    def __post_init__(self) -> None:
+        if self.sp < 1:
+            raise ValueError(f"parallel.sp={self.sp}: must be a positive integer (1: no sequence parallelism)")
+
+
+@dataclass
 class ZeroConfig:
     stage: int = 1
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
@@ -350,6 +363,9 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """Activation checkpointing and the chunked loss and MLP: what a long sequence costs in memory."""
 
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How the workers split the work: sequence parallelism across groups of workers."""
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Sharded checkpoints: interval, retention, storage, resume."""
 
@@ -363,6 +379,7 @@ class Config:
     """Fault injection for recovery rehearsals."""
 
     def __post_init__(self) -> None:
+        self._check_sequence_parallel()
         f = self.fault
         if f.kill_rank is not None:
             if f.at_step is None or f.at_step < 1:
@@ -371,6 +388,21 @@ class Config:
                 raise ValueError(
                     f"fault.kill_rank={f.kill_rank}: must lie in 0..cluster.workers-1={self.cluster.workers - 1}"
                 )
+
+    def _check_sequence_parallel(self) -> None:
+        sp = self.parallel.sp
+        if sp == 1:
+            return
+        if self.model.kind != "lm":
+            raise ValueError(f"parallel.sp={sp}: sequence parallelism is for the decoder-only LM; translation pairs "
+                             f"(data.max_src_len={self.data.max_src_len}) are too short to split, use parallel.sp=1")
+        bad = [f"{name}={value}" for name, value in (("cluster.workers", self.cluster.workers),
+                                                     ("model.n_heads", self.model.n_heads),
+                                                     ("model.n_kv_heads", self.model.kv_heads),
+                                                     ("data.seq_len", self.data.seq_len)) if value % sp]
+        if bad:
+            raise ValueError(f"parallel.sp={sp} must divide {', '.join(bad)}; choose an sp that divides "
+                             "the workers, the heads and the sequence length")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,9 +7,9 @@ counts. Nothing is fitted to a machine: the activation terms count the tensors t
 model's own ops (tests/unit/test_plan.py checks them against what autograd saves, exactly), the static terms
 follow DeepSpeed's ZeRO partitioning, and one stated margin (`memory.margin`) covers the allocator.
 
-Notation: P parameters, N data-parallel ranks, n = batch x seq_len tokens of one micro-batch, d width, F MLP
-width, V vocabulary, L layers, H heads (KV key/value heads), s bytes of an activation element (2 bf16, 4 fp32),
-w bytes of a working parameter (same as s).
+Notation: P parameters, N ranks (ZeRO partitions over all of them), n = batch x seq_len / sp tokens of one
+micro-batch on one rank (sp: the sequence-parallel degree), d width, F MLP width, V vocabulary, L layers, H heads
+(KV key/value heads), s bytes of an activation element (2 bf16, 4 fp32), w bytes of a working parameter (= s).
 
 The peak of a step is
     parameters + gradients + optimizer state (on the device unless offloaded) + communication buckets
@@ -62,11 +62,13 @@ class Shape:
     mlp_chunk: Optional[int]
     dropout: float
     device: str  # "cuda" or "cpu"
+    sp: int = 1
 
     @property
     def tokens(self) -> int:
-        """n: target tokens of one micro-batch (the decoder's, for an encoder-decoder)."""
-        return self.batch * self.seq_len
+        """n: target tokens of one micro-batch on one rank (the decoder's, for an encoder-decoder): a sequence-
+        parallel rank holds seq_len / sp of every window."""
+        return self.batch * self.seq_len // self.sp
 
     @property
     def src_tokens(self) -> int:
@@ -83,12 +85,16 @@ def shape_of(cfg: Config, world: int, device: str, seq_len: Optional[int] = None
                  s=2 if cfg.train.dtype == "bf16" else 4, stage=cfg.zero.stage, world=world,
                  offload_optimizer=cfg.zero.offload_optimizer, offload_params=cfg.zero.offload_params,
                  overlap_comm=cfg.zero.overlap_comm, checkpoint=checkpoint or cfg.memory.checkpoint,
-                 loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout, device=device)
+                 loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout, device=device,
+                 sp=cfg.parallel.sp)
 
 
 def bucket_elements(model: ModelConfig) -> int:
-    """DeepSpeed's reduce/all-gather bucket size that ctxtrain writes into ds_config (see BUCKET_ELEMENTS)."""
-    return int(min(BUCKET_ELEMENTS, param_count(model)))
+    """DeepSpeed's reduce/all-gather bucket size that ctxtrain writes into ds_config: BUCKET_ELEMENTS, or the
+    largest single parameter when that is larger (ZeRO-3 reduces a parameter that overflows the bucket on
+    another path), and never more than the model."""
+    largest = max(model.vocab_size * model.d_model, model.d_ff * model.d_model)
+    return int(min(max(BUCKET_ELEMENTS, largest), param_count(model)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ def math_attention_scores(sh: Shape, decoder: bool) -> int:
     dropout) work in tiles and keep only the log-sum-exp. Translation lengths keep this small."""
     if sh.dropout <= 0 or sh.device == "cuda":
         return 0
-    per = 12 * sh.batch * sh.model.n_heads
+    per = 12 * sh.batch * sh.model.n_heads // sh.sp  # a sequence-parallel rank attends with H / sp heads
     if sh.model.kind == "lm":
         return per * sh.seq_len ** 2
     if not decoder:
@@ -271,7 +277,7 @@ def checkpointed_activations(sh: Shape) -> tuple[int, int]:
     kept = sum(kept_between_passes(sh, t, dec) for t, dec in _layers(sh))
     ends = norm_kept(m, s) * sh.tokens + s * m.d_model * sh.src_tokens
     if m.pos == "rope":
-        ends += 2 * s * m.head_dim * max(sh.seq_len, sh.src_len)
+        ends += 2 * s * m.head_dim * max(sh.seq_len // sh.sp, sh.src_len)
     if sh.checkpoint == "offload" and sh.device == "cuda":
         largest = max(s * m.d_model * t for t, _ in _layers(sh))
         return ends + 2 * largest, kept
@@ -298,6 +304,13 @@ def peak_layer(sh: Shape) -> int:
             sh, tokens, dec) + sh.s * sh.model.d_model * tokens
         best = max(best, recomputed + layer_gradients(sh, tokens))
     return best
+
+
+def all_to_all_buffers(sh: Shape) -> int:
+    """Sequence parallelism: while one attention runs (or is recomputed), each of q, k, v and its output passes
+    through DeepSpeed's all-to-all as a contiguous copy, the exchanged tensor and its reshaped result: about
+    three copies of q (n x d x s) in flight besides the kept ones. Nothing without sequence parallelism."""
+    return 0 if sh.sp == 1 else 3 * sh.s * sh.model.d_model * sh.tokens
 
 
 def loss_buffer(sh: Shape) -> int:
@@ -353,7 +366,7 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
     sh = shape_of(cfg, world, device, seq_len, checkpoint)
     (p_dev, p_host), (g_dev, g_host), (o_dev, o_host) = parameters(sh), gradients(sh), optimizer_state(sh)
     a_dev, a_host = checkpointed_activations(sh)
-    layer, loss = peak_layer(sh), loss_buffer(sh)
+    layer, loss, a2a = peak_layer(sh), loss_buffer(sh), all_to_all_buffers(sh)
     scores = max(math_attention_scores(sh, dec) for _, dec in _layers(sh))
     step = optimizer_step_transients(sh)
     terms = [
@@ -366,10 +379,11 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
         Term("loss buffer", loss, 0, f"chunk {sh.loss_chunk} tokens" if sh.loss_chunk else "whole [n, V] logits"),
         Term("attention workspace", scores, 0, "math kernel's scores, largest layer (in the layer terms)"
              if scores else "flash/cuDNN tiles: the log-sum-exp, in the layer terms"),
+        Term("all-to-all buffers", a2a, 0, f"sequence parallel over {sh.sp}" if a2a else "parallel.sp=1"),
         Term("optimizer step temporaries", step, 0, "when activations are freed"),
     ]
     static = p_dev + g_dev + o_dev + terms[3].device
-    backward = a_dev + max(layer, loss)
+    backward = a_dev + max(layer + a2a, loss)
     raw = static + max(backward, step)
     host = p_host + g_host + o_host + a_host
     if device == "cpu":  # one memory: what is "offloaded" stays in the worker's RSS
@@ -520,7 +534,8 @@ def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes:
     sh = p.shape
     where = "GPU" if sh.device == "cuda" else "CPU: device memory is host memory, the peak is RSS growth"
     tokens = f"{sh.batch} x {sh.seq_len} tokens" + (f" (source {sh.src_len})" if sh.src_len else "")
-    lines = [f"one worker of {sh.world}: {tokens}, {'bf16' if sh.s == 2 else 'fp32'}, ZeRO-{sh.stage}, "
+    split = f" split over sp={sh.sp} workers" if sh.sp > 1 else ""
+    lines = [f"one worker of {sh.world}: {tokens}{split}, {'bf16' if sh.s == 2 else 'fp32'}, ZeRO-{sh.stage}, "
              f"memory.checkpoint={sh.checkpoint}, loss_chunk={sh.loss_chunk}, mlp_chunk={sh.mlp_chunk} ({where})",
              "",
              f"{'term':28} {'device':>12} {'host':>12}  note"]
@@ -541,6 +556,6 @@ def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes:
     what = "data.seq_len" if cfg.model.kind == "lm" else "pair length (max_src_len = max_tgt_len)"
     lines += ["", f"longest {what} that fits, with loss_chunk={sh.loss_chunk} and mlp_chunk={sh.mlp_chunk}:"]
     for policy in ("none", "full", "selective", "offload"):
-        longest = longest_seq_len(cfg, sh.world, sh.device, device_bytes, host_bytes, policy)
+        longest = longest_seq_len(cfg, sh.world, sh.device, device_bytes, host_bytes, policy, multiple=sh.sp)
         lines.append(f"  memory.checkpoint={policy:10} {longest:>12,}")
     return "\n".join(lines)

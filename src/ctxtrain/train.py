@@ -198,8 +198,8 @@ class PendingSteps:
     waited on per step. Step time and tokens/s are the interval's averages: without a sync per step, the host's
     clock per step would measure how far it ran ahead, not the step."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, sp: int = 1):
+        self.device, self.sp = device, sp
         self.steps: list[dict] = []
         self.t0 = time.perf_counter()
 
@@ -222,14 +222,14 @@ class PendingSteps:
                                  for g in norms]).tolist()
             norms = [None if g != g else g for g in norms]
         summed = local.tolist()
-        world = torch.distributed.get_world_size()
+        groups = torch.distributed.get_world_size() // self.sp  # a sequence-parallel group's shares add up
         elapsed = time.perf_counter() - self.t0
         step_time = elapsed / n
         records = []
         for p, (loss_sum, tokens), norm in zip(self.steps, summed[:n], norms):
             records.append({
                 "step": p["step"],
-                "loss": loss_sum / world,
+                "loss": loss_sum / groups,
                 "grad_norm": float(norm) if norm is not None else None,
                 "_global_tokens": int(tokens),
                 "tokens_per_s": tokens / step_time,
@@ -274,9 +274,10 @@ def _loader(cfg: Config, rank: int, world: int, split: str) -> StreamingLoader:
                            max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len)
 
 
-def evaluate(cfg: Config, engine: Engine, rank: int, world: int) -> Optional[dict]:
-    """Mean loss over the first train.eval_batches micro-batches of the val split on every rank."""
-    loader = _loader(cfg, rank, world, "val")
+def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
+    """Mean loss over the first train.eval_batches micro-batches of the val split on every data-parallel rank."""
+    info = engine.dist
+    loader = _loader(cfg, info.dp_rank, info.dp_size, "val")
     losses = []
     for i, batch in enumerate(loader):
         if i == cfg.train.eval_batches:
@@ -286,7 +287,7 @@ def evaluate(cfg: Config, engine: Engine, rank: int, world: int) -> Optional[dic
         return None
     from ctxtrain.engine import mean_over_ranks
 
-    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device)
+    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device) * info.sp_size  # shares of a group add up
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
@@ -333,7 +334,7 @@ def _train(cfg: Config, info) -> dict:
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
 
     storage = ckpt.open_storage(cfg)
-    train_loader = _loader(cfg, rank, world, "train")
+    train_loader = _loader(cfg, info.dp_rank, info.dp_size, "train")  # one cursor per data-parallel group
     progress = Progress()
     launch_id = os.environ.get("CTXTRAIN_LAUNCH_ID")
     tag = ckpt.resume_target(cfg, storage, launch_id)
@@ -354,7 +355,8 @@ def _train(cfg: Config, info) -> dict:
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
         kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"
-        print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {world} workers on {device.type}, "
+        layout = f" ({info.dp_size} data-parallel x sp {info.sp_size})" if info.sp_size > 1 else ""
+        print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {world} workers{layout} on {device.type}, "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run_dir}"
               + (f", resumed from {tag}" if tag else "")
               + (f", W&B run {tracker.run_id} ({tracker.mode})" if tracker.run_id else ""), flush=True)
@@ -366,7 +368,7 @@ def _train(cfg: Config, info) -> dict:
     batches = iter(train_loader)
     last = {}
     stop_reason = None
-    pending = PendingSteps(device)
+    pending = PendingSteps(device, info.sp_size)
     first_line = True
     while progress.step < cfg.train.max_steps:
         step = progress.step + 1
@@ -376,8 +378,9 @@ def _train(cfg: Config, info) -> dict:
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
         maybe_die(cfg, rank, step, "step")
         loss, grad_norm = engine.train_step(micro, lr_at(step, cfg.optim, cfg.train.max_steps))
-        pending.add(step, loss, grad_norm, sum(int(b["n_tokens"]) for b in micro), sum(_flops(cfg, b) for b in micro),
-                    watch.pop("data"), M.memory(device, rss_before))
+        sp = info.sp_size  # each rank of a sequence-parallel group computes its 1/sp of the window
+        pending.add(step, loss, grad_norm, sum(int(b["n_tokens"]) for b in micro) // sp,
+                    sum(_flops(cfg, b) for b in micro) / sp, watch.pop("data"), M.memory(device, rss_before))
         progress.step = step
         if cfg.train.stop_at_step == step:
             stop_reason = "stop_at_step"
@@ -409,7 +412,7 @@ def _train(cfg: Config, info) -> dict:
         record = records[-1]
 
         if evaluating:
-            result = evaluate(cfg, engine, rank, world)
+            result = evaluate(cfg, engine)
             if result:
                 record.update(result)
         if final or saving:

@@ -56,6 +56,8 @@ def test_overrides_are_typed(tmp_path):
         ("--memory.checkpoint=some", "memory.checkpoint"),
         ("--memory.loss_chunk=-8", "memory.loss_chunk"),
         ("--memory.margin=1.5", "memory.margin"),
+        ("--parallel.sp=3", "parallel.sp=3 must divide cluster.workers=2, model.n_heads=4"),
+        ("--parallel.sp=0", "parallel.sp"),
     ],
 )
 def test_bad_config_is_one_line_exit_2(override, field, capsys):
@@ -84,6 +86,14 @@ def test_deprecated_activation_checkpointing_still_works_with_one_line(tmp_path,
     with pytest.raises(ConfigError, match="contradicts memory.checkpoint=selective"):
         load_config(tmp_path / "old.yaml", ["--memory.checkpoint=selective"])
     assert load_config(None, ["--train.activation_checkpointing=false"]).memory.checkpoint == "none"
+
+
+def test_sequence_parallel_is_refused_for_the_encoder_decoder(capsys):
+    assert cli.main(["config", "show", str(CONFIGS / "translate_tiny.yaml"), "--parallel.sp=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parallel.sp=2" in err[0] and "decoder-only" in err[0]
+    cfg = load_config(CONFIGS / "lm_tiny.yaml", ["--parallel.sp=2", "--data.seq_len=512"])
+    assert cfg.parallel.sp == 2
 
 
 def test_config_error_carries_field_name():

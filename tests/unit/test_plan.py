@@ -110,6 +110,17 @@ def test_each_lever_lowers_the_predicted_peak_at_long_length():
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), [p / GIB for p in peaks]
 
 
+def test_sequence_parallel_divides_activations_and_adds_the_all_to_all():
+    one, two = (plan(lm("--data.seq_len=262144", "--memory.checkpoint=full", "--memory.loss_chunk=4096",
+                        f"--parallel.sp={sp}"), 8, "cuda") for sp in (1, 2))
+    t1, t2 = ({t.name: t for t in p.terms} for p in (one, two))
+    assert t2["checkpointed activations"].device == pytest.approx(t1["checkpointed activations"].device / 2, rel=0.01)
+    assert t2["peak layer working set"].device == pytest.approx(t1["peak layer working set"].device / 2, rel=0.01)
+    assert t1["all-to-all buffers"].device == 0 and t2["all-to-all buffers"].device > 0
+    assert t2["optimizer state"].device == t1["optimizer state"].device  # ZeRO still partitions over all 8
+    assert two.device_peak < one.device_peak
+
+
 def test_longest_length_is_the_boundary_of_what_fits():
     cfg = lm("--memory.checkpoint=full", "--memory.loss_chunk=4096")
     budget = 80 * GIB
@@ -127,7 +138,7 @@ def test_the_lever_offered_makes_it_fit():
 
 def ctxtrain(*args):
     return subprocess.run([sys.executable, "-m", "ctxtrain", *args], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONPATH": f"{REPO / 'src'}:{REPO}", "PATH": "/usr/bin:/bin"})
 
 
 def test_plan_verb_prints_the_table_and_says_whether_it_fits():
@@ -143,9 +154,10 @@ def test_plan_verb_prints_the_table_and_says_whether_it_fits():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--gpus" in r.stderr
 
 
-def test_train_refuses_a_config_predicted_not_to_fit(tmp_path):
+def test_train_refuses_a_config_predicted_not_to_fit(tmp_path, one_shard_lm):
     r = ctxtrain("train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={tmp_path / 'run'}",
-                 f"--data.path={tmp_path}", "--data.seq_len=4000000", "--cluster.launcher=local")
+                 f"--data.path={one_shard_lm}", "--model.vocab_size=2048", "--data.seq_len=4000000",
+                 "--cluster.launcher=local")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "predicted not to fit" in lines[0] and "--memory.force=true" in lines[0]

@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,12 @@ from torch import nn  # noqa: E402
 
 from ctxtrain.config import Config, OptimConfig  # noqa: E402
 from ctxtrain.local_launch import free_port  # noqa: E402
+from ctxtrain.engine.sequence import (  # noqa: E402
+    SequenceParallel,
+    init_sequence_parallel,
+    local_lm_loss,
+    wrap_attention,
+)
 from ctxtrain.plan import bucket_elements  # noqa: E402
 
 
@@ -40,6 +47,20 @@ class DistInfo:
     local_rank: int
     device: torch.device
     owns_group: bool  # we created the process group (so we destroy it); under Ray Train, Ray owns it
+    sp: Optional[SequenceParallel] = None  # this rank's sequence-parallel group (parallel.sp > 1)
+
+    @property
+    def sp_size(self) -> int:
+        return self.sp.size if self.sp else 1
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's data-parallel group: the ranks of one sequence-parallel group read one window."""
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
@@ -70,7 +91,16 @@ def init_distributed(cfg: Config) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg, local_rank)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    sp = cfg.parallel.sp
+    if sp > 1:
+        if info.world_size % sp:
+            from ctxtrain.errors import UserError
+
+            raise UserError(f"parallel.sp={sp} does not divide the {info.world_size} workers that started; "
+                            "launch a multiple of parallel.sp workers")
+        info.sp = init_sequence_parallel(sp)
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -100,7 +130,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def ds_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config, derived from the typed config (saved as RUN_DIR/ds_config.json)."""
+    """The DeepSpeed config, derived from the typed config (saved as RUN_DIR/ds_config.json); world_size counts
+    the data-parallel groups (the ranks of a sequence-parallel group share their samples)."""
     z = cfg.zero
     zero: dict = {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": True}
     if z.offload_optimizer:
@@ -113,6 +144,11 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket
     if z.stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
+        if cfg.parallel.sp > 1:
+            # ZeRO-3's reduce-scatter path averages gradients over every rank; only its all-reduce path sums them
+            # over a sequence-parallel group (DeepSpeed 0.19: stage3 __avg_scatter_grads lacks the sp factor).
+            # That path takes buckets up to reduce_bucket_size, which bucket_elements keeps >= every parameter.
+            zero["reduce_scatter"] = False
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -131,10 +167,14 @@ def ds_config(cfg: Config, world_size: int) -> dict:
 # The engine
 
 
-def batch_loss(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-    """Mean loss of one micro-batch: LM on packed windows, or teacher-forced translation."""
+def batch_loss(model: nn.Module, batch: dict, device: torch.device,
+               sp: Optional[SequenceParallel] = None) -> torch.Tensor:
+    """Mean loss of one micro-batch: LM on packed windows, or teacher-forced translation. Under sequence
+    parallelism, this rank's share of the window's mean (the group's shares add up to it)."""
     if "tokens" in batch:
         tokens = batch["tokens"].to(device, non_blocking=True)
+        if sp is not None:
+            return local_lm_loss(model, tokens, sp)
         return model(tokens[:, :-1], tokens[:, 1:])
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     return model(b["src"], b["tgt"], src_mask=b["src_mask"], tgt_mask=b["tgt_mask"], targets=b["targets"])
@@ -151,9 +191,12 @@ class Engine:
         # partition as temporaries, which is the peak of a long-sequence step once activations are freed.
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr_at(1, o, cfg.train.max_steps),
                                       betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
-        self.config = ds_config(cfg, dist_info.world_size)
+        self.config = ds_config(cfg, dist_info.dp_size)
+        if dist_info.sp is not None:
+            wrap_attention(model, dist_info.sp)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
-                                                             dist_init_required=False)
+                                                             dist_init_required=False,
+                                                             mpu=dist_info.sp.mpu if dist_info.sp else None)
         if dist_info.world_size == 1 and cfg.zero.stage == 0:
             # Nothing to reduce on one rank, and DeepSpeed's fallback all-reduce would still flatten every
             # gradient into a copy (up to 5e8 elements): a whole model's gradients of memory at the peak.
@@ -175,7 +218,7 @@ class Engine:
         self.set_lr(lr)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
-            loss = batch_loss(self.ds, batch, self.device)
+            loss = batch_loss(self.ds, batch, self.device, self.dist.sp)
             self.ds.backward(loss)
             self.ds.step()
             total += loss.detach().float()
@@ -184,7 +227,7 @@ class Engine:
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> torch.Tensor:
         self.ds.eval()
-        loss = batch_loss(self.ds, batch, self.device).detach().float()
+        loss = batch_loss(self.ds, batch, self.device, self.dist.sp).detach().float()
         self.ds.train()
         return loss
 

@@ -11,6 +11,8 @@ Notable:
 - RoPE follows the Hugging Face Llama convention (rotate the two halves of each head), so Llama weights
   map onto `DecoderLM` by name alone (see `ctxtrain.model.hf`).
 - Padding masks are boolean, True where a token is real.
+- Positions can start past 0 (`pos_offset`): a slice of a longer sequence (sequence parallelism) or the next
+  tokens after a cache get the positions of their place in the whole sequence.
 - No distribution here: no DeepSpeed, Ray or process groups. The engine wraps this code.
 """
 
@@ -60,9 +62,10 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # Positions
 
 
-def sinusoidal_table(length: int, dim: int, device=None) -> torch.Tensor:
-    """The seed's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same). Shape (T, dim)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+def sinusoidal_table(length: int, dim: int, device=None, offset: int = 0) -> torch.Tensor:
+    """The seed's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same), for positions
+    offset..offset+length-1. Shape (T, dim)."""
+    pos = torch.arange(offset, offset + length, device=device, dtype=torch.float32)[:, None]
     inv = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
     table = torch.zeros(length, dim, device=device)
     table[:, 0::2] = torch.sin(pos * inv)
@@ -71,7 +74,7 @@ def sinusoidal_table(length: int, dim: int, device=None) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE angles for positions 0..T-1; no parameters, nothing in the state dict."""
+    """RoPE angles for positions offset..offset+T-1; no parameters, nothing in the state dict."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
@@ -79,14 +82,15 @@ class Rotary(nn.Module):
         self.theta = theta
         self._cache: dict = {}
 
-    def forward(self, length: int, device: torch.device, dtype: torch.dtype) -> Rope:
-        key = (length, device, dtype)
+    def forward(self, length: int, device: torch.device, dtype: torch.dtype, offset: int = 0) -> Rope:
+        key = (offset, length, device, dtype)
         if key not in self._cache:
             self._cache.clear()
             inv_freq = 1.0 / (
                 self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
             )
-            freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (T, D/2)
+            positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
+            freqs = positions[:, None] * inv_freq  # (T, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
             self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self._cache[key]
@@ -271,13 +275,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def embed(table: nn.Embedding, tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def embed(table: nn.Embedding, tokens: torch.Tensor, cfg: ModelConfig, pos_offset: int = 0) -> torch.Tensor:
     """Token ids -> vectors: table lookup, the seed's optional sqrt(d) scale and sinusoidal positions."""
     x = table(tokens)  # (B, T, d)
     if cfg.embed_scale:
         x = x * math.sqrt(cfg.d_model)
     if cfg.pos == "sinusoidal":
-        x = x + sinusoidal_table(tokens.shape[1], cfg.d_model, x.device).to(x.dtype)
+        x = x + sinusoidal_table(tokens.shape[1], cfg.d_model, x.device, pos_offset).to(x.dtype)
     return x
 
 
@@ -297,10 +301,12 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
 
-    def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The trunk: (B, T) token ids -> (B, T, d) normalized hidden states."""
-        x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg))
-        rope = self.rotary(tokens.shape[1], x.device, x.dtype) if self.rotary is not None else None
+    def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      pos_offset: int = 0) -> torch.Tensor:
+        """The trunk: (B, T) token ids at positions pos_offset.. -> (B, T, d) normalized hidden states."""
+        x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg, pos_offset))
+        T = tokens.shape[1]
+        rope = self.rotary(T, x.device, x.dtype, pos_offset) if self.rotary is not None else None
         for block in self.blocks:
             x = block(x, rope, mask)
         return self.norm(x)
@@ -314,9 +320,10 @@ class DecoderLM(nn.Module):
         tokens: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        pos_offset: int = 0,
     ) -> torch.Tensor:
         """Logits (B, T, V) without targets; the mean loss with them."""
-        hidden = self.hidden_states(tokens, mask)
+        hidden = self.hidden_states(tokens, mask, pos_offset)
         if targets is None:
             return self.lm_head(hidden)
         return self.head_loss(hidden, targets)

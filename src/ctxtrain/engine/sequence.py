@@ -1,0 +1,82 @@
+"""Sequence parallelism (DeepSpeed-Ulysses), wrapped around the model by the engine.
+
+    ctxtrain train configs/lm_tiny.yaml --cluster.workers=4 --parallel.sp=2      # 2 groups of 2
+
+The workers form groups of `parallel.sp` consecutive ranks: DeepSpeed's `parallel_state_sp`, handed to
+`deepspeed.initialize` as its mpu, so that gradients are summed over a group and averaged over the groups, and
+ZeRO partitions over every rank. Every rank of a group reads the same window (the loader runs on the
+data-parallel rank, so the exact cursor is per group) and keeps its slice of seq_len / sp tokens and targets.
+Each attention's core is wrapped in DeepSpeed's `DistributedAttention`: an all-to-all gives every rank the whole
+sequence for n_heads / sp of the heads (key/value heads likewise), attention runs on it as on one device, and a
+second all-to-all gives back the rank's slice for every head. Positions are the tokens' places in the whole
+window (the model's `pos_offset`), so RoPE, sinusoids and the causal mask are those of the unsplit sequence.
+A rank backpropagates its tokens' summed loss over the window's token count; the group's sum is then the
+window's mean, and sp = 2 trains the same model as sp = 1. Both counts are known on the host (each rank holds
+the whole window), so this costs no collective.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed.comm as ds_dist
+import torch
+from deepspeed.runtime.sequence_parallel import parallel_state_sp
+from deepspeed.sequence.layer import DistributedAttention
+from torch import nn
+
+from ctxtrain.model.transformer import IGNORE_INDEX, Attention
+
+
+@dataclass
+class SequenceParallel:
+    """This rank's place in its sequence-parallel group."""
+
+    size: int
+    rank: int
+    group: Any
+
+    @property
+    def mpu(self):
+        """What deepspeed.initialize takes to know the groups."""
+        return parallel_state_sp
+
+
+def init_sequence_parallel(size: int) -> SequenceParallel:
+    """Form the groups of `size` consecutive ranks (every rank calls this once, after the process group)."""
+    parallel_state_sp.initialize_sequence_parallel(size)
+    group = parallel_state_sp.get_sequence_parallel_group()
+    return SequenceParallel(size, ds_dist.get_rank(group=group), group)
+
+
+def wrap_attention(model: nn.Module, sp: SequenceParallel) -> int:
+    """Put DeepSpeed's all-to-all around every attention core (the core stays a function of q, k, v in
+    (B, T, H, D) layout); returns how many were wrapped."""
+    wrapped = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            ulysses = DistributedAttention(module.core, sp.group, scatter_idx=2, gather_idx=1)
+            module.core = functools.partial(_ulysses_core, ulysses)  # a function, not a registered submodule
+            wrapped += 1
+    return wrapped
+
+
+def _ulysses_core(ulysses: DistributedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
+    # (B, T/sp, H, D) in and out; inside, (B, T, H/sp, D): batch first (batch_dim_idx 0)
+    return ulysses(q, k, v, 0, None, **kwargs)
+
+
+def local_lm_loss(model: nn.Module, tokens: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """This rank's share of the window's mean loss: its slice of inputs and targets at their global positions,
+    summed token losses over the window's token count."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    T = inputs.shape[1]
+    per = T // sp.size
+    start = sp.rank * per
+    local_targets = targets[:, start:start + per]
+    local_count = (local_targets != IGNORE_INDEX).sum()
+    window_count = (targets != IGNORE_INDEX).sum()
+    mean = model(inputs[:, start:start + per], local_targets, pos_offset=start)
+    return mean * (local_count / window_count)
