@@ -7,7 +7,9 @@
     RUN_DIR/checkpoints/latest         name of the newest committed checkpoint, replaced atomically
 
 A directory without COMMITTED does not exist for resume: it is a save that a crash interrupted, and the
-next save of that step removes it. Retention keeps the newest `checkpoint.keep_last` plus every step that is
+next save of that step removes it. meta.json also holds a manifest (size and CRC-32 of every file, each rank
+hashing its own files at save time); resume and export verify a checkpoint against it before using it, and a
+damaged newest checkpoint is reported in one line and passed over for the previous committed one. Retention keeps the newest `checkpoint.keep_last` plus every step that is
 a multiple of `checkpoint.keep_every`.
 
 With `checkpoint.storage` set to a URI (s3://, gs://, file://), every rank writes into a local staging
@@ -22,11 +24,13 @@ import os
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Optional
 
 from ctxtrain.config import Config, diff_fields, section_hash
 from ctxtrain.errors import UserError
+from ctxtrain.rundir import write_atomic
 
 STEP_DIR = re.compile(r"step_(\d{6,})$")
 COMMITTED = "COMMITTED"
@@ -35,16 +39,6 @@ META = "meta.json"
 
 def tag_of(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,7 +64,12 @@ class LocalStorage:
         return sorted(out)
 
     def read_meta(self, tag: str) -> dict:
-        return json.loads((self.root / tag / META).read_text())
+        return json.loads((self.root / tag / META).read_bytes())
+
+    def sizes(self, tag: str) -> dict[str, int]:
+        """name -> size of every file of a checkpoint directory."""
+        d = self.root / tag
+        return {p.name: p.stat().st_size for p in d.iterdir() if p.is_file()} if d.is_dir() else {}
 
     def remove(self, tag: str) -> None:
         shutil.rmtree(self.root / tag, ignore_errors=True)
@@ -122,7 +121,13 @@ class UriStorage:
 
     def read_meta(self, tag: str) -> dict:
         with self.fs.open_input_stream(self._path(f"{tag}/{META}")) as fh:
-            return json.loads(fh.read().decode())
+            return json.loads(fh.read())
+
+    def sizes(self, tag: str) -> dict[str, int]:
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(tag), allow_not_found=True))
+        return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
 
     def remove(self, tag: str) -> None:
         try:
@@ -186,32 +191,136 @@ def committed_steps(storage) -> list[int]:
     return [step for step, ok in storage.list_steps() if ok]
 
 
-def resume_target(cfg: Config, storage, launch_id: Optional[str] = None) -> Optional[str]:
-    """The tag to resume from: the newest committed (auto), none (never), or the one named — except after a
-    restart within one launch (Ray restarted the workers): then the newest committed checkpoint that this
-    launch wrote, whatever the setting."""
+META_KEYS = ("step", "tokens", "world_size", "loader", "rng", "config")
+
+
+def crc32_of(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def manifest(local_dir: Path, names: list[str]) -> dict[str, dict]:
+    """Size and CRC-32 of the named files (a rank's own files, hashed by that rank right after writing)."""
+    return {n: {"size": (local_dir / n).stat().st_size, "crc32": crc32_of(local_dir / n)} for n in names}
+
+
+def verify(storage, tag: str, share: Optional[tuple[int, int]] = (0, 1)) -> Optional[str]:
+    """Why a committed checkpoint cannot be used (meta.json unreadable or incomplete, a file missing or of
+    the wrong size, a CRC mismatch), or None when it is sound. Sizes are checked for every file; CRCs (local
+    storage only) for the files of `share` = (rank, world): the world's ranks split the reading, and the
+    caller combines their answers. share=None checks sizes only (cheap, for a launcher's preflight)."""
+    try:
+        meta = storage.read_meta(tag)
+    except FileNotFoundError:
+        return f"{META} is missing"
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        return f"{META} is not valid JSON ({str(e).splitlines()[0][:80]})"
+    except OSError as e:
+        return f"{META} cannot be read ({e.strerror or e})"
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        return f"{META} lacks {', '.join(missing)}"
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return None  # written before manifests existed: nothing more to check
+    present = storage.sizes(tag)
+    for name, want in sorted(files.items()):
+        if name not in present:
+            return f"{name} is missing"
+        if present[name] != want["size"]:
+            return f"{name} is {present[name]:,} bytes, the manifest says {want['size']:,} (truncated or overwritten)"
+    if share is not None and isinstance(storage, LocalStorage):
+        rank, world = share
+        for i, (name, want) in enumerate(sorted(files.items())):
+            if i % world == rank and crc32_of(storage.root / tag / name) != want["crc32"]:
+                return f"{name} does not match its CRC-32 (corrupted)"
+    return None
+
+
+class Target:
+    """A committed checkpoint chosen for resume: the storage that holds it and its tag."""
+
+    def __init__(self, storage, tag: str, notices: Optional[list[str]] = None):
+        self.storage, self.tag, self.notices = storage, tag, notices or []
+
+    def describe(self) -> str:
+        return self.storage.describe(self.tag)
+
+
+def _one_answer(reason: Optional[str], agree) -> Optional[str]:
+    answers = agree(reason)
+    return next((a for a in answers if a), None)
+
+
+def resume_target(cfg: Config, storage, launch_id: Optional[str] = None,
+                  share: Optional[tuple[int, int]] = None, agree=lambda r: [r]) -> Optional[Target]:
+    """The checkpoint to resume from: the newest sound committed one (auto), none (never), or exactly the one
+    named by --resume (a path, or a step_NNNNNN of this run) — except after a restart within one launch (Ray
+    restarted the workers): then the newest sound committed checkpoint whatever the setting, since this launch
+    wrote it. A damaged checkpoint is passed over with a notice (auto) or refused (named).
+
+    share=(rank, world) splits the CRC reading across the ranks and agree (an all-gather) combines their
+    verdicts, so that every rank makes the same choice."""
     setting = cfg.checkpoint.resume
     steps = committed_steps(storage)
-    if launch_id and steps and storage.read_meta(tag_of(steps[-1])).get("launch_id") == launch_id:
-        return tag_of(steps[-1])
-    if setting == "never":
+    if setting not in ("auto", "never"):
+        named = _named(setting, storage)
+        if not (launch_id and steps and _launch_of(storage, steps[-1]) == launch_id):
+            reason = _one_answer(verify(named.storage, named.tag, share), agree)
+            if reason:
+                raise UserError(f"--resume {setting}: checkpoint {named.describe()} is damaged: {reason}; "
+                                "name another committed checkpoint, or omit --resume to take the newest sound one")
+            return named
+    elif setting == "never" and not (launch_id and steps and _launch_of(storage, steps[-1]) == launch_id):
         return None
-    if setting == "auto":
-        return tag_of(steps[-1]) if steps else None
-    name = Path(setting.rstrip("/")).name
-    m = STEP_DIR.match(name)
+    notices = []
+    for step in reversed(steps):
+        reason = _one_answer(verify(storage, tag_of(step), share), agree)
+        if reason is None:
+            if notices:
+                notices[-1] += f"; resuming from {tag_of(step)}"
+            return Target(storage, tag_of(step), notices)
+        notices.append(f"checkpoint {storage.describe(tag_of(step))} is damaged ({reason}); passed over")
+    if notices:
+        raise UserError(f"every committed checkpoint of {storage.describe('')} is damaged (newest: "
+                        f"{notices[0].split(' is damaged ', 1)[1].removesuffix('; passed over')}); "
+                        "start fresh with --no-resume")
+    return None
+
+
+def _launch_of(storage, step: int) -> Optional[str]:
+    try:
+        return storage.read_meta(tag_of(step)).get("launch_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _named(setting: str, storage) -> Target:
+    """The checkpoint that --resume names: a directory (this run's or another's) or a tag of this run."""
+    path = Path(setting.rstrip("/"))
+    m = STEP_DIR.match(path.name)
     if not m:
-        raise UserError(f"--resume {setting}: not a checkpoint directory (step_NNNNNN); "
-                        f"committed ones: {', '.join(tag_of(s) for s in committed_steps(storage)) or 'none'}")
-    if int(m.group(1)) not in committed_steps(storage):
-        raise UserError(f"--resume {setting}: checkpoint has no COMMITTED marker (an interrupted save) "
-                        f"or is not in {storage.describe('')}; pick a committed one")
-    return name
+        raise UserError(f"--resume {setting}: not a checkpoint directory (step_NNNNNN); committed ones of this "
+                        f"run: {', '.join(tag_of(s) for s in committed_steps(storage)) or 'none'}")
+    if len(path.parts) == 1 and "://" not in setting:  # a bare tag: this run's checkpoint of that step
+        where = storage
+    elif path.is_dir():
+        where = LocalStorage(path.parent.resolve())
+    else:
+        raise UserError(f"--resume {setting}: no such directory; pass the path of a committed checkpoint "
+                        "(RUN_DIR/checkpoints/step_NNNNNN) or a step_NNNNNN of this run")
+    if int(m.group(1)) not in committed_steps(where):
+        raise UserError(f"--resume {setting}: {where.describe(path.name)} has no {COMMITTED} marker (an "
+                        "interrupted save) or does not exist; pick a committed checkpoint")
+    return Target(where, path.name)
 
 
 def check_compatible(meta: dict, cfg: Config, world_size: int, where: str) -> None:
     """Refuse a checkpoint whose model differs, naming the fields; or whose ZeRO partitioning cannot load."""
-    theirs = meta["config"]["model"]
+    theirs = (meta.get("config") or {}).get("model")
     ours = cfg.to_dict()["model"]
     if theirs != ours:
         diffs = diff_fields(theirs, ours, "model.")
@@ -280,22 +389,32 @@ def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, faul
     barrier()
     engine.save(str(storage.local_root), tag)
     fault_hook()  # rehearsal: a rank may die here, its shard written, nothing committed
-    storage.upload_rank_files(tag, rank_files(storage.local_root / tag, rank))
-    states = gather_objects(rank_state)  # also the barrier: every rank has written and uploaded
+    names = rank_files(storage.local_root / tag, rank)
+    files = manifest(storage.local_root / tag, names)
+    storage.upload_rank_files(tag, names)
+    states = gather_objects({**rank_state, "files": files})  # also the barrier: every rank has written
     if rank == 0:
-        storage.put_text(f"{tag}/{META}", json.dumps(make_meta(states), indent=1) + "\n")
+        meta = make_meta(states)
+        meta["files"] = {name: entry for s in states for name, entry in s["files"].items()}
+        storage.put_text(f"{tag}/{META}", json.dumps(meta, indent=1) + "\n")
         storage.put_text(f"{tag}/{COMMITTED}", f"{time.time()}\n")
         storage.put_text("latest", tag + "\n")
     barrier()
     storage.drop_staged(tag)
 
 
-def load(engine, storage, cfg: Config, tag: str, world_size: int, rank: int) -> dict:
-    """Check a committed checkpoint against this run, fetch it if remote, and load it into the engine."""
+def load(engine, target: Target, cfg: Config, world_size: int, rank: int) -> dict:
+    """Check a verified committed checkpoint against this run, fetch it if remote, and load it into the engine."""
+    storage, tag = target.storage, target.tag
     meta = storage.read_meta(tag)
     check_compatible(meta, cfg, world_size, storage.describe(tag))
     storage.fetch(tag, rank)
-    engine.load(str(storage.local_root), tag)
+    try:
+        engine.load(str(storage.local_root), tag)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # what a damaged file raises in torch.load
+        raise UserError(f"checkpoint {storage.describe(tag)} could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
+                        "name an older committed one with --resume, or start fresh with --no-resume") from None
     return meta
 
 
@@ -312,8 +431,10 @@ def apply_retention(storage, cfg: Config) -> list[int]:
 
 
 def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
+    """The committed checkpoint to export (the newest, or --step), verified against its manifest; a damaged
+    one is refused in one line that names the previous sound one."""
     root = run_dir / "checkpoints"
-    if not (run_dir / "config.yaml").is_file():
+    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the train.run_dir of a run")
     storage = LocalStorage(root)
     steps = committed_steps(storage)
@@ -323,6 +444,11 @@ def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
         step = steps[-1]
     elif step not in steps:
         raise UserError(f"--step {step}: no committed checkpoint; committed steps: {', '.join(map(str, steps))}")
+    reason = verify(storage, tag_of(step))
+    if reason:
+        older = next((s for s in reversed(steps) if s < step and verify(storage, tag_of(s)) is None), None)
+        hint = f"export the previous sound one with --step {older}" if older else "no older committed one is sound"
+        raise UserError(f"checkpoint {root / tag_of(step)} is damaged ({reason}); {hint}")
     return root / tag_of(step)
 
 
@@ -339,7 +465,7 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
     run_dir, out = Path(run_dir), Path(out)
     ckpt = resolve_export_checkpoint(run_dir, step)
     cfg = load_config(run_dir / "config.yaml")
-    meta = json.loads((ckpt / META).read_text())
+    meta = json.loads((ckpt / META).read_bytes())
     bar = progress_bar(3, "export", "part", enabled=progress)
     state = consolidate(str(ckpt))
     bar.update()

@@ -8,11 +8,9 @@ not know, MFU is None (null in metrics.jsonl) rather than a number against an in
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -104,17 +102,3 @@ class Stopwatch:
 
     def pop(self, name: str) -> float:
         return self.totals.pop(name, 0.0)
-
-
-def last_record(run_dir: str | Path) -> Optional[dict]:
-    """The newest complete line of RUN_DIR/metrics.jsonl (a line being written, or torn by a crash, is skipped)."""
-    try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().strip().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None

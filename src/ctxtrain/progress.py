@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ctxtrain.metrics import last_record
+from ctxtrain.rundir import last_record
 
 
 def want_bar() -> bool:

@@ -27,9 +27,10 @@ from ctxtrain import checkpoint as ckpt
 from ctxtrain import metrics as M
 from ctxtrain.config import Config, to_yaml
 from ctxtrain.data.loader import Dataset, StreamingLoader
-from ctxtrain.engine import Engine, apply_levers, init_distributed, lr_at, shutdown
+from ctxtrain.engine import Engine, apply_levers, gather_objects, init_distributed, lr_at, shutdown
 from ctxtrain.engine.memory import return_freed_host_memory
 from ctxtrain.errors import UserError
+from ctxtrain.rundir import read_metrics, write_atomic
 from ctxtrain.model import build_model, encdec_train_flops, lm_train_flops_per_token, param_count
 from ctxtrain.tracking import Tracker, make_tracker
 
@@ -94,10 +95,9 @@ def preflight(cfg: Config) -> None:
     if cfg.tracking.enabled and wandb_mode(cfg) == "online" and not logged_in():
         raise UserError("W&B mode is online but this machine has no W&B login; run `wandb login`, set "
                         "WANDB_API_KEY, or use --tracking.mode=offline (or WANDB_MODE=offline)")
-    storage = ckpt.open_storage(cfg)
-    tag = ckpt.resume_target(cfg, storage)
-    if tag is not None:
-        ckpt.check_compatible(storage.read_meta(tag), cfg, cfg.cluster.workers, storage.describe(tag))
+    target = ckpt.resume_target(cfg, ckpt.open_storage(cfg), share=None)  # sizes only; workers check CRCs
+    if target is not None:
+        ckpt.check_compatible(target.storage.read_meta(target.tag), cfg, cfg.cluster.workers, target.describe())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,16 +110,9 @@ class MetricsFile:
 
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        self.kept: list[dict] = []  # the lines up to the checkpoint, in order
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash
-            if rec.get("step", 0) <= resume_step:
-                self.kept.append(rec)
-        ckpt.write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
+        # the lines up to the checkpoint, in order (torn or damaged lines are dropped)
+        self.kept: list[dict] = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
         self.fh = open(self.path, "a")
 
     def write(self, record: dict) -> None:
@@ -316,9 +309,16 @@ def _train(cfg: Config, info) -> dict:
     check_data(cfg)
     if os.environ.get("CTXTRAIN_MEMORY_CHECKED") != "1":
         check_memory(cfg, world, device)
+    # Choose (and verify) the checkpoint before anything in the run directory is written: a refused resume
+    # must leave the run as it was.
+    storage = ckpt.open_storage(cfg)
+    launch_id = os.environ.get("CTXTRAIN_LAUNCH_ID")
+    target = ckpt.resume_target(cfg, storage, launch_id, share=(rank, world), agree=gather_objects)
+    if target is not None:
+        ckpt.check_compatible(target.storage.read_meta(target.tag), cfg, world, target.describe())
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     import torch._dynamo  # noqa: F401  (torch.optim loads it on first use: ~70 MB of code, not of training state)
 
     return_freed_host_memory()
@@ -330,17 +330,14 @@ def _train(cfg: Config, info) -> dict:
     apply_levers(model, cfg.memory, device)
     engine = Engine(cfg, model, info)
     if rank == 0:
-        ckpt.write_atomic(run_dir / "ds_config.json", json.dumps(engine.config, indent=1) + "\n")
+        write_atomic(run_dir / "ds_config.json", json.dumps(engine.config, indent=1) + "\n")
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
 
-    storage = ckpt.open_storage(cfg)
     train_loader = _loader(cfg, info.dp_rank, info.dp_size, "train")  # one cursor per data-parallel group
     progress = Progress()
-    launch_id = os.environ.get("CTXTRAIN_LAUNCH_ID")
-    tag = ckpt.resume_target(cfg, storage, launch_id)
     meta = None
-    if tag is not None:
-        meta = ckpt.load(engine, storage, cfg, tag, world, rank)
+    if target is not None:
+        meta = ckpt.load(engine, target, cfg, world, rank)
         progress.step, progress.tokens = meta["step"], meta["tokens"]
         train_loader.load_state_dict(meta["loader"][0])  # every rank's cursor is the same global position
         if meta["world_size"] == world:
@@ -354,11 +351,13 @@ def _train(cfg: Config, info) -> dict:
         resend_lost_steps(tracker, metrics_file)
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
+        for notice in target.notices if target else []:
+            print(f"ctxtrain: {notice}", flush=True)
         kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"
         layout = f" ({info.dp_size} data-parallel x sp {info.sp_size})" if info.sp_size > 1 else ""
         print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {world} workers{layout} on {device.type}, "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run_dir}"
-              + (f", resumed from {tag}" if tag else "")
+              + (f", resumed from {target.describe()}" if target else "")
               + (f", W&B run {tracker.run_id} ({tracker.mode})" if tracker.run_id else ""), flush=True)
 
     peak = M.peak_flops(device, cfg.train.peak_tflops)

@@ -21,12 +21,12 @@ def engine_logits(cfg) -> None:
         torch.manual_seed(0)
         engine = Engine(cfg, build_model(cfg.model), info)
         storage = ckpt.open_storage(cfg)
-        tag = ckpt.resume_target(cfg, storage)
-        ckpt.load(engine, storage, cfg, tag, info.world_size, info.rank)
+        target = ckpt.resume_target(cfg, storage)
+        ckpt.load(engine, target, cfg, info.world_size, info.rank)
         engine.ds.eval()
         with torch.no_grad():
             logits = engine.ds(PROBE_TOKENS.to(info.device))
         if info.rank == 0:
-            torch.save({"tag": tag, "logits": logits.float().cpu()}, Path(cfg.train.run_dir) / "probe_logits.pt")
+            torch.save({"tag": target.tag, "logits": logits.float().cpu()}, Path(cfg.train.run_dir) / "probe_logits.pt")
     finally:
         shutdown(info)

@@ -91,7 +91,7 @@ tracker.finish()
 
 
 def test_last_record_skips_a_line_being_written(tmp_path):
-    from ctxtrain.metrics import last_record
+    from ctxtrain.rundir import last_record
 
     assert last_record(tmp_path) is None
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

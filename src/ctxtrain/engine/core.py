@@ -9,10 +9,12 @@ CPU Adam recomputes its bias correction after a load and drifts by ~1e-4).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -80,13 +82,24 @@ def init_distributed(cfg: Config) -> DistInfo:
     one-process group; DeepSpeed then initializes on it."""
     owns = False
     if not dist.is_initialized():
+        alone = "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # DeepSpeed's CPU shared-memory comm names its
+        os.environ.setdefault("MASTER_PORT", str(free_port()))  # buffers after these; nothing listens on them
         device = pick_device(cfg, int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        # The local launcher names a file store (no listening socket); a lone process needs no store at all;
+        # torchrun and friends give MASTER_ADDR/PORT (env://).
+        init = os.environ.get("CTXTRAIN_INIT_METHOD")
+        timeout = timedelta(seconds=max(cfg.cluster.connect_timeout_s, 300))  # also the collectives' deadline
+        if alone and not init:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=init or "env://", rank=rank, world_size=world,
+                                    timeout=timeout)
         owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(cfg, local_rank)
@@ -236,7 +249,9 @@ class Engine:
         self.ds.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
 
     def load(self, root: str, tag: str) -> None:
-        path, _ = self.ds.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+        with weights_only_loading():
+            path, _ = self.ds.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
         if path is None:
             from ctxtrain.errors import UserError
 
@@ -264,15 +279,36 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every torch.load inside (DeepSpeed's included, which pass weights_only=False) unpickles only tensors,
+    containers and the three DeepSpeed classes its checkpoints hold: a checkpoint file cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def consolidate(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """fp32 weights from a checkpoint directory: DeepSpeed's zero-to-fp32 for ZeRO 1-3, the module state
     for stage 0 (which writes no partitioned optimizer states)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     parent, tag = os.path.split(os.path.normpath(checkpoint_dir))
-    if any(name.startswith(("zero_pp_rank", "bf16_zero_pp_rank")) for name in os.listdir(checkpoint_dir)):
-        state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
-    else:
-        state = torch.load(os.path.join(checkpoint_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=False)["module"]
+    with weights_only_loading():
+        if any(name.startswith(("zero_pp_rank", "bf16_zero_pp_rank")) for name in os.listdir(checkpoint_dir)):
+            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        else:
+            state = torch.load(os.path.join(checkpoint_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                               weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in state.items()}
