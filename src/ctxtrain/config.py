@@ -320,7 +320,13 @@ class ClusterConfig:
     dashboard_port: int = 8265
     """Port of the embedded Ray dashboard and job server."""
 
+    connect_timeout_s: float = 30.0
+    """Deadline for reaching a Ray cluster (--address) or forming the workers' process group; past it the run
+    ends with one line naming the address."""
+
     def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"cluster.connect_timeout_s={self.connect_timeout_s}: must be positive")
         if self.workers < 1:
             raise ValueError(f"cluster.workers={self.workers}: must be at least 1")
         if self.cpus_per_worker <= 0:
@@ -563,7 +569,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file {path} not found; pass a YAML file such as configs/lm_tiny.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); check its permissions") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ctxtrain.errors import UserError
+from ctxtrain.rundir import read_metrics
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 GIB = 1024**3
@@ -42,29 +43,42 @@ def load_run(path: str | Path) -> Run:
     metrics = p / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"{p} has no metrics.jsonl; pass the train.run_dir of a run")
-    rows = []
-    for line in metrics.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash
-    config_text = (p / "config.yaml").read_text() if (p / "config.yaml").is_file() else "(no config.yaml)"
+    rows = read_metrics(metrics)  # torn, non-UTF-8 or non-record lines are skipped
+    if not rows:
+        raise UserError(f"{metrics} holds no step records (empty, or every line damaged); pass a run that has "
+                        "trained at least one step")
+    config_text = _text(p / "config.yaml", "(no config.yaml)")
     checkpoints = []
     root = p / "checkpoints"
     for d in sorted(root.glob("step_*")) if root.is_dir() else []:
-        meta_path = d / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = _json(d / "meta.json")
         checkpoints.append({
-            "name": d.name,
+            "name": d.name + ("" if meta is not None or not (d / "meta.json").exists() else " (meta.json damaged)"),
             "committed": (d / "COMMITTED").is_file(),
             "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
-            "time": meta.get("time"),
-            "tokens": meta.get("tokens"),
-            "world_size": meta.get("world_size"),
+            "time": (meta or {}).get("time"),
+            "tokens": (meta or {}).get("tokens"),
+            "world_size": (meta or {}).get("world_size"),
         })
-    tracker = json.loads((p / "tracker.json").read_text()).get("run_id") if (p / "tracker.json").is_file() else None
+    tracker = (_json(p / "tracker.json") or {}).get("run_id")
     restarts = max((r.get("restarts") or 0 for r in rows), default=0)
     return Run(p, p.name, rows, config_text, checkpoints, restarts, tracker)
+
+
+def _text(path: Path, missing: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return missing
+
+
+def _json(path: Path) -> Optional[dict]:
+    """A small JSON file of the run (meta.json, tracker.json), or None when missing or damaged."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,6 +181,12 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
 
     if not run_dirs:
         raise UserError("report needs at least one RUN_DIR")
+    out_path = Path(out)
+    if out_path.is_dir():
+        raise UserError(f"--out {out} is a directory; name the HTML file to write, e.g. --out {out_path / 'report.html'}")
+    for where in (out_path.parent, Path(png_dir) if png_dir else None):
+        if where is not None and where.exists() and not where.is_dir():
+            raise UserError(f"{where} is a file, not a directory; choose another --out/--png")
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     for i, run in enumerate(runs):  # two runs with the same directory name stay apart in legends
@@ -215,7 +235,9 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
         parts.append("</table>")
         parts.append(f"<details open><summary>config.yaml</summary><pre>{html.escape(run.config_text)}</pre></details>")
     parts.append("</body></html>")
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(parts))
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("\n".join(parts))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e}); pick a writable place") from None
     return out_path

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -38,7 +39,32 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
                 files.update(q for q in p.rglob("*") if q.is_file())
             elif p.is_file():
                 files.add(p)
+    for f in sorted(files):
+        check_text(f)
     return sorted(files)
+
+
+def check_text(path: Path) -> None:
+    """A corpus file must be text: NUL bytes in its first 8 KiB mean a binary (an executable, an archive)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8192)
+    except OSError as e:
+        raise UserError(f"--input {path}: cannot be read ({e.strerror or e}); check its permissions") from None
+    if b"\0" in head:
+        raise UserError(f"--input {path} is a binary file, not text; prepare reads text, JSONL or TSV: "
+                        "remove it from --input")
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """Open a text input; a file that is not UTF-8 ends in one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            yield fh
+    except UnicodeDecodeError as e:
+        raise UserError(f"--input {path}: not UTF-8 text (byte {e.start} of a line); convert it to UTF-8 "
+                        "or remove it from --input") from None
 
 
 def detect_task(files: list[Path], src_field: str, tgt_field: str) -> str:
@@ -46,11 +72,15 @@ def detect_task(files: list[Path], src_field: str, tgt_field: str) -> str:
     if all(f.suffix in PAIR_SUFFIXES for f in files):
         return "translation"
     if all(f.suffix in TEXT_SUFFIXES_JSONL for f in files):
-        with open(files[0], encoding="utf-8") as fh:
-            for line in fh:
+        with reading(files[0]) as fh:
+            for lineno, line in enumerate(fh, 1):
                 if line.strip():
-                    rec = json.loads(line)
-                    return "translation" if src_field in rec and tgt_field in rec else "lm"
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise UserError(f"{files[0]}:{lineno}: not a JSON line; fix the line or pass plain "
+                                        "text files") from None
+                    return "translation" if isinstance(rec, dict) and src_field in rec and tgt_field in rec else "lm"
     return "lm"
 
 
@@ -58,7 +88,7 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
     """LM documents: one per plain-text file, one per JSONL record (its text_field)."""
     for f in files:
         if f.suffix in TEXT_SUFFIXES_JSONL:
-            with open(f, encoding="utf-8") as fh:
+            with reading(f) as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -80,7 +110,7 @@ def read_pairs(files: list[Path], src_field: str, tgt_field: str) -> list[tuple[
     """Translation pairs from TSV (source<TAB>target) or JSONL ({src_field, tgt_field})."""
     pairs = []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
+        with reading(f) as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.rstrip("\n")
                 if not line.strip() or line.startswith("#"):

@@ -65,6 +65,9 @@ class Shard:
     bytes: int
 
 
+INDEX_KEYS = ("task", "vocab_size", "dtype", "special", "tokenizer_sha256", "splits")
+
+
 class Dataset:
     """A directory written by `ctxtrain prepare`: index.json, tokenizer.json and the tar shards."""
 
@@ -77,12 +80,22 @@ class Dataset:
                 f"(e.g. ctxtrain prepare --recipe stdlib --out {self.path})"
             )
         try:
-            self.index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{index_path} is not valid JSON ({e}); re-run `ctxtrain prepare`") from None
+            self.index = json.loads(index_path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{index_path} is not valid JSON ({str(e)[:80]}); re-run `ctxtrain prepare`") from None
+        except OSError as e:
+            raise DataError(f"{index_path} cannot be read ({e.strerror or e}); check its permissions") from None
+        missing = [k for k in INDEX_KEYS if not isinstance(self.index, dict) or k not in self.index]
+        if missing:
+            raise DataError(f"{index_path} lacks {', '.join(missing)} (not written by `ctxtrain prepare`, or "
+                            "edited); re-run `ctxtrain prepare`")
         self.task: str = self.index["task"]
         self.vocab_size: int = self.index["vocab_size"]
-        self.dtype = np.dtype(self.index["dtype"])
+        try:
+            self.dtype = np.dtype(self.index["dtype"])
+        except TypeError:
+            raise DataError(f"{index_path}: dtype {self.index['dtype']!r} is not a numpy dtype; "
+                            "re-run `ctxtrain prepare`") from None
         self.special: dict = self.index["special"]
         self.fingerprint = hashlib.sha256(
             json.dumps([self.index["tokenizer_sha256"], self.index["splits"]], sort_keys=True).encode()
@@ -91,10 +104,14 @@ class Dataset:
     def shards(self, split: str) -> list[Shard]:
         if split not in self.index["splits"]:
             raise DataError(f"{self.path}/index.json has no {split!r} split")
-        return [
-            Shard(s["name"], self.path / s["name"], s["docs"], s["tokens"], s["bytes"])
-            for s in self.index["splits"][split]["shards"]
-        ]
+        try:
+            return [
+                Shard(s["name"], self.path / s["name"], s["docs"], s["tokens"], s["bytes"])
+                for s in self.index["splits"][split]["shards"]
+            ]
+        except (KeyError, TypeError) as e:
+            raise DataError(f"{self.path}/index.json: the {split!r} split's shard list is malformed (no {e}); "
+                            "re-run `ctxtrain prepare`") from None
 
     def usable_shards(self, split: str, skip_corrupt: bool) -> tuple[list[Shard], list[str]]:
         """Shards present with the size index.json recorded; the others raise, or are skipped and named."""
@@ -222,8 +239,9 @@ def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 class _ShardCursor:
     """Walks the epoch's shards in order; can jump to the shard containing a stream offset."""
 
-    def __init__(self, shards: list[Shard], lengths: list[int], dtype: np.dtype, fields: tuple[str, ...]):
-        self.shards, self.dtype, self.fields = shards, dtype, fields
+    def __init__(self, shards: list[Shard], lengths: list[int], dtype: np.dtype, fields: tuple[str, ...],
+                 vocab_size: int):
+        self.shards, self.dtype, self.fields, self.vocab_size = shards, dtype, fields, vocab_size
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self.i = -1
         self._it: Optional[Iterator] = None
@@ -251,15 +269,21 @@ class _ShardCursor:
                 "re-run `ctxtrain prepare`"
             ) from None
         self._docs_read += 1
+        for ids in sample:  # an id past the vocabulary would fail deep inside the model's embedding
+            if len(ids) and int(ids.max()) >= self.vocab_size:
+                raise DataError(
+                    f"shard {self.shards[self.i].path} holds token id {int(ids.max())}, past the vocabulary of "
+                    f"{self.vocab_size} in index.json (made with another tokenizer?); re-run `ctxtrain prepare`"
+                )
         return sample
 
 
 class WindowSource:
     """LM windows: documents + EOS concatenated, window u = stream[u*L : u*L + L + 1]."""
 
-    def __init__(self, shards: list[Shard], seq_len: int, eos: int, dtype: np.dtype):
+    def __init__(self, shards: list[Shard], seq_len: int, eos: int, dtype: np.dtype, vocab_size: int):
         self.L, self.eos = seq_len, eos
-        self.cursor = _ShardCursor(shards, [s.tokens + s.docs for s in shards], dtype, ("ids.npy",))
+        self.cursor = _ShardCursor(shards, [s.tokens + s.docs for s in shards], dtype, ("ids.npy",), vocab_size)
         self.dtype = dtype
         self.doc: Optional[np.ndarray] = None
         self.doc_start = 0
@@ -309,8 +333,8 @@ class WindowSource:
 class PairSource:
     """Translation pairs: unit u = the u-th pair of the epoch's stream."""
 
-    def __init__(self, shards: list[Shard], dtype: np.dtype):
-        self.cursor = _ShardCursor(shards, [s.docs for s in shards], dtype, ("src.npy", "tgt.npy"))
+    def __init__(self, shards: list[Shard], dtype: np.dtype, vocab_size: int):
+        self.cursor = _ShardCursor(shards, [s.docs for s in shards], dtype, ("src.npy", "tgt.npy"), vocab_size)
         self.next_unit: Optional[int] = None
 
     @staticmethod
@@ -411,9 +435,9 @@ class _Stream(IterableDataset):
         ld = self.loader
         ds = ld.dataset
         if ds.task == "lm":
-            source = WindowSource(shards, ld.seq_len, ds.special["eos"], ds.dtype)
+            source = WindowSource(shards, ld.seq_len, ds.special["eos"], ds.dtype, ds.vocab_size)
         else:
-            source = PairSource(shards, ds.dtype)
+            source = PairSource(shards, ds.dtype, ds.vocab_size)
         C = plan.chunk
         cache: dict[int, object] = {}
         loaded_through = plan.start // plan.M - 1  # blocks before the cursor hold nothing for us

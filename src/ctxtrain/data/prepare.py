@@ -154,6 +154,8 @@ def prepare(opts: PrepareOptions) -> dict:
     if not opts.out:
         raise UserError("prepare needs --out DIR")
     out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; pass a new or empty directory")
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
         raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
     if not 0 <= opts.val_fraction < 0.5:
@@ -177,7 +179,10 @@ def prepare(opts: PrepareOptions) -> dict:
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); pick a writable place") from None
     try:
         if opts.tokenizer:
             tok = load_tokenizer(opts.tokenizer)

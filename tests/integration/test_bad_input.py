@@ -1,0 +1,304 @@
+"""The bad-input catalogue: every foreseeable mistake of a user, from the real CLI, ends in one line on stderr
+(`ctxtrain: error: ...`), exit status 2 and no traceback; and a mistake aimed at an existing run directory
+changes nothing in it (every file's bytes are compared before and after).
+
+Each case builds its input in a scratch directory (a copy of a small committed run when it damages one) and
+returns the command line and the run directory to watch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS
+from tests.helpers import ctxtrain, env, train
+
+pytestmark = pytest.mark.slow
+
+CFG = str(CONFIGS / "lm_tiny.yaml")
+SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=64", "--data.batch_size=2",
+         "--cluster.workers=1", "--tracking.enabled=false", "--data.num_workers=0", "--train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, one_shard_lm):
+    """A committed run of a very small model: steps 1-4, checkpoints step_000002 and step_000004 (ZeRO-1)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "small"
+    train(run_dir, one_shard_lm, *SMALL, "--train.max_steps=4", "--checkpoint.every=2", "--zero.stage=1")
+    return {"run": run_dir, "data": one_shard_lm}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cases: name -> builder(tmp, base) returning (argv, watched run dir or None)
+
+
+def _run_copy(tmp: Path, base: dict) -> Path:
+    run = tmp / "run"
+    shutil.copytree(base["run"], run)
+    # the copy's config.yaml points at the base run dir; keep the copy self-contained
+    return run
+
+
+def _train(base: dict, run: Path, *extra: str) -> list[str]:
+    return ["train", CFG, f"--train.run_dir={run}", f"--data.path={base['data']}", *SMALL,
+            "--cluster.launcher=local", "--train.max_steps=6", "--checkpoint.every=2", "--zero.stage=1", *extra]
+
+
+def _data_copy(tmp: Path, base: dict) -> Path:
+    data = tmp / "data"
+    shutil.copytree(base["data"], data)
+    return data
+
+
+def _index(data: Path, edit) -> None:
+    index = json.loads((data / "index.json").read_text())
+    edit(index)
+    (data / "index.json").write_text(json.dumps(index))
+
+
+def _write(path: Path, content: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def _model_states(run: Path, step: int) -> Path:
+    return next((run / "checkpoints" / f"step_{step:06d}").glob("*model_states.pt"))
+
+
+CASES = {
+    # --- config ------------------------------------------------------------------------------------------
+    "config-missing-file": lambda t, b: (["train", str(t / "nope.yaml")], None),
+    "config-yaml-syntax": lambda t, b: (["train", str(_write(t / "c.yaml", "model: [1, 2\n"))], None),
+    "config-not-a-mapping": lambda t, b: (["config", "show", str(_write(t / "c.yaml", "- 1\n- 2\n"))], None),
+    "config-unknown-section": lambda t, b: (["config", "show", str(_write(t / "c.yaml", "nosuch:\n  a: 1\n"))], None),
+    "config-not-utf8": lambda t, b: (["config", "show", str(_write(t / "c.yaml", b"model:\n  d_model: \xff\xfe\n"))],
+                                     None),
+    "config-is-a-directory": lambda t, b: (["train", str(t)], None),
+    "config-unknown-field": lambda t, b: (["config", "show", CFG, "--model.nope=1"], None),
+    "config-bad-type": lambda t, b: (["config", "show", CFG, "--model.d_model=abc"], None),
+    "config-out-of-range": lambda t, b: (["config", "show", CFG, "--train.max_steps=0"], None),
+    "config-override-without-value": lambda t, b: (["config", "show", CFG, "--model.d_model"], None),
+    "config-sp-divisibility": lambda t, b: (["config", "show", CFG, "--parallel.sp=3"], None),
+    "config-resume-and-no-resume": lambda t, b: (_train(b, b["run"], "--resume", "step_000002", "--no-resume"),
+                                                 b["run"]),
+    "config-unknown-verb-argument": lambda t, b: (["export", str(b["run"]), "--out", str(t / "x"), "--bogus"],
+                                                  b["run"]),
+    # --- data --------------------------------------------------------------------------------------------
+    "data-path-missing": lambda t, b: (_train(b, t / "r", f"--data.path={t / 'nodata'}"), None),
+    "data-path-is-a-file": lambda t, b: (_train(b, t / "r", f"--data.path={_write(t / 'f', 'x')}"), None),
+    "data-index-not-json": lambda t, b: (
+        _train(b, t / "r", f"--data.path={_write(_data_copy(t, b) / 'index.json', '{nope').parent}"), None),
+    "data-index-without-fields": lambda t, b: (
+        _train(b, t / "r", f"--data.path={_write(_data_copy(t, b) / 'index.json', '{}').parent}"), None),
+    "data-index-malformed-shards": lambda t, b: (
+        _train(b, t / "r", f"--data.path={_edited(t, b, lambda i: i['splits']['train'].update(shards=[{}]))}"),
+        None),
+    "data-shard-missing": lambda t, b: (_train(b, t / "r", f"--data.path={_without_shard(t, b)}"), None),
+    "data-shard-truncated": lambda t, b: (_train(b, t / "r", f"--data.path={_truncated_shard(t, b)}"), None),
+    "data-token-ids-past-vocab": lambda t, b: (
+        _train(b, t / "r", f"--data.path={_edited(t, b, lambda i: i.update(vocab_size=100))}",
+               "--model.vocab_size=128"), None),
+    "data-vocab-larger-than-model": lambda t, b: (_train(b, t / "r", "--model.vocab_size=16"), None),
+    "data-task-mismatch": lambda t, b: (_train(b, t / "r", "--model.kind=encdec"), None),
+    "prepare-out-is-a-file": lambda t, b: (["prepare", "--input", CFG, "--out", str(_write(t / "f", "x"))], None),
+    "prepare-binary-input": lambda t, b: (["prepare", "--input", str(_binary(t)), "--out", str(t / "o")], None),
+    "prepare-input-matches-nothing": lambda t, b: (["prepare", "--input", str(t / "*.none"), "--out", str(t / "o")],
+                                                   None),
+    "prepare-not-utf8-tsv": lambda t, b: (
+        ["prepare", "--input", str(_write(t / "p.tsv", b"hello\tbonjour\n\xff\xfe\tx\n")), "--out", str(t / "o")],
+        None),
+    "prepare-bad-jsonl": lambda t, b: (["prepare", "--input", str(_write(t / "p.jsonl", "{nope\n")), "--out",
+                                        str(t / "o")], None),
+    "prepare-out-not-empty": lambda t, b: (["prepare", "--input", CFG, "--out", str(b["run"])], b["run"]),
+    "prepare-unknown-recipe": lambda t, b: (["prepare", "--recipe", "nope", "--out", str(t / "o")], None),
+    "data-bench-not-a-dataset": lambda t, b: (["data", "bench", str(t)], None),
+    # --- checkpoints -------------------------------------------------------------------------------------
+    "resume-path-missing": lambda t, b: (
+        _train(b, (r := _run_copy(t, b)), "--resume", str(t / "other" / "checkpoints" / "step_000002")), r),
+    "resume-not-a-step-dir": lambda t, b: (_train(b, (r := _run_copy(t, b)), "--resume", str(t)), r),
+    "resume-uncommitted": lambda t, b: (_train(b, (r := _uncommitted(t, b)), "--resume", "step_000004"), r),
+    "resume-other-model": lambda t, b: (
+        _train(b, (r := _run_copy(t, b)), "--resume", str(b["run"] / "checkpoints" / "step_000002"),
+               "--model.d_model=64"), r),
+    "resume-named-damaged": lambda t, b: (
+        _train(b, (r := _damaged_meta(t, b, 2)), "--resume", "step_000002"), r),
+    "resume-every-checkpoint-damaged": lambda t, b: (_train(b, (r := _all_damaged(t, b))), r),
+    "resume-other-zero-stage": lambda t, b: (_train(b, (r := _run_copy(t, b)), "--zero.stage=3"), r),
+    "export-not-a-run-dir": lambda t, b: (["export", str(t), "--out", str(t / "x")], None),
+    "export-no-checkpoint": lambda t, b: (["export", str(_no_checkpoints(t, b)), "--out", str(t / "x")], None),
+    "export-step-not-committed": lambda t, b: (["export", str(b["run"]), "--out", str(t / "x"), "--step", "3"],
+                                               b["run"]),
+    "export-truncated-model-states": lambda t, b: (
+        ["export", str(r := _truncated_states(t, b, 4)), "--out", str(t / "x")], r),
+    "export-corrupt-meta": lambda t, b: (["export", str(r := _damaged_meta(t, b, 4)), "--out", str(t / "x")], r),
+    "export-damaged-config": lambda t, b: (
+        ["export", str(r := _damaged_config(t, b)), "--out", str(t / "x")], r),
+    # --- cluster addresses -------------------------------------------------------------------------------
+    "address-closed-host-port": lambda t, b: (
+        _train(b, t / "r", "--cluster.launcher=ray", "--address", f"127.0.0.1:{closed_port()}"), None),
+    "address-closed-ray-client": lambda t, b: (
+        _train(b, t / "r", "--cluster.launcher=ray", "--address", f"ray://127.0.0.1:{closed_port()}"), None),
+    "address-not-an-address": lambda t, b: (_train(b, t / "r", "--cluster.launcher=ray", "--address", "ray://:x"),
+                                            None),
+    "submit-closed-job-server": lambda t, b: (
+        ["submit", CFG, f"--train.run_dir={t / 'r'}", f"--data.path={b['data']}", "--address",
+         f"http://127.0.0.1:{closed_port()}"], None),
+    "submit-relative-run-dir": lambda t, b: (["submit", CFG, "--train.run_dir=runs/x", f"--data.path={b['data']}"],
+                                             None),
+    "status-closed-job-server": lambda t, b: (["status", "job1", "--address", f"127.0.0.1:{closed_port()}"], None),
+    "jobs-closed-job-server": lambda t, b: (["jobs", "--address", f"http://127.0.0.1:{closed_port()}"], None),
+    "logs-closed-job-server": lambda t, b: (["logs", "job1", "--address", f"http://127.0.0.1:{closed_port()}"], None),
+    "stop-closed-job-server": lambda t, b: (["stop", "job1", "--address", f"http://127.0.0.1:{closed_port()}"], None),
+    "embedded-ray-too-many-workers": lambda t, b: (
+        _train(b, t / "r", "--cluster.launcher=ray", "--cluster.workers=64"), None),
+    # --- report and plan ---------------------------------------------------------------------------------
+    "report-not-a-run": lambda t, b: (["report", str(t / "nope"), "--out", str(t / "r.html")], None),
+    "report-metrics-only-garbage": lambda t, b: (
+        ["report", str(_garbage_metrics(t, b)), "--out", str(t / "r.html")], None),
+    "report-out-is-a-directory": lambda t, b: (["report", str(b["run"]), "--out", str(t)], b["run"]),
+    "plan-zero-gpus": lambda t, b: (["plan", CFG, "--gpus", "0"], None),
+    "plan-negative-memory": lambda t, b: (["plan", CFG, "--gpu-mem", "-1"], None),
+}
+
+
+def _edited(tmp: Path, base: dict, edit) -> Path:
+    data = _data_copy(tmp, base)
+    _index(data, edit)
+    return data
+
+
+def _without_shard(tmp: Path, base: dict) -> Path:
+    data = _data_copy(tmp, base)
+    next(data.glob("train-*.tar")).unlink()
+    return data
+
+
+def _truncated_shard(tmp: Path, base: dict) -> Path:
+    data = _data_copy(tmp, base)
+    shard = next(data.glob("train-*.tar"))
+    os.truncate(shard, shard.stat().st_size // 2)
+    return data
+
+
+def _binary(tmp: Path) -> Path:
+    exe = tmp / "prog"
+    shutil.copyfile("/bin/true", exe)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe
+
+
+def _uncommitted(tmp: Path, base: dict) -> Path:
+    run = _run_copy(tmp, base)
+    (run / "checkpoints" / "step_000004" / "COMMITTED").unlink()
+    return run
+
+
+def _damaged_meta(tmp: Path, base: dict, step: int) -> Path:
+    run = _run_copy(tmp, base)
+    _write(run / "checkpoints" / f"step_{step:06d}" / "meta.json", '{"step": 4, "tok')
+    return run
+
+
+def _truncated_states(tmp: Path, base: dict, step: int) -> Path:
+    run = _run_copy(tmp, base)
+    states = _model_states(run, step)
+    os.truncate(states, states.stat().st_size // 3)
+    return run
+
+
+def _all_damaged(tmp: Path, base: dict) -> Path:
+    run = _damaged_meta(tmp, base, 2)
+    states = _model_states(run, 4)
+    os.truncate(states, 100)
+    return run
+
+
+def _damaged_config(tmp: Path, base: dict) -> Path:
+    run = _run_copy(tmp, base)
+    _write(run / "config.yaml", "model: {d_model: [\n")
+    return run
+
+
+def _no_checkpoints(tmp: Path, base: dict) -> Path:
+    run = _run_copy(tmp, base)
+    shutil.rmtree(run / "checkpoints")
+    return run
+
+
+def _garbage_metrics(tmp: Path, base: dict) -> Path:
+    run = tmp / "garbage"
+    _write(run / "metrics.jsonl", b"null\n\xff\xfe not utf-8\n[1, 2]\n")
+    return run
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 40
+
+
+def in_process(argv: list[str], capfd) -> tuple[int, str, str]:
+    """The CLI's main() in this process (the same code path as the console script, without the ~4 s of a
+    fresh interpreter importing torch): exit status, stdout and stderr at the file-descriptor level, so the
+    output of worker processes it starts is captured too. An exception escaping main() fails the test."""
+    from ctxtrain.cli import main
+
+    environ, handler = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    os.environ["PYTHONPATH"] = env()["PYTHONPATH"]  # workers it starts run this checkout's code too
+    try:
+        code = main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+        os.environ.clear()
+        os.environ.update(environ)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def through_ray(argv: list[str]) -> bool:
+    """Cases that reach Ray run as a real subprocess: Ray's settings are read once per process."""
+    return argv[0] in ("submit", "status", "jobs", "logs", "stop") or "--cluster.launcher=ray" in argv
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_line(name, base, tmp_path, capfd):
+    argv, watched = CASES[name](tmp_path, base)
+    before = snapshot(watched) if watched else None
+    capfd.readouterr()
+    t0 = time.time()
+    if through_ray(argv):
+        proc = ctxtrain(*argv, timeout=120)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, stdout, stderr = in_process(argv, capfd)
+    took = time.time() - t0
+    out = stdout + stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("ctxtrain: error: ")]
+    assert code == 2, f"{name}: exit {code}\n{out[-3000:]}"
+    assert "Traceback" not in out, f"{name}:\n{out[-3000:]}"
+    assert len(errors) == 1, f"{name}: {len(errors)} error lines\n{out[-3000:]}"
+    assert len(errors[0]) < 600, errors[0]
+    if name.startswith("address-"):
+        assert took < 30, took  # a closed or bad address never hangs
+    if watched:
+        assert snapshot(watched) == before, f"{name}: files of {watched} changed"
