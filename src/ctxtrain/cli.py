@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from typing import Callable, Optional
@@ -333,8 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_terminated = False
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM unwinds every verb like Ctrl-C (workers stopped, Ray shut down in order). A KeyboardInterrupt,
+    because Ray's waits pass that one through and swallow other exceptions raised by signal handlers."""
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args, extra = parser.parse_known_args(argv)
         if args.verb is None:
@@ -346,6 +359,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"ctxtrain: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _terminated:
+            print("ctxtrain: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("ctxtrain: interrupted", file=sys.stderr)
         return 130
 

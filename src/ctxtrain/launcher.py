@@ -18,12 +18,15 @@ Embedded Ray listens on 127.0.0.1 (dashboard and job server) unless `cluster.das
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -81,13 +84,104 @@ def _check_fits_here(cfg: Config) -> None:
                         "or cluster.cpus_per_worker/gpus_per_worker, or join a cluster with --address")
 
 
+def probe(address: str, timeout_s: float) -> None:
+    """One TCP connection to a Ray address (ray://host:port, host:port, http://host:port) before Ray is asked:
+    Ray itself retries a closed port without end. `auto` is left to Ray (it reads the local session)."""
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    default = {"ray": 10001, "http": 8265, "https": 443}.get(parsed.scheme, 6379)
+    try:
+        host, port = parsed.hostname, parsed.port or default
+    except ValueError:
+        host = port = None
+    if not host:
+        raise UserError(f"--address {address}: not a Ray address; write ray://HOST:10001 or HOST:6379")
+    try:
+        with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({host}:{port}: {e.strerror or e}); check "
+                        "--address / RAY_ADDRESS and that the head runs (`ray status` on it)") from None
+
+
+class _Late(BaseException):
+    """Raised in the main thread when a network step passes its deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str):
+    """End a blocking step (Ray's connection retries) after `seconds` with one line; main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def late(signum, frame):
+        raise _Late()
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _Late:
+        raise UserError(f"{what}: no answer after {seconds:g} s (cluster.connect_timeout_s); check the address "
+                        "and that the cluster is up") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _worker_loop(config: dict) -> None:
     """What each Ray Train worker runs: the per-worker entry point, unchanged."""
     from ctxtrain import train
     from ctxtrain.config import from_dict
 
     os.environ["CTXTRAIN_LAUNCH_ID"] = config["launch_id"]
-    train.run(from_dict(config["cfg"]))
+    cfg = from_dict(config["cfg"])
+    if not config.get("loopback"):
+        train.run(cfg)
+        return
+    import torch.distributed as dist
+
+    _loopback_process_group(cfg)
+    try:
+        train.run(cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def _loopback_process_group(cfg: Config) -> None:
+    """The workers' process group for embedded Ray, on 127.0.0.1 only. Ray Train's own rendezvous (env:// or
+    tcp://) makes torch's TCPStore listen on every interface; here rank 0 binds the store's socket to the
+    loopback address itself, Ray Train's broadcast hands its port to the other ranks, and gloo's pairs use the
+    loopback interface."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from ray.train import get_context
+    from ray.train.collective import broadcast_from_rank_zero
+
+    from ctxtrain.local_launch import LOOPBACK_ENV
+
+    ctx = get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ.update(LOOPBACK_ENV)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(ctx.get_local_rank()),
+                      LOCAL_WORLD_SIZE=str(ctx.get_local_world_size()), MASTER_ADDR="127.0.0.1")
+    listener = None
+    if rank == 0:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+    port = broadcast_from_rank_zero(listener.getsockname()[1] if listener else None)
+    os.environ["MASTER_PORT"] = str(port)  # DeepSpeed's CPU shared-memory comm names its buffers after it
+    timeout = timedelta(seconds=max(cfg.cluster.connect_timeout_s, 300))
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout,
+                          master_listen_fd=listener.detach() if listener else None)
+    backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _ray_storage(cfg: Config) -> str:
@@ -99,9 +193,15 @@ def _ray_storage(cfg: Config) -> str:
 
 def train_on_ray(cfg: Config) -> int:
     """Run training on Ray (embedded here, or the cluster at cluster.address / $RAY_ADDRESS)."""
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        # Ray turns a 127.0.0.1 node address into the machine's external one (so that other nodes could join)
+        # unless this is off, read when ray is imported; embedded Ray is one node: its processes then bind
+        # 127.0.0.1 only.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import BackendConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     cfg = _absolute(cfg)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -111,22 +211,30 @@ def train_on_ray(cfg: Config) -> int:
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train's print patch echoes every worker line twice
     if embedded:
         _check_fits_here(cfg)
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         # Token auth stays on for the embedded cluster; its notice about how to turn it off is noise here.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     else:
         # Inside a submitted job the job's runtime env (secrets, shipped package) meets ours: merge them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if embedded:
             ctx = ray.init(address="local", include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
                            dashboard_port=cfg.cluster.dashboard_port, _node_ip_address="127.0.0.1",
                            runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
         else:
-            ctx = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+            probe(address, cfg.cluster.connect_timeout_s)
+            with deadline(cfg.cluster.connect_timeout_s, f"joining the Ray cluster at {address}"):
+                ctx = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "an embedded cluster"
         raise UserError(redact(f"cannot start or reach Ray at {where} ({str(e).splitlines()[0][:300]}); "
                                "check --address / RAY_ADDRESS")) from None
+    # ray.init replaces the SIGTERM handler (with sys.exit, and its core worker with a C-level one that
+    # aborts); the CLI's handler, an exception that unwinds and shuts Ray down in order, is put back.
+    if threading.current_thread() is threading.main_thread() and callable(on_sigterm):
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         dashboard = getattr(ctx, "dashboard_url", None)
         if dashboard:
@@ -149,10 +257,14 @@ def train_on_ray(cfg: Config) -> int:
         resources_per_worker = {"CPU": cfg.cluster.cpus_per_worker}
         if gpus:
             resources_per_worker["GPU"] = gpus
-        trainer = TorchTrainer(
+        # Embedded: the workers form their process group on 127.0.0.1 (see _loopback_process_group), so Ray
+        # Train gets no torch backend; on a cluster its TorchConfig rendezvous spans the nodes.
+        trainer_cls, backend = ((DataParallelTrainer, {"backend_config": BackendConfig()}) if embedded else
+                                (TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if gpus else "gloo")}))
+        trainer = trainer_cls(
             _worker_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id},
-            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+            train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded},
+            **backend,
             scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=bool(gpus),
                                          resources_per_worker=resources_per_worker,
                                          placement_strategy=cfg.cluster.placement.upper()),
@@ -294,7 +406,7 @@ def job_status(job_id: str, address: Optional[str]) -> dict:
 
 
 def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dict]:
-    from ctxtrain.metrics import last_record
+    from ctxtrain.rundir import last_record
 
     last = last_record(run_dir) if run_dir else None
     if last is None:

@@ -2,7 +2,8 @@
 
 Starts `cluster.workers` processes of `python -m ctxtrain.worker`, each with RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT set (as torchrun does), so the per-worker entry point is the same function Ray
-calls. If one worker fails the others are stopped; a worker's one-line error is printed once.
+calls. Their process group meets in a file store and gloo talks over the loopback interface: nothing the
+local launcher starts listens on a network interface. If one worker fails the others are stopped; a worker's one-line error is printed once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from pathlib import Path
 
 from ctxtrain.config import Config
 from ctxtrain.errors import UserError
+
+
+def _loopback_interface() -> dict[str, str]:
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    lo = next((n for n in ("lo", "lo0") if n in names), None)
+    return {"GLOO_SOCKET_IFNAME": lo} if lo else {}
+
+
+# The workers' process group: the store is a file (no socket); gloo's pairs bind to the loopback interface.
+LOOPBACK_ENV = _loopback_interface()
 
 
 def free_port() -> int:
@@ -42,12 +53,16 @@ def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None =
         for rank in range(n):
             env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank),
                    "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "CTXTRAIN_INIT_METHOD": (Path(tmp) / "process-group").as_uri(), **LOOPBACK_ENV,
                    "OMP_NUM_THREADS": str(threads), "CTXTRAIN_ERROR_FILE": str(Path(tmp) / f"error-{rank}"),
                    "CTXTRAIN_LAUNCH_ID": launch_id}
-            procs.append(subprocess.Popen([sys.executable, "-m", "ctxtrain.worker", entry, str(cfg_path)], env=env))
+            # A session of their own: Ctrl-C reaches the launcher only, which stops the workers (no rank's
+            # KeyboardInterrupt traceback after the one-line message).
+            procs.append(subprocess.Popen([sys.executable, "-m", "ctxtrain.worker", entry, str(cfg_path)], env=env,
+                                          start_new_session=True))
         try:
             return _wait(procs, Path(tmp))
-        except KeyboardInterrupt:
+        except BaseException:  # KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI's handler)
             _stop(procs)
             raise
 
