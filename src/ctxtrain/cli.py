@@ -110,6 +110,10 @@ def _train_config(args: argparse.Namespace, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    if os.environ.get("CTXTRAIN_SECRETS_FILE"):  # a job that `ctxtrain submit` started
+        from ctxtrain.launcher import load_job_secrets
+
+        load_job_secrets()
     cfg = _train_config(args, overrides)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         from ctxtrain import train  # started by torchrun or similar: this process is one worker

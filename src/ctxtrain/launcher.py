@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -36,8 +37,10 @@ from urllib.parse import urlparse
 from ctxtrain.config import Config, to_yaml
 from ctxtrain.errors import UserError
 
-# Environment variables a job may need on the cluster; passed through the job's runtime env when set here,
-# never written to the run dir, the config or the logs.
+# Environment variables a job may need on the cluster. Never in a Ray runtime env (Ray 2.60 logs every
+# runtime env it creates, env_vars included, in the session's runtime_env_agent.log): a submitted job gets
+# them in a 0600 file of its working-directory package, Ray Train workers in their train-loop config (Ray's
+# object store); never written to the run dir, the config or the logs.
 SECRET_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "HF_TOKEN",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -137,6 +140,7 @@ def _worker_loop(config: dict) -> None:
     from ctxtrain.config import from_dict
 
     os.environ["CTXTRAIN_LAUNCH_ID"] = config["launch_id"]
+    os.environ.update(config.get("secrets") or {})
     cfg = from_dict(config["cfg"])
     if not config.get("loopback"):
         train.run(cfg)
@@ -206,7 +210,8 @@ def train_on_ray(cfg: Config) -> int:
     cfg = _absolute(cfg)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     embedded = not address
-    env = {k: os.environ[k] for k in WORKER_ENV + SECRET_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    secrets = {k: os.environ[k] for k in SECRET_ENV if k in os.environ}
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train's print patch echoes every worker line twice
     if embedded:
@@ -215,7 +220,7 @@ def train_on_ray(cfg: Config) -> int:
         # Token auth stays on for the embedded cluster; its notice about how to turn it off is noise here.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     else:
-        # Inside a submitted job the job's runtime env (secrets, shipped package) meets ours: merge them.
+        # Inside a submitted job the job's runtime env (shipped package) meets ours: merge them.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
@@ -263,7 +268,8 @@ def train_on_ray(cfg: Config) -> int:
                                 (TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if gpus else "gloo")}))
         trainer = trainer_cls(
             _worker_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded},
+            train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded,
+                               "secrets": secrets},
             **backend,
             scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=bool(gpus),
                                          resources_per_worker=resources_per_worker,
@@ -342,6 +348,17 @@ def _job_call(fn, job_id: str, url: str):
         raise UserError(f"the job server at {url} refused: {msg.splitlines()[0]}") from None
 
 
+SECRETS_FILE = "secrets.json"
+
+
+def load_job_secrets() -> None:
+    """In a submitted job's driver: the secrets that `submit` packed into the working directory."""
+    path = os.environ.get("CTXTRAIN_SECRETS_FILE")
+    if path and Path(path).is_file():
+        for name, value in json.loads(Path(path).read_text()).items():
+            os.environ.setdefault(name, value)
+
+
 def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_package: bool = True) -> str:
     """Submit `ctxtrain train` with this resolved config as a Ray job; returns the job id."""
     for field, value in (("train.run_dir", cfg.train.run_dir), ("data.path", cfg.data.path)):
@@ -358,7 +375,11 @@ def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_packa
             raise UserError(f"--env {name}: not set in this environment; export it first")
     work = Path(tempfile.mkdtemp(prefix="ctxtrain-job-"))
     (work / "config.yaml").write_text(to_yaml(cfg))
-    runtime_env: dict = {"working_dir": str(work), "env_vars": env}
+    runtime_env: dict = {"working_dir": str(work), "env_vars": {"CTXTRAIN_SECRETS_FILE": SECRETS_FILE}}
+    if env:
+        fd = os.open(work / SECRETS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(env, fh)
     if ship_package:
         import ctxtrain
 

@@ -154,7 +154,7 @@ def ray_head(tmp_path_factory):
     else:
         proc.terminate()
         pytest.fail("ray start --head did not come up in 90 s")
-    yield address
+    yield address, temp
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -174,12 +174,17 @@ def _wait_status(job: str, address: str, want: set[str], timeout: float = 300) -
     raise AssertionError(f"job {job} did not reach {want}: {out}")
 
 
+SECRETS = {"WANDB_API_KEY": "wandb-secret-not-to-be-written", "HF_TOKEN": "hf-secret-not-to-be-written",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-not-to-be-written"}
+
+
 def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
-    address = ray_head
+    address, ray_temp = ray_head
     run_dir = tmp_path / "job"
     args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST, f"--train.run_dir={run_dir}",
-            f"--data.path={stdlib_shards}", "--train.max_steps=6", "--train.log_every=2"]
-    r = ctxtrain(*args, extra_env={"WANDB_API_KEY": "secret-not-to-be-written"})
+            f"--data.path={stdlib_shards}", "--train.max_steps=6", "--train.log_every=2", "--tracking.enabled=true",
+            "--tracking.mode=offline"]
+    r = ctxtrain(*args, extra_env=SECRETS)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().splitlines()[-1]
     assert job.startswith("ctxtrain-")
@@ -191,11 +196,17 @@ def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
     logs = ctxtrain("logs", job, "--address", address).stdout
     assert "step=6/6 loss=" in logs
     assert sorted(metrics(run_dir)) == list(range(1, 7))
-    # the secret travelled in the job's environment only: nowhere in the run dir or the logs
+    # the secrets reached the job, and nothing else: not the run dir (W&B's offline files included), the
+    # job's logs, nor the logs of any process of the Ray session
+    assert list(run_dir.glob("wandb/offline-run-*")), sorted(p.name for p in run_dir.iterdir())
     assert "secret-not-to-be-written" not in logs
-    for path in run_dir.rglob("*"):
-        if path.is_file() and path.stat().st_size < 5_000_000:
-            assert b"secret-not-to-be-written" not in path.read_bytes(), path
+    session_logs = list(ray_temp.glob("session_*/logs"))
+    assert session_logs and any(p.name == "runtime_env_agent.log" for p in session_logs[0].iterdir())
+    for root in (run_dir, *session_logs):
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 50_000_000:
+                data = path.read_bytes()
+                assert not [k for k, v in SECRETS.items() if v.encode() in data], path
     assert job in ctxtrain("jobs", "--address", address).stdout
 
     # a long job, stopped while it runs
