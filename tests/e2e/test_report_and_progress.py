@@ -26,7 +26,7 @@ BROWSER = find_binary()
 def second_run(tmp_path_factory, stdlib_shards):
     run_dir = tmp_path_factory.mktemp("runs") / "zero1"
     train(run_dir, stdlib_shards, "--train.max_steps=8", "--zero.stage=1", "--checkpoint.every=4",
-          "--train.eval_every=4")
+          "--train.eval_every=4", "--train.log_every=1")  # a point per step: a line long enough to find
     return run_dir
 
 
