@@ -9,7 +9,8 @@
 A directory without COMMITTED does not exist for resume: it is a save that a crash interrupted, and the
 next save of that step removes it. meta.json also holds a manifest (size and CRC-32 of every file, each rank
 hashing its own files at save time); resume and export verify a checkpoint against it before using it, and a
-damaged newest checkpoint is reported in one line and passed over for the previous committed one. Retention keeps the newest `checkpoint.keep_last` plus every step that is
+damaged newest checkpoint is reported in one line and passed over for the previous committed one.
+Retention keeps the newest `checkpoint.keep_last` plus every step that is
 a multiple of `checkpoint.keep_every`.
 
 With `checkpoint.storage` set to a URI (s3://, gs://, file://), every rank writes into a local staging
@@ -376,10 +377,12 @@ def rank_files(local_dir: Path, rank: int) -> list[str]:
 # The save and load protocols (every rank calls them)
 
 
-def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, fault_hook=lambda: None) -> None:
+def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, fault_hook=lambda: None) -> Optional[str]:
     """Write one checkpoint: DeepSpeed shards from every rank, then meta.json, COMMITTED and latest from rank 0.
 
-    rank_state (loader cursor, RNG) is gathered from every rank; make_meta(states) builds meta.json.
+    rank_state (loader cursor, RNG) is gathered from every rank; make_meta(states) builds meta.json. A write
+    that fails (a full disk, a quota, an I/O error) on any rank leaves no trace: the partial directory is
+    removed and training goes on. Returns, on rank 0, why the checkpoint was not written (None: committed).
     """
     from ctxtrain.engine import barrier, gather_objects
 
@@ -387,20 +390,65 @@ def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, faul
         if any(tag_of(step) == tag for step, _ in storage.list_steps()):
             storage.remove(tag)  # a save of this step that a crash interrupted (or an older run's)
     barrier()
-    engine.save(str(storage.local_root), tag)
+    error, files = None, {}
+    try:
+        engine.save(str(storage.local_root), tag)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError, without errno
+        if isinstance(e, RuntimeError) and not _disk_full(storage.local_root):
+            raise
+        error = f"rank {rank}: {_write_error(e, storage.local_root)}"
+        barrier()  # DeepSpeed's closing barrier, where the ranks whose writes succeeded wait
     fault_hook()  # rehearsal: a rank may die here, its shard written, nothing committed
-    names = rank_files(storage.local_root / tag, rank)
-    files = manifest(storage.local_root / tag, names)
-    storage.upload_rank_files(tag, names)
-    states = gather_objects({**rank_state, "files": files})  # also the barrier: every rank has written
+    if error is None:
+        try:
+            names = rank_files(storage.local_root / tag, rank)
+            files = manifest(storage.local_root / tag, names)
+            storage.upload_rank_files(tag, names)
+        except OSError as e:
+            error = f"rank {rank}: {_write_error(e, storage.local_root)}"
+    states = gather_objects({**rank_state, "files": files, "error": error})  # also the barrier: all have written
+    errors = [s["error"] for s in states if s["error"]]
     if rank == 0:
-        meta = make_meta(states)
-        meta["files"] = {name: entry for s in states for name, entry in s["files"].items()}
-        storage.put_text(f"{tag}/{META}", json.dumps(meta, indent=1) + "\n")
-        storage.put_text(f"{tag}/{COMMITTED}", f"{time.time()}\n")
-        storage.put_text("latest", tag + "\n")
+        if not errors:
+            meta = make_meta(states)
+            meta["files"] = {name: entry for s in states for name, entry in s["files"].items()}
+            try:
+                storage.put_text(f"{tag}/{META}", json.dumps(meta, indent=1) + "\n")
+                storage.put_text(f"{tag}/{COMMITTED}", f"{time.time()}\n")
+            except OSError as e:
+                errors.append(f"rank 0: {_write_error(e, storage.local_root)}")
+        if errors:
+            storage.remove(tag)  # nothing half-written stays behind; the committed checkpoints are untouched
+        else:
+            try:
+                storage.put_text("latest", tag + "\n")
+            except OSError:
+                pass  # informational only: resume lists the committed directories
     barrier()
     storage.drop_staged(tag)
+    if rank == 0 and errors:
+        return f"{errors[0]} writing {storage.describe(tag)}"
+    return None
+
+
+FULL_BELOW = 64 << 20  # bytes free under which a failed write is put down to a full disk
+
+
+def _disk_full(where: Path) -> bool:
+    try:
+        return shutil.disk_usage(where).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+def _write_error(e: Exception, where: Path) -> str:
+    """One line for a failed checkpoint write: the errno's text, or (torch.save gives a RuntimeError without
+    one) what the disk says."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    if _disk_full(where):
+        return f"No space left on device ({shutil.disk_usage(where).free >> 20} MiB free)"
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
 def load(engine, target: Target, cfg: Config, world_size: int, rank: int) -> dict:

@@ -345,8 +345,13 @@ class FaultConfig:
     at_step: Optional[int] = None
     """Step of the fault: during that step, or during the first checkpoint at or after it."""
 
-    during: Literal["step", "checkpoint"] = "step"
-    """step: die in the middle of a training step; checkpoint: die after writing this rank's shard, before the commit."""
+    during: Literal["step", "checkpoint", "read"] = "step"
+    """step: die in the middle of a training step; checkpoint: die after writing this rank's shard, before the commit;
+    read: the rank's data-loader worker kills it while reading that step's batch (the step must lie in the epoch
+    that the run is reading when it starts)."""
+
+    repeat: int = 1
+    """Die again at each of the next repeat-1 steps (step, read), once each: consecutive kills, each resumed."""
 
 
 @dataclass
@@ -394,6 +399,8 @@ class Config:
                 raise ValueError(
                     f"fault.kill_rank={f.kill_rank}: must lie in 0..cluster.workers-1={self.cluster.workers - 1}"
                 )
+        if f.repeat < 1 or (f.repeat > 1 and f.during == "checkpoint"):
+            raise ValueError(f"fault.repeat={f.repeat}: must be 1, or more with fault.during=step or read")
 
     def _check_sequence_parallel(self) -> None:
         sp = self.parallel.sp

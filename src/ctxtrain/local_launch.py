@@ -55,7 +55,7 @@ def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None =
                    "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "CTXTRAIN_INIT_METHOD": (Path(tmp) / "process-group").as_uri(), **LOOPBACK_ENV,
                    "OMP_NUM_THREADS": str(threads), "CTXTRAIN_ERROR_FILE": str(Path(tmp) / f"error-{rank}"),
-                   "CTXTRAIN_LAUNCH_ID": launch_id}
+                   "CTXTRAIN_LAUNCH_ID": launch_id, "CTXTRAIN_LAUNCHER_PID": str(os.getpid())}
             # A session of their own: Ctrl-C reaches the launcher only, which stops the workers (no rank's
             # KeyboardInterrupt traceback after the one-line message).
             procs.append(subprocess.Popen([sys.executable, "-m", "ctxtrain.worker", entry, str(cfg_path)], env=env,

@@ -146,19 +146,44 @@ def record_start(run_dir: Path, resumed_from: Optional[int], launch_id: Optional
 
 
 def maybe_die(cfg: Config, rank: int, step: int, during: str) -> None:
-    """SIGKILL this rank once, at fault.at_step (step) or the first checkpoint at or after it (checkpoint)."""
+    """SIGKILL this rank once at fault.at_step (and the next repeat-1 steps) during a step, or at the first
+    checkpoint at or after it."""
     f = cfg.fault
-    if f.kill_rank != rank or f.during != during or step < f.at_step or (during == "step" and step != f.at_step):
+    if f.kill_rank != rank or f.during != during or step < f.at_step:
         return
-    marker = Path(cfg.train.run_dir) / f"fault-rank{rank}-step{f.at_step}-{f.during}.done"
-    if marker.exists():
+    if during == "step" and not f.at_step <= step < f.at_step + f.repeat:
         return
-    with open(marker, "w") as fh:
-        fh.write(f"killed at step {step} during {during}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    fault_step = step if during == "step" else f.at_step
+    if not _claim_fault(cfg, rank, fault_step):
+        return
     print(f"ctxtrain: fault injection: rank {rank} kills itself at step {step} during {during}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _claim_fault(cfg: Config, rank: int, step: int) -> bool:
+    """A marker in the run directory makes each fault happen once, across restarts."""
+    marker = Path(cfg.train.run_dir) / f"fault-rank{rank}-step{step}-{cfg.fault.during}.done"
+    if marker.exists():
+        return False
+    with open(marker, "w") as fh:
+        fh.write(f"rank {rank} killed at step {step} during {cfg.fault.during}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def arm_read_fault(cfg: Config, rank: int, step: int, loader: StreamingLoader) -> None:
+    """fault.during=read: the loader's worker SIGKILLs this rank while it reads the batch of fault.at_step (then
+    of the next steps, one per start, with fault.repeat)."""
+    f = cfg.fault
+    if f.kill_rank != rank or f.during != "read":
+        return
+    for target in range(max(f.at_step, step + 1), f.at_step + f.repeat):
+        if _claim_fault(cfg, rank, target):
+            print(f"ctxtrain: fault injection: rank {rank} will be killed by its data loader while it reads the "
+                  f"batch of step {target}", flush=True)
+            loader.kill_at = (target - 1 - step) * cfg.train.grad_accum
+            return
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,19 +376,22 @@ def _train(cfg: Config, info) -> dict:
         resend_lost_steps(tracker, metrics_file)
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
+        # this run's own checkpoint by its tag; another run's (--resume PATH) by its whole path
+        resumed_from = target and (target.tag if target.storage is storage else target.describe())
         for notice in target.notices if target else []:
             print(f"ctxtrain: {notice}", flush=True)
         kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"
         layout = f" ({info.dp_size} data-parallel x sp {info.sp_size})" if info.sp_size > 1 else ""
         print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {world} workers{layout} on {device.type}, "
               f"ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run_dir}"
-              + (f", resumed from {target.describe()}" if target else "")
+              + (f", resumed from {resumed_from}" if target else "")
               + (f", W&B run {tracker.run_id} ({tracker.mode})" if tracker.run_id else ""), flush=True)
 
     peak = M.peak_flops(device, cfg.train.peak_tflops)
     # A launcher that draws a progress bar from metrics.jsonl (a terminal) asks for no periodic lines.
     show_lines = os.environ.get("CTXTRAIN_PROGRESS", "lines") != "bar"
     watch = M.Stopwatch()
+    arm_read_fault(cfg, rank, progress.step, train_loader)
     batches = iter(train_loader)
     last = {}
     stop_reason = None
@@ -418,10 +446,15 @@ def _train(cfg: Config, info) -> dict:
             t_ckpt = time.perf_counter()
             rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
             extra = {"stop_reason": stop_reason, "restarts": restarts, "launch_id": launch_id}
-            ckpt.save(engine, storage, ckpt.tag_of(step), rank, rank_state,
-                      lambda states: ckpt.build_meta(cfg, step, progress.tokens, states, tracker.run_id, extra),
-                      fault_hook=lambda: maybe_die(cfg, rank, step, "checkpoint"))
-            if rank == 0:
+            failed = ckpt.save(engine, storage, ckpt.tag_of(step), rank, rank_state,
+                               lambda states: ckpt.build_meta(cfg, step, progress.tokens, states, tracker.run_id,
+                                                              extra),
+                               fault_hook=lambda: maybe_die(cfg, rank, step, "checkpoint"))
+            if rank == 0 and failed:
+                newest = ckpt.committed_steps(storage)
+                print(f"ctxtrain: checkpoint {ckpt.tag_of(step)} not written ({failed}); the newest committed one "
+                      f"is {ckpt.tag_of(newest[-1]) if newest else 'none'}; training goes on", flush=True)
+            elif rank == 0:
                 ckpt.apply_retention(storage, cfg)
             record["ckpt_save_s"] = time.perf_counter() - t_ckpt
         if rank == 0:

@@ -6,16 +6,29 @@ to $CTXTRAIN_ERROR_FILE (the launcher prints it once) and exits 2.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
+import signal
 import sys
 
 from ctxtrain.config import from_dict
 from ctxtrain.errors import UserError
 
 
+def die_with_launcher() -> None:
+    """A worker dies with its launcher, even a SIGKILLed one: an orphaned worker would go on writing into the run
+    directory beside the run that a re-run driver starts (Linux: PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    if str(os.getppid()) != os.environ.get("CTXTRAIN_LAUNCHER_PID", str(os.getppid())):
+        os._exit(1)  # the launcher died before the call
+
+
 def main(argv: list[str]) -> int:
+    die_with_launcher()
     entry, cfg_path = argv
     module, func = entry.split(":")
     cfg = from_dict(json.loads(open(cfg_path).read()), cfg_path)

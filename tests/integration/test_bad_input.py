@@ -183,6 +183,17 @@ CASES = {
 }
 
 
+# What some lines must say, beyond being one line.
+EXPECT = {
+    "resume-other-model": "model.d_model 32->64",
+    "resume-path-missing": "no such directory",
+    "export-truncated-model-states": "is damaged",
+    "data-token-ids-past-vocab": "past the vocabulary",
+    "prepare-binary-input": "binary file",
+    "address-closed-host-port": "cannot reach the Ray cluster at 127.0.0.1:",
+}
+
+
 def _edited(tmp: Path, base: dict, edit) -> Path:
     data = _data_copy(tmp, base)
     _index(data, edit)
@@ -298,6 +309,7 @@ def test_bad_input_is_one_line(name, base, tmp_path, capfd):
     assert "Traceback" not in out, f"{name}:\n{out[-3000:]}"
     assert len(errors) == 1, f"{name}: {len(errors)} error lines\n{out[-3000:]}"
     assert len(errors[0]) < 600, errors[0]
+    assert EXPECT.get(name, "") in errors[0], errors[0]
     if name.startswith("address-"):
         assert took < 30, took  # a closed or bad address never hangs
     if watched:

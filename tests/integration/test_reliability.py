@@ -6,6 +6,7 @@ import ipaddress
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,3 +95,116 @@ def test_sigterm_ends_prepare(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert time.time() - t0 < 10 and proc.returncode == 143, err
     assert not out.exists() and not list(tmp_path.glob(".stdlib.tmp-*")), list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults under load: the driver killed during a save, a full disk during a save (the reference is the
+# uninterrupted 20-step ZeRO-3 run; a kill in the middle of a data-loader read and three consecutive kills
+# are in test_sequence_parallel's Ray recovery test)
+
+REFERENCE = ["--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5"]
+
+
+class Lines:
+    """A process's stdout, collected line by line by a thread while it runs."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in list(self.lines)):
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def _train_cmd(run_dir: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+            f"--data.path={data}", *FAST, "--cluster.launcher=local", *REFERENCE, *extra]
+
+
+def test_driver_killed_during_a_save_then_rerun(zero3_run, stdlib_shards, tmp_path):
+    """SIGKILL to the driver while step_000010 is being written: its workers die with it (no orphan writes on
+    into the run directory), the committed step_000005 is untouched, and a re-run resumes from it with the
+    uninterrupted losses."""
+    _, whole, _ = zero3_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=12"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env())
+    saving = run_dir / "checkpoints" / "step_000010"
+    deadline = time.time() + 300
+    while time.time() < deadline and not saving.is_dir() and proc.poll() is None:
+        time.sleep(0.005)
+    assert saving.is_dir(), "the save of step 10 was never seen"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    proc.wait()
+    assert not (saving / "COMMITTED").is_file(), "the save finished before the kill; the test missed its window"
+    first = run_dir / "checkpoints" / "step_000005"
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.cmdline()[:4] for p in alive]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    rerun = subprocess.run(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=12"), capture_output=True,
+                           text=True, env=env(), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout and "step_000005" in rerun.stdout, rerun.stdout[-2000:]
+    m = metrics(run_dir)
+    for step in range(6, 13):
+        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6, step
+    assert (saving / "COMMITTED").is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 MB tmpfs (root only), the checkpoint storage of a run."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_during_a_save(zero3_run, stdlib_shards, tmp_path, small_disk):
+    """The checkpoint disk fills up after step_000005 is committed: the save of step_000010 fails on a rank,
+    leaves nothing behind and training goes on; once space is back, step_000015 commits. The committed
+    checkpoint is untouched and the losses are the uninterrupted run's."""
+    _, whole, _ = zero3_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=15", "--train.log_every=1",
+                                       f"--checkpoint.storage={small_disk}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    out = Lines(proc)
+    filler = small_disk / "filler"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics(run_dir).get(6)) and proc.poll() is None:
+            time.sleep(0.1)
+        first = small_disk / "step_000005"
+        assert (first / "COMMITTED").is_file(), out.lines[-20:]
+        before = {p.name: p.read_bytes() for p in first.iterdir()}
+        with open(filler, "wb") as fh:  # fill the disk
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+                    fh.flush()
+            except OSError:
+                pass
+        assert out.wait_for("checkpoint step_000010 not written", 300), "".join(out.lines[-60:])
+    finally:
+        filler.unlink(missing_ok=True)
+    assert proc.wait(timeout=600) == 0, "".join(out.lines[-30:])
+    notice = next(line for line in out.lines if "step_000010 not written" in line)
+    assert ("No space left" in notice or "write failed" in notice) and "newest committed one is step_000005" in notice
+    assert not (small_disk / "step_000010").exists()
+    assert (small_disk / "step_000015" / "COMMITTED").is_file()
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    m = metrics(run_dir)
+    for step in range(1, 16):
+        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6, step

@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -45,7 +46,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ctxtrain.errors import UserError
 
 IGNORE_INDEX = -100  # the model's ignored target id (kept here to keep data free of model imports)
-CHUNK_TOKENS = 1 << 18
+# Tokens per DataLoader message (a chunk of micro-batches); CTXTRAIN_LOADER_CHUNK_TOKENS=1 makes every
+# micro-batch its own message, so that workers read just ahead of the trainer (fault rehearsals use it).
+CHUNK_TOKENS = int(os.environ.get("CTXTRAIN_LOADER_CHUNK_TOKENS", 1 << 18))
 
 
 class DataError(UserError):
@@ -404,6 +407,13 @@ def _die_with_parent(_worker_id: int) -> None:
             os._exit(1)
 
 
+def _kill_trainer() -> None:
+    """fault.during=read: SIGKILL the trainer from inside its data-loader worker, in the middle of a read."""
+    trainer = os.getppid() if get_worker_info() is not None else os.getpid()
+    os.kill(trainer, signal.SIGKILL)
+    time.sleep(60)  # PR_SET_PDEATHSIG ends this worker with its trainer
+
+
 class _Stream(IterableDataset):
     """One rank's micro-batches from a cursor onwards, epoch after epoch; runs inside each DataLoader worker.
 
@@ -411,8 +421,8 @@ class _Stream(IterableDataset):
     order through epoch boundaries and start only once per iteration, not once per epoch.
     """
 
-    def __init__(self, loader: "StreamingLoader", epoch: int, consumed: int):
-        self.loader, self.epoch, self.consumed = loader, epoch, consumed
+    def __init__(self, loader: "StreamingLoader", epoch: int, consumed: int, kill_at: Optional[int] = None):
+        self.loader, self.epoch, self.consumed, self.kill_at = loader, epoch, consumed, kill_at
 
     def __iter__(self):
         info = get_worker_info()
@@ -447,10 +457,15 @@ class _Stream(IterableDataset):
             chunk = []
             for k in range(j * C, min((j + 1) * C, plan.n_steps)):
                 positions = plan.positions(k)
+                dying = self.kill_at == k and plan.epoch == self.epoch  # k counts from the cursor in its epoch
                 for b in range(loaded_through + 1, int(positions[-1]) // plan.M + 1):
                     for u in plan.owned_units_in_block(b, worker, workers):
                         cache[int(u)] = source.get(int(u))
+                        if dying:
+                            _kill_trainer()
                     loaded_through = b
+                if dying:
+                    _kill_trainer()
                 units = plan.unit_of(positions)
                 samples = [cache.pop(int(u)) for u in units]
                 if ds.task == "lm":
@@ -501,6 +516,7 @@ class StreamingLoader:
         unit_tokens = seq_len + 1 if self.dataset.task == "lm" else max_src_len + max_tgt_len
         self.chunk = max(1, CHUNK_TOKENS // (batch_size * unit_tokens)) if num_workers else 1
         self.epoch, self.consumed = 0, 0
+        self.kill_at: Optional[int] = None  # fault.during=read: the micro-batch (from the cursor) to die reading
         self.stats = {"skipped_shards": len(skipped), "skipped_names": skipped, "dropped_units": 0,
                       "epochs_done": 0, "units_per_epoch": self.n_units}
 
@@ -550,9 +566,9 @@ class StreamingLoader:
                 f"{self.dataset.path} {self.split} split has {self.n_units} samples of seq_len "
                 f"{self.seq_len}, fewer than one global batch ({self.global_batch}); add data or lower data.batch_size"
             )
-        dl = DataLoader(_Stream(self, self.epoch, self.consumed), batch_size=None, num_workers=self.num_workers,
-                        collate_fn=_identity, prefetch_factor=2 if self.num_workers else None,
-                        worker_init_fn=_die_with_parent)
+        dl = DataLoader(_Stream(self, self.epoch, self.consumed, self.kill_at), batch_size=None,
+                        num_workers=self.num_workers, collate_fn=_identity,
+                        prefetch_factor=2 if self.num_workers else None, worker_init_fn=_die_with_parent)
         left = plan.n_steps
         for chunk in dl:
             for batch in chunk:
