@@ -314,3 +314,18 @@ def test_bad_input_is_one_line(name, base, tmp_path, capfd):
         assert took < 30, took  # a closed or bad address never hangs
     if watched:
         assert snapshot(watched) == before, f"{name}: files of {watched} changed"
+
+
+def test_report_survives_damage_that_leaves_steps_to_show(base, tmp_path, capfd):
+    """A report reads what it can: a null line, a non-UTF-8 line and a line torn by a crash are skipped, a
+    checkpoint whose meta.json is damaged is listed as such; the run directory is left as it was."""
+    run = _damaged_meta(tmp_path, base, 2)
+    with open(run / "metrics.jsonl", "ab") as fh:
+        fh.write(b"null\n\xff\xfe not utf-8\n{\"step\": 9, \"lo")
+    before = snapshot(run)
+    out = tmp_path / "report.html"
+    code, _, err = in_process(["report", str(run), "--out", str(out)], capfd)
+    assert code == 0 and "Traceback" not in err, err
+    page = out.read_text()
+    assert "step_000002 (meta.json damaged)" in page and "step_000004" in page
+    assert snapshot(run) == before
