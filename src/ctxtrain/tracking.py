@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ctxtrain.config import Config
+from ctxtrain.rundir import write_atomic
 
 
 class Tracker:
@@ -117,16 +118,18 @@ def choose_run_id(run_dir: Path, from_checkpoint: Optional[str], launch_id: Opti
     """The W&B run id of this start: the checkpoint's; else this launch's earlier start's (a restart before the
     first checkpoint); else a new one. Recorded in RUN_DIR/tracker.json."""
     path = run_dir / "tracker.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        known = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # missing, or damaged: a new W&B run id, not a traceback
+        known = {}
+    known = known if isinstance(known, dict) else {}
     if from_checkpoint:
         run_id = from_checkpoint
     elif launch_id and known.get("launch_id") == launch_id and known.get("run_id"):
         run_id = known["run_id"]
     else:
         run_id = new_run_id()
-    tmp = path.with_name(".tracker.json.tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "launch_id": launch_id}) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"run_id": run_id, "launch_id": launch_id}) + "\n")
     return run_id
 
 
