@@ -31,7 +31,7 @@ from typing import Optional
 
 from ctxtrain.config import Config, diff_fields, section_hash
 from ctxtrain.errors import UserError
-from ctxtrain.rundir import write_atomic
+from ctxtrain.rundir import RunDir, write_atomic
 
 STEP_DIR = re.compile(r"step_(\d{6,})$")
 COMMITTED = "COMMITTED"
@@ -81,7 +81,13 @@ class LocalStorage:
     def put_text(self, rel: str, text: str) -> None:
         write_atomic(self.root / rel, text)
 
-    def fetch(self, tag: str, rank: int) -> None:
+    def fetch(self, tag: str, rank: int, every_rank: bool = False) -> None:
+        pass
+
+    def share_universal(self, tag: str) -> None:
+        pass  # every rank reads the same directory
+
+    def fetch_universal(self, tag: str) -> None:
         pass
 
     def drop_staged(self, tag: str) -> None:
@@ -149,16 +155,16 @@ class UriStorage:
         with self.fs.open_output_stream(self._path(rel)) as fh:
             fh.write(text.encode())
 
-    def fetch(self, tag: str, rank: int) -> None:
-        """Download this rank's shard and the shared files into staging. Ranks of one node share the staging
-        directory, so each file lands under a temporary name and is renamed into place."""
+    def fetch(self, tag: str, rank: int, every_rank: bool = False) -> None:
+        """Download this rank's shard (every rank's, for a conversion) and the shared files into staging. Ranks
+        of one node share the staging directory, so each file lands under a temporary name and is renamed."""
         import pyarrow.fs as pafs
 
         dest = self.local_root / tag
         dest.mkdir(parents=True, exist_ok=True)
         for info in self.fs.get_file_info(pafs.FileSelector(self._path(tag))):
             m = re.search(r"zero_pp_rank_(\d+)_", info.base_name)
-            if info.type != pafs.FileType.File or (m and int(m.group(1)) != rank):
+            if info.type != pafs.FileType.File or (m and int(m.group(1)) != rank and not every_rank):
                 continue
             target = dest / info.base_name
             if target.is_file() and target.stat().st_size == info.size:
@@ -167,6 +173,30 @@ class UriStorage:
             pafs.copy_files(info.path, str(tmp), source_filesystem=self.fs,
                             destination_filesystem=pafs.LocalFileSystem())
             os.replace(tmp, target)
+
+    def share_universal(self, tag: str) -> None:
+        """Upload the checkpoint's universal conversion beside it, for the ranks of other nodes (and later runs)."""
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self._path(f"{tag}/{UNIVERSAL}/{COMMITTED}")).type == pafs.FileType.File:
+            return
+        pafs.copy_files(str(self.local_root / tag / UNIVERSAL), self._path(f"{tag}/{UNIVERSAL}"),
+                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def fetch_universal(self, tag: str) -> None:
+        """The conversion, downloaded into this node's staging unless a rank of this node already has it."""
+        import pyarrow.fs as pafs
+
+        out = self.local_root / tag / UNIVERSAL
+        if (out / COMMITTED).is_file():
+            return
+        tmp = self.local_root / tag / f".{UNIVERSAL}.fetch-{os.getpid()}"
+        pafs.copy_files(self._path(f"{tag}/{UNIVERSAL}"), str(tmp), source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another rank of this node was first
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def drop_staged(self, tag: str) -> None:
         """After the commit the bucket holds the checkpoint; the local staging copy would only take disk."""
@@ -177,11 +207,13 @@ class UriStorage:
 
 
 def open_storage(cfg: Config) -> LocalStorage | UriStorage:
-    run_dir = Path(cfg.train.run_dir)
-    where = cfg.checkpoint.storage
-    if where and "://" in where:
-        return UriStorage(where, run_dir / "checkpoints")
-    return LocalStorage(Path(where) if where else run_dir / "checkpoints")
+    """The run's checkpoint storage: checkpoint.storage (a URI, staged in RUN_DIR/checkpoints; or a directory),
+    else RUN_DIR/checkpoints."""
+    run = RunDir(cfg.train.run_dir)
+    root = run.checkpoint_root(cfg.checkpoint.storage)
+    if isinstance(root, str):
+        return UriStorage(root, run.checkpoints)
+    return LocalStorage(root)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,16 +352,14 @@ def _named(setting: str, storage) -> Target:
 
 
 def check_compatible(meta: dict, cfg: Config, world_size: int, where: str) -> None:
-    """Refuse a checkpoint whose model differs, naming the fields; or whose ZeRO partitioning cannot load."""
+    """Refuse a checkpoint whose model or ZeRO stage differs, naming the fields (another world size is fine:
+    `load` converts the checkpoint)."""
     theirs = (meta.get("config") or {}).get("model")
     ours = cfg.to_dict()["model"]
     if theirs != ours:
         diffs = diff_fields(theirs, ours, "model.")
         raise UserError(f"checkpoint {where} was written for another model ({'; '.join(diffs)}); "
                         "resume with the same model config or start fresh with --no-resume")
-    if meta["world_size"] != world_size and cfg.zero.stage > 0:
-        raise UserError(f"checkpoint {where} holds ZeRO-{cfg.zero.stage} shards of {meta['world_size']} ranks, "
-                        f"this run has {world_size}; resume with cluster.workers={meta['world_size']}")
     if meta["config"]["zero"]["stage"] != cfg.zero.stage:
         raise UserError(f"checkpoint {where} was written with zero.stage={meta['config']['zero']['stage']}, "
                         f"this run has {cfg.zero.stage}; resume with the same stage")
@@ -451,19 +481,61 @@ def _write_error(e: Exception, where: Path) -> str:
     return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
+UNIVERSAL = "universal"  # inside a checkpoint directory: its conversion for other world sizes
+
+
 def load(engine, target: Target, cfg: Config, world_size: int, rank: int) -> dict:
-    """Check a verified committed checkpoint against this run, fetch it if remote, and load it into the engine."""
+    """Check a verified committed checkpoint against this run, fetch it if remote, and load it into the engine.
+
+    Written by another number of workers under ZeRO 1-3, it is first converted into DeepSpeed's universal format
+    (rank 0, once: the conversion is kept in the checkpoint's `universal/` folder and reused; the others wait),
+    which loads on any number of workers with the fp32 master weights and Adam's moments and step."""
+    from ctxtrain.engine import barrier, to_universal
+
     storage, tag = target.storage, target.tag
     meta = storage.read_meta(tag)
     check_compatible(meta, cfg, world_size, storage.describe(tag))
-    storage.fetch(tag, rank)
+    universal = meta["world_size"] != world_size and cfg.zero.stage > 0
+    storage.fetch(tag, rank, every_rank=universal and rank == 0)
     try:
-        engine.load(str(storage.local_root), tag)
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # what a damaged file raises in torch.load
-        raise UserError(f"checkpoint {storage.describe(tag)} could not be loaded ({type(e).__name__}: "
+        if universal:
+            error = None
+            if rank == 0:
+                try:
+                    convert_once(storage, tag, to_universal)
+                except Exception as e:  # noqa: BLE001  (every rank must hear of it, not wait at the barrier)
+                    error = e
+            barrier()
+            if error is not None:
+                raise error
+            storage.fetch_universal(tag)
+            engine.load(str(storage.local_root / tag), UNIVERSAL, universal=True)
+        else:
+            engine.load(str(storage.local_root), tag)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError) as e:  # a damaged file
+        raise UserError(f"checkpoint {storage.describe(tag)} could not be loaded"
+                        f"{' on ' + str(world_size) + ' workers' if universal else ''} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
                         "name an older committed one with --resume, or start fresh with --no-resume") from None
+    barrier()  # every rank has read its files: a URI storage's local copy can go (the store keeps it)
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        storage.drop_staged(tag)
     return meta
+
+
+def convert_once(storage, tag: str, convert) -> Path:
+    """The checkpoint's universal conversion: made once (into a temporary folder renamed into place, so that an
+    interrupted conversion is never taken for one) and then reused; with a URI storage also uploaded."""
+    out = storage.local_root / tag / UNIVERSAL
+    if not (out / COMMITTED).is_file():
+        tmp = storage.local_root / tag / f".{UNIVERSAL}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        convert(str(storage.local_root / tag), str(tmp))
+        (tmp / COMMITTED).write_text(f"{time.time()}\n")
+        os.replace(tmp, out)
+    storage.share_universal(tag)
+    return out
 
 
 def apply_retention(storage, cfg: Config) -> list[int]:
@@ -478,16 +550,22 @@ def apply_retention(storage, cfg: Config) -> list[int]:
 # Export
 
 
-def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
-    """The committed checkpoint to export (the newest, or --step), verified against its manifest; a damaged
-    one is refused in one line that names the previous sound one."""
-    root = run_dir / "checkpoints"
-    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
+def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> tuple[Config, object, str]:
+    """(the run's config, its checkpoint storage, the tag) of the committed checkpoint to export: the newest, or
+    --step, wherever the run stored its checkpoints (checkpoint.storage), verified against its manifest; a
+    damaged one is refused in one line that names the previous sound one."""
+    from ctxtrain.config import load_config
+
+    run = RunDir(run_dir)
+    if not run_dir.is_dir() or not run.is_run():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the train.run_dir of a run")
-    storage = LocalStorage(root)
+    cfg = load_config(run.config)
+    cfg.train.run_dir = str(run_dir)  # the directory as given (the run may have been moved)
+    storage = open_storage(cfg)
     steps = committed_steps(storage)
     if not steps:
-        raise UserError(f"{root} holds no committed checkpoint; train until one is written (checkpoint.every)")
+        raise UserError(f"{storage.describe('')} holds no committed checkpoint; train until one is written "
+                        "(checkpoint.every)")
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -496,8 +574,8 @@ def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
     if reason:
         older = next((s for s in reversed(steps) if s < step and verify(storage, tag_of(s)) is None), None)
         hint = f"export the previous sound one with --step {older}" if older else "no older committed one is sound"
-        raise UserError(f"checkpoint {root / tag_of(step)} is damaged ({reason}); {hint}")
-    return root / tag_of(step)
+        raise UserError(f"checkpoint {storage.describe(tag_of(step))} is damaged ({reason}); {hint}")
+    return cfg, storage, tag_of(step)
 
 
 def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, progress: bool = True) -> Path:
@@ -505,17 +583,19 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
     Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
     from safetensors.torch import save_file
 
-    from ctxtrain.config import load_config
     from ctxtrain.engine import consolidate
     from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
     from ctxtrain.progress import bar as progress_bar
 
     run_dir, out = Path(run_dir), Path(out)
-    ckpt = resolve_export_checkpoint(run_dir, step)
-    cfg = load_config(run_dir / "config.yaml")
-    meta = json.loads((ckpt / META).read_bytes())
+    cfg, storage, tag = resolve_export_checkpoint(run_dir, step)
+    meta = storage.read_meta(tag)
     bar = progress_bar(3, "export", "part", enabled=progress)
-    state = consolidate(str(ckpt))
+    storage.fetch(tag, 0, every_rank=True)  # a URI storage: every rank's shard into the local staging
+    try:
+        state = consolidate(str(storage.local_root / tag))
+    finally:
+        storage.drop_staged(tag)
     bar.update()
     if cfg.model.tie_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores a tensor once

@@ -9,11 +9,13 @@ Every error is a `ConfigError` whose message is one line; the CLI prints it and 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import hashlib
 import inspect
 import json
+import re
 import sys
 import textwrap
 import typing
@@ -86,6 +88,12 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated into one optimizer step."""
 
+    global_batch: Optional[int] = None
+    """Samples per optimizer step over all workers, kept whatever the number of workers (an elastic range, a
+    resume on another count): the micro-batch (at most data.batch_size) and the accumulation are derived for the
+    workers that start, the largest micro-batch that splits it exactly. null: data.batch_size x train.grad_accum
+    x the data-parallel groups of cluster.workers."""
+
     stop_at_step: Optional[int] = None
     """End cleanly with a checkpoint after this step; the schedule still follows max_steps."""
 
@@ -111,6 +119,11 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "eval_batches", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be a positive integer")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError(f"train.global_batch={self.global_batch}: must be a positive integer or null")
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise ValueError(f"train.global_batch={self.global_batch} and train.grad_accum={self.grad_accum}: the "
+                             "accumulation is derived from the global batch; set only one of them")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every={self.eval_every}: must be 0 (off) or a positive integer")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
@@ -297,7 +310,11 @@ class ClusterConfig:
     """ray: Ray Train workers (embedded Ray, or the cluster at `address`); local: plain processes on this machine."""
 
     workers: int = 1
-    """Training workers (ranks)."""
+    """Training workers (ranks). A range MIN..MAX (YAML or command line) makes the run elastic: Ray starts as many
+    as it can place within it and, when a worker group restarts with another size, training resumes on that."""
+
+    min_workers: Optional[int] = None
+    """Lower end of an elastic range (`workers: MIN..MAX` sets it); null: exactly `workers`."""
 
     address: Optional[str] = None
     """Ray cluster to join (ray://, host:port or auto); null: $RAY_ADDRESS, else Ray starts embedded here."""
@@ -329,6 +346,9 @@ class ClusterConfig:
             raise ValueError(f"cluster.connect_timeout_s={self.connect_timeout_s}: must be positive")
         if self.workers < 1:
             raise ValueError(f"cluster.workers={self.workers}: must be at least 1")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
+            raise ValueError(f"cluster.workers={self.min_workers}..{self.workers}: the range must satisfy "
+                             "1 <= MIN <= MAX")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be positive")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
@@ -391,6 +411,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self._check_sequence_parallel()
+        self._check_batch_split()
         f = self.fault
         if f.kill_rank is not None:
             if f.at_step is None or f.at_step < 1:
@@ -417,8 +438,51 @@ class Config:
             raise ValueError(f"parallel.sp={sp} must divide {', '.join(bad)}; choose an sp that divides "
                              "the workers, the heads and the sequence length")
 
+    def _check_batch_split(self) -> None:
+        c = self.cluster
+        if c.min_workers is not None and c.min_workers < c.workers and self.parallel.sp > 1:
+            raise ValueError(f"cluster.workers={c.min_workers}..{c.workers} with parallel.sp={self.parallel.sp}: an "
+                             "elastic range is for data parallelism only; give a fixed cluster.workers")
+        for n in range(c.min_workers or c.workers, c.workers + 1):
+            batch_split(self, n)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def global_batch(cfg: Config) -> int:
+    """Samples per optimizer step over all workers: train.global_batch, else what cluster.workers makes."""
+    t = cfg.train
+    return t.global_batch or cfg.data.batch_size * t.grad_accum * (cfg.cluster.workers // cfg.parallel.sp)
+
+
+def batch_split(cfg: Config, workers: int) -> tuple[int, int]:
+    """(micro-batch per data-parallel group, gradient accumulation) that make the global batch on `workers`
+    workers: the largest micro-batch up to data.batch_size that splits it exactly (the fewest accumulation
+    steps). ValueError (one line) when no exact split exists."""
+    groups = max(1, workers // cfg.parallel.sp)
+    if cfg.train.global_batch is None and workers == cfg.cluster.workers:
+        return cfg.data.batch_size, cfg.train.grad_accum
+    total = global_batch(cfg)
+    for accum in range(1, total // groups + 1):
+        if total % (groups * accum) == 0 and total // (groups * accum) <= cfg.data.batch_size:
+            return total // (groups * accum), accum
+    what = (f"train.global_batch={total}" if cfg.train.global_batch else
+            f"the global batch {total} (data.batch_size x train.grad_accum x {cfg.cluster.workers} workers)")
+    raise ValueError(f"{what} does not split exactly over {workers} workers in micro-batches of at most "
+                     f"data.batch_size={cfg.data.batch_size}; set a train.global_batch that every worker count of "
+                     "cluster.workers divides")
+
+
+def for_workers(cfg: Config, workers: int) -> Config:
+    """The config a worker trains with on `workers` workers: micro-batch and accumulation from batch_split (the
+    rest, train.global_batch included, as given)."""
+    micro, accum = batch_split(cfg, workers)
+    if (micro, accum) == (cfg.data.batch_size, cfg.train.grad_accum):
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.data.batch_size, out.train.grad_accum = micro, accum
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,9 +558,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported annotation {tp}")
 
 
+WORKER_RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
+
+
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields in {source}, got {data!r}")
+    if cls is ClusterConfig and isinstance(data.get("workers"), str) and WORKER_RANGE.match(data["workers"]):
+        lo, hi = WORKER_RANGE.match(data["workers"]).groups()  # an elastic range MIN..MAX
+        data = {**data, "workers": int(hi), "min_workers": int(lo)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ctxtrain.errors import UserError
-from ctxtrain.rundir import read_metrics
+from ctxtrain.rundir import RunDir, read_metrics
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 GIB = 1024**3
@@ -40,29 +40,52 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     p = Path(path)
-    metrics = p / "metrics.jsonl"
-    if not metrics.is_file():
+    run = RunDir(p)
+    if not run.metrics.is_file():
         raise UserError(f"{p} has no metrics.jsonl; pass the train.run_dir of a run")
-    rows = read_metrics(metrics)  # torn, non-UTF-8 or non-record lines are skipped
+    rows = read_metrics(run.metrics)  # torn, non-UTF-8 or non-record lines are skipped
     if not rows:
-        raise UserError(f"{metrics} holds no step records (empty, or every line damaged); pass a run that has "
+        raise UserError(f"{run.metrics} holds no step records (empty, or every line damaged); pass a run that has "
                         "trained at least one step")
-    config_text = _text(p / "config.yaml", "(no config.yaml)")
-    checkpoints = []
-    root = p / "checkpoints"
-    for d in sorted(root.glob("step_*")) if root.is_dir() else []:
-        meta = _json(d / "meta.json")
-        checkpoints.append({
-            "name": d.name + ("" if meta is not None or not (d / "meta.json").exists() else " (meta.json damaged)"),
-            "committed": (d / "COMMITTED").is_file(),
-            "bytes": sum(f.stat().st_size for f in d.iterdir() if f.is_file()),
+    config_text = _text(run.config, "(no config.yaml)")
+    tracker = (_json(run.tracker) or {}).get("run_id")
+    restarts = max((r.get("restarts") or 0 for r in rows), default=0)
+    return Run(p, p.name, rows, config_text, _checkpoints(p), restarts, tracker)
+
+
+def _checkpoints(run_dir: Path) -> list[dict]:
+    """The run's checkpoints wherever it stored them (checkpoint.storage of its config.yaml; RUN_DIR/checkpoints
+    when the config cannot be read), each with its meta.json's facts or a note that meta.json is damaged."""
+    from ctxtrain.checkpoint import LocalStorage, open_storage, tag_of
+    from ctxtrain.config import load_config
+
+    try:
+        cfg = load_config(RunDir(run_dir).config)
+        cfg.train.run_dir = str(run_dir)
+        storage = open_storage(cfg)
+        steps = storage.list_steps()
+    except (UserError, OSError, ValueError):
+        storage = LocalStorage(RunDir(run_dir).checkpoints)
+        steps = storage.list_steps()
+    out = []
+    for step, committed in steps:
+        tag = tag_of(step)
+        sizes = storage.sizes(tag)
+        try:
+            meta = storage.read_meta(tag)
+        except (OSError, ValueError, UnicodeDecodeError):
+            meta = None
+        meta = meta if isinstance(meta, dict) else None
+        note = " (meta.json damaged)" if meta is None and "meta.json" in sizes else ""
+        out.append({
+            "name": tag + note,
+            "committed": committed,
+            "bytes": sum(sizes.values()),
             "time": (meta or {}).get("time"),
             "tokens": (meta or {}).get("tokens"),
             "world_size": (meta or {}).get("world_size"),
         })
-    tracker = (_json(p / "tracker.json") or {}).get("run_id")
-    restarts = max((r.get("restarts") or 0 for r in rows), default=0)
-    return Run(p, p.name, rows, config_text, checkpoints, restarts, tracker)
+    return out
 
 
 def _text(path: Path, missing: str) -> str:

@@ -1,7 +1,15 @@
-"""The run directory's files: the atomic write, and the one reader of metrics.jsonl.
+"""The run directory: every path in it, the metrics writer and reader, the atomic write, the checkpoint root.
 
-    RUN_DIR/config.yaml      the resolved config          RUN_DIR/metrics.jsonl   one JSON line per step
-    RUN_DIR/starts.jsonl     one line per (re)start       RUN_DIR/checkpoints/    see checkpoint.py
+    RUN_DIR/config.yaml         the resolved config           RUN_DIR/metrics.jsonl   one JSON line per step
+    RUN_DIR/starts.jsonl        one line per (re)start        RUN_DIR/tracker.json    the W&B run id
+    RUN_DIR/ds_config.json      the generated DeepSpeed config
+    RUN_DIR/wandb/              W&B's files                   RUN_DIR/tensorboard/    TensorBoard event files
+    RUN_DIR/checkpoints/        checkpoints (checkpoint.py), or their local staging when
+                                checkpoint.storage is a URI; `checkpoint_root` says where they live
+    RUN_DIR/fault-*.done        fault rehearsals already done
+
+Nothing else joins a file name onto a run directory: train, checkpoint, tracking, report, export and the
+launchers take their paths from here.
 """
 
 from __future__ import annotations
@@ -10,6 +18,59 @@ import json
 import os
 from pathlib import Path
 from typing import Optional
+
+
+class RunDir:
+    """The paths of one run directory (nothing is created by naming them)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def starts(self) -> Path:
+        return self.path / "starts.jsonl"
+
+    @property
+    def tracker(self) -> Path:
+        return self.path / "tracker.json"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.path / "ds_config.json"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Local checkpoints by default; the staging directory of a URI storage."""
+        return self.path / "checkpoints"
+
+    def checkpoint_root(self, storage: Optional[str]) -> str | Path:
+        """Where the checkpoints live: checkpoint.storage (a URI, or a directory shared by the nodes), else
+        RUN_DIR/checkpoints."""
+        if storage and "://" in storage:
+            return storage.rstrip("/")
+        return Path(storage) if storage else self.checkpoints
+
+    def fault_marker(self, rank: int, step: int, during: str) -> Path:
+        return self.path / f"fault-rank{rank}-step{step}-{during}.done"
+
+    def is_run(self) -> bool:
+        return self.config.is_file()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -47,7 +108,26 @@ def read_metrics(path: str | Path) -> list[dict]:
 def last_record(run_dir: str | Path) -> Optional[dict]:
     """The newest complete line of RUN_DIR/metrics.jsonl (a line being written, or torn by a crash, is skipped)."""
     try:
-        rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+        rows = read_metrics(RunDir(run_dir).metrics)
     except OSError:
         return None
     return rows[-1] if rows else None
+
+
+class MetricsWriter:
+    """RUN_DIR/metrics.jsonl for rank 0: on resume the steps after the checkpoint are cut, so that each step
+    appears once (they are recomputed, with the same values); then one line per step, flushed."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int):
+        self.path = RunDir(run_dir).metrics
+        # the lines up to the checkpoint, in order (torn or damaged lines are dropped)
+        self.kept: list[dict] = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
+        self.fh = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ctxtrain.config import Config
-from ctxtrain.rundir import write_atomic
+from ctxtrain.rundir import RunDir, write_atomic
 
 
 class Tracker:
@@ -80,7 +80,7 @@ class WandbTracker(Tracker):
             group=t.group,
             tags=t.tags or None,
             name=t.name or run_dir.name,
-            dir=str(run_dir),
+            dir=str(RunDir(run_dir).path),
             mode=self.mode,
             settings=wandb.Settings(console="off", quiet=True),
         )
@@ -117,7 +117,7 @@ def new_run_id() -> str:
 def choose_run_id(run_dir: Path, from_checkpoint: Optional[str], launch_id: Optional[str]) -> str:
     """The W&B run id of this start: the checkpoint's; else this launch's earlier start's (a restart before the
     first checkpoint); else a new one. Recorded in RUN_DIR/tracker.json."""
-    path = run_dir / "tracker.json"
+    path = RunDir(run_dir).tracker
     try:
         known = json.loads(path.read_bytes())
     except (OSError, ValueError):  # missing, or damaged: a new W&B run id, not a traceback
@@ -184,7 +184,7 @@ def read_records(path: Path) -> Iterator[object]:
 def read_history(run_dir: Path, run_id: str) -> list[tuple[int, dict]]:
     """(step, metrics) of every history record of run_id under RUN_DIR/wandb, all process starts together."""
     out = []
-    for path in sorted((Path(run_dir) / "wandb").glob(f"*run-*{run_id}*/run-{run_id}.wandb")):
+    for path in sorted(RunDir(run_dir).wandb.glob(f"*run-*{run_id}*/run-{run_id}.wandb")):
         for record in read_records(path):
             if record.WhichOneof("record_type") != "history":
                 continue

@@ -25,12 +25,12 @@ import torch
 
 from ctxtrain import checkpoint as ckpt
 from ctxtrain import metrics as M
-from ctxtrain.config import Config, to_yaml
+from ctxtrain.config import Config, for_workers, global_batch, to_yaml
 from ctxtrain.data.loader import Dataset, StreamingLoader
 from ctxtrain.engine import Engine, apply_levers, gather_objects, init_distributed, lr_at, shutdown
 from ctxtrain.engine.memory import return_freed_host_memory
 from ctxtrain.errors import UserError
-from ctxtrain.rundir import read_metrics, write_atomic
+from ctxtrain.rundir import MetricsWriter, RunDir, write_atomic
 from ctxtrain.model import build_model, encdec_train_flops, lm_train_flops_per_token, param_count
 from ctxtrain.tracking import Tracker, make_tracker
 
@@ -104,26 +104,7 @@ def preflight(cfg: Config) -> None:
 # Run-directory files written by rank 0
 
 
-class MetricsFile:
-    """RUN_DIR/metrics.jsonl: one JSON line per step. On resume the steps after the checkpoint are cut,
-    so that each step appears once (they are recomputed, with the same values)."""
-
-    def __init__(self, run_dir: Path, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        # the lines up to the checkpoint, in order (torn or damaged lines are dropped)
-        self.kept: list[dict] = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
-        self.fh = open(self.path, "a")
-
-    def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def resend_lost_steps(tracker: Tracker, metrics_file: MetricsFile) -> None:
+def resend_lost_steps(tracker: Tracker, metrics_file: MetricsWriter) -> None:
     """After a resume: the steps up to the checkpoint that the tracker lost with a killed process (W&B writes
     asynchronously) are sent again from metrics.jsonl; the tracker skips every step it already holds."""
     for record in metrics_file.kept:
@@ -133,7 +114,7 @@ def resend_lost_steps(tracker: Tracker, metrics_file: MetricsFile) -> None:
 def record_start(run_dir: Path, resumed_from: Optional[int], launch_id: Optional[str], fresh: bool) -> int:
     """Append this start to RUN_DIR/starts.jsonl; returns the restart count: the starts of this run (worker
     groups restarted by Ray, drivers re-run) since it last started fresh, minus one."""
-    path = run_dir / "starts.jsonl"
+    path = RunDir(run_dir).starts
     if fresh and path.exists():
         path.unlink()
     with open(path, "a") as fh:
@@ -162,7 +143,7 @@ def maybe_die(cfg: Config, rank: int, step: int, during: str) -> None:
 
 def _claim_fault(cfg: Config, rank: int, step: int) -> bool:
     """A marker in the run directory makes each fault happen once, across restarts."""
-    marker = Path(cfg.train.run_dir) / f"fault-rank{rank}-step{step}-{cfg.fault.during}.done"
+    marker = RunDir(cfg.train.run_dir).fault_marker(rank, step, cfg.fault.during)
     if marker.exists():
         return False
     with open(marker, "w") as fh:
@@ -327,9 +308,14 @@ def run(cfg: Config) -> dict:
         shutdown(info)
 
 
-def _train(cfg: Config, info) -> dict:
+def _train(given: Config, info) -> dict:
     rank, world, device = info.rank, info.world_size, info.device
-    run_dir = Path(cfg.train.run_dir)
+    run = RunDir(given.train.run_dir)
+    run_dir = run.path
+    try:
+        cfg = for_workers(given, world)  # the micro-batch and accumulation that keep the global batch here
+    except ValueError as e:
+        raise UserError(str(e)) from None
     t_start = time.time()
     check_data(cfg)
     if os.environ.get("CTXTRAIN_MEMORY_CHECKED") != "1":
@@ -343,7 +329,7 @@ def _train(cfg: Config, info) -> dict:
         ckpt.check_compatible(target.storage.read_meta(target.tag), cfg, world, target.describe())
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_atomic(run.config, to_yaml(given))
     import torch._dynamo  # noqa: F401  (torch.optim loads it on first use: ~70 MB of code, not of training state)
 
     return_freed_host_memory()
@@ -355,7 +341,7 @@ def _train(cfg: Config, info) -> dict:
     apply_levers(model, cfg.memory, device)
     engine = Engine(cfg, model, info)
     if rank == 0:
-        write_atomic(run_dir / "ds_config.json", json.dumps(engine.config, indent=1) + "\n")
+        write_atomic(run.ds_config, json.dumps(engine.config, indent=1) + "\n")
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
 
     train_loader = _loader(cfg, info.dp_rank, info.dp_size, "train")  # one cursor per data-parallel group
@@ -367,12 +353,19 @@ def _train(cfg: Config, info) -> dict:
         train_loader.load_state_dict(meta["loader"][0])  # every rank's cursor is the same global position
         if meta["world_size"] == world:
             set_rng_state(meta["rng"][rank], device)
+        elif rank == 0:
+            before, now = meta.get("global_batch"), global_batch(given)
+            print(f"ctxtrain: checkpoint {target.tag} was written by {meta['world_size']} workers, this run has "
+                  f"{world}: {'converted to the universal format; ' if cfg.zero.stage else ''}micro-batch "
+                  f"{cfg.data.batch_size} x accumulation {cfg.train.grad_accum} per worker, global batch {now}"
+                  + (f" (was {before}; set train.global_batch to keep it)" if before and before != now else ""),
+                  flush=True)
 
     metrics_file, restarts, tracker = None, 0, Tracker()
     if rank == 0:
         tracker = make_tracker(cfg, rank, run_dir, meta.get("tracker_run_id") if meta else None, launch_id)
         tracker.log_config(cfg.to_dict())
-        metrics_file = MetricsFile(run_dir, progress.step)
+        metrics_file = MetricsWriter(run_dir, progress.step)
         resend_lost_steps(tracker, metrics_file)
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
@@ -445,7 +438,8 @@ def _train(cfg: Config, info) -> dict:
         if final or saving:
             t_ckpt = time.perf_counter()
             rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
-            extra = {"stop_reason": stop_reason, "restarts": restarts, "launch_id": launch_id}
+            extra = {"stop_reason": stop_reason, "restarts": restarts, "launch_id": launch_id,
+                     "global_batch": global_batch(given)}
             failed = ckpt.save(engine, storage, ckpt.tag_of(step), rank, rank_state,
                                lambda states: ckpt.build_meta(cfg, step, progress.tokens, states, tracker.run_id,
                                                               extra),

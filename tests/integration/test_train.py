@@ -154,6 +154,18 @@ def test_checkpoints_in_an_object_store_uri(zero3_run, stdlib_shards, tmp_path):
     assert "resumed from step_000006" in proc.stdout
     for step in (7, 8, 9):
         assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6
+    # export and report read the checkpoints where the run stored them (nothing is left in RUN_DIR/checkpoints)
+    assert not list((tmp_path / "node_b" / "checkpoints").glob("step_*"))
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "export", str(tmp_path / "node_b"), "--out",
+                        str(tmp_path / "export"), "--no-progress"], capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["step"] == 9
+    assert not list((tmp_path / "node_b" / "checkpoints").glob("step_*"))  # the staged copy is dropped again
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "report", str(tmp_path / "node_b"), "--out",
+                        str(tmp_path / "report.html")], capture_output=True, text=True, env=env())
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert "step_000009" in page and "step_000006" in page
 
 
 def test_resume_flag_loads_exactly_the_named_checkpoint_and_no_resume_starts_fresh(zero3_run, stdlib_shards,

@@ -74,11 +74,12 @@ def test_resume_resends_the_steps_wandb_lost(tmp_path):
 from pathlib import Path
 from ctxtrain.config import load_config
 from ctxtrain.tracking import WandbTracker
-from ctxtrain.train import MetricsFile, resend_lost_steps
+from ctxtrain.rundir import MetricsWriter
+from ctxtrain.train import resend_lost_steps
 run_dir = Path({str(tmp_path)!r})
 tracker = WandbTracker(load_config(None, ["--tracking.mode=offline"]), "runlost1", run_dir)
 assert tracker.last_step == 3, tracker.last_step
-metrics = MetricsFile(run_dir, resume_step=5)
+metrics = MetricsWriter(run_dir, resume_step=5)
 resend_lost_steps(tracker, metrics)
 for step in (6, 7):  # recomputed after the resume
     tracker.log({{"step": step, "loss": 1.0 / step}}, step)

@@ -1,6 +1,7 @@
 """The engine: DeepSpeed (the only package importing it) and what it wraps around the model.
 
-- `core`: the process group, the generated DeepSpeed config, ZeRO 0-3, the optimizer, the step, consolidation.
+- `core`: the process group, the generated DeepSpeed config, ZeRO 0-3, the optimizer, the step, consolidation, the
+  universal-checkpoint conversion (a ZeRO checkpoint of one world size loaded on another).
 - `memory`: the memory levers (activation checkpointing policies, the chunked LM head + loss, the chunked MLP).
 """
 
@@ -18,6 +19,7 @@ from ctxtrain.engine.core import (
     param_groups,
     pick_device,
     shutdown,
+    to_universal,
 )
 from ctxtrain.engine.memory import Levers, apply_levers
 
@@ -37,4 +39,5 @@ __all__ = [
     "param_groups",
     "pick_device",
     "shutdown",
+    "to_universal",
 ]

@@ -248,10 +248,28 @@ class Engine:
         """Every rank writes its DeepSpeed files under root/tag (one optimizer shard per rank under ZeRO)."""
         self.ds.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
 
-    def load(self, root: str, tag: str) -> None:
-        with weights_only_loading():
-            path, _ = self.ds.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+    def load(self, root: str, tag: str, universal: bool = False) -> None:
+        """Load root/tag: DeepSpeed's files of the same world size, or (universal) a folder that
+        `to_universal` converted, which loads on any world size."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.ds._config.load_universal_checkpoint = universal
+        try:
+            with weights_only_loading():
+                path, _ = self.ds.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+        if universal:
+            # ZeRO-3's universal load (DeepSpeed 0.19) gives every parameter group the hyperparameters of the
+            # first: the norms and biases would get the matrices' weight decay. Ours come from the config.
+            for group, hparams in zip(self.optimizer.param_groups, groups):
+                group.update(hparams)
+            # It also hands every partition the same `step` tensor, which torch's AdamW increments in place: with
+            # two partitions the step would advance by two and the bias correction drift. One tensor each.
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         if path is None:
             from ctxtrain.errors import UserError
 
@@ -297,6 +315,24 @@ def weights_only_loading():
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def to_universal(checkpoint_dir: str, out_dir: str) -> None:
+    """Convert a ZeRO 1-3 checkpoint (DeepSpeed's files of some world size) into DeepSpeed's universal format
+    (one folder per parameter: fp32 weights and Adam moments, unpartitioned) in out_dir, in this process:
+    `deepspeed.checkpoint.ds_to_universal` with one extract and one merge worker (no process pool)."""
+    import argparse
+    import io
+    from contextlib import redirect_stdout
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=checkpoint_dir, output_folder=out_dir, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
+                              inject_missing_state=True)  # ZeRO 1-2 files lack its version tag
+    with redirect_stdout(io.StringIO()), weights_only_loading(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds_to_universal.main(args)
 
 
 def consolidate(checkpoint_dir: str) -> dict[str, torch.Tensor]:
