@@ -15,9 +15,11 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
-from ctxtrain.errors import UserError
+from ctxtrain.errors import PREEMPTED_EXIT, UserError
+from ctxtrain.rundir import RunDir
 
 VERBS = {
     "config": "show the resolved config of an experiment (config show CFG [--section.field=value ...])",
@@ -127,14 +129,32 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     # A bar needs a terminal here and the run dir visible here (not so for a remote cluster's workers).
     bar = want_bar() and runs_here(cfg)
     os.environ["CTXTRAIN_PROGRESS"] = "bar" if bar else "lines"
-    with ProgressBar(cfg.train.run_dir, cfg.train.max_steps) if bar else contextlib.nullcontext():
-        if cfg.cluster.launcher == "local":
-            from ctxtrain import local_launch
+    global _preemptible
+    request = RunDir(cfg.train.run_dir).preempt_request
+    request.unlink(missing_ok=True)  # a request that an earlier driver left behind
+    _preemptible = (request, cfg.cluster.preempt_grace_s)
+    try:
+        with ProgressBar(cfg.train.run_dir, cfg.train.max_steps) if bar else contextlib.nullcontext():
+            if cfg.cluster.launcher == "local":
+                from ctxtrain import local_launch
 
-            return local_launch.launch(cfg)
-        from ctxtrain.launcher import train_on_ray
+                code = local_launch.launch(cfg)
+            else:
+                from ctxtrain.launcher import train_on_ray
 
-        return train_on_ray(cfg)
+                code = train_on_ray(cfg)
+    finally:
+        _preemptible = None
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        request.unlink(missing_ok=True)
+    if code == PREEMPTED_EXIT or (code == 0 and _preempting):
+        from ctxtrain import checkpoint as ckpt
+
+        steps = ckpt.committed_steps(ckpt.open_storage(cfg))
+        print(f"ctxtrain: preempted (SIGTERM); newest committed checkpoint {ckpt.tag_of(steps[-1]) if steps else 'none'}"
+              "; run the same command again to resume", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
+    return code
 
 
 def cmd_submit(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -339,12 +359,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _terminated = False
+_preemptible: Optional[tuple[Path, float]] = None  # (RUN_DIR/preempt.request, grace) while `train` has workers
+_preempting = False
 
 
 def _on_sigterm(signum, frame):
-    """SIGTERM unwinds every verb like Ctrl-C (workers stopped, Ray shut down in order). A KeyboardInterrupt,
-    because Ray's waits pass that one through and swallow other exceptions raised by signal handlers."""
-    global _terminated
+    """SIGTERM to `train` while its workers run: a preemption (Slurm's --signal, a Kubernetes eviction). The
+    workers are asked for a checkpoint at the next step boundary (RUN_DIR/preempt.request) and the run ends with
+    status 75; past cluster.preempt_grace_s, or on a second SIGTERM, it is terminated.
+
+    Otherwise SIGTERM unwinds every verb like Ctrl-C (workers stopped, Ray shut down in order). A
+    KeyboardInterrupt, because Ray's waits pass that one through and swallow other exceptions raised by handlers."""
+    global _terminated, _preempting
+    if _preemptible is not None and not _preempting:
+        request, grace = _preemptible
+        _preempting = True
+        try:
+            request.write_text(f"{time.time()}\n")
+        except OSError:
+            pass  # the run directory is not reachable from here: terminate
+        else:
+            print(f"ctxtrain: SIGTERM: the workers write a checkpoint at the next step boundary (grace "
+                  f"{grace:g} s, cluster.preempt_grace_s)", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGALRM, _on_sigterm)
+            signal.setitimer(signal.ITIMER_REAL, grace)
+            return
     _terminated = True
     raise KeyboardInterrupt()
 

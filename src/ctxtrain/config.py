@@ -331,6 +331,11 @@ class ClusterConfig:
     max_failures: int = 3
     """Worker-group restarts Ray may do after a worker dies; each resumes from the newest committed checkpoint."""
 
+    preempt_grace_s: float = 120.0
+    """SIGTERM to `ctxtrain train` (Slurm's --signal, a Kubernetes eviction) asks the workers for a checkpoint at
+    the next step boundary and an exit with status 75 ("resume me"); past this many seconds the driver stops them
+    without one. Give the scheduler's signal lead / grace period a little more than this."""
+
     dashboard_host: str = "127.0.0.1"
     """Interface for the embedded Ray dashboard and job server; 0.0.0.0 exposes them to the network."""
 
@@ -353,6 +358,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be positive")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be 0 or more, or null")
+        if self.preempt_grace_s <= 0:
+            raise ValueError(f"cluster.preempt_grace_s={self.preempt_grace_s}: must be positive")
         if self.max_failures < -1:
             raise ValueError(f"cluster.max_failures={self.max_failures}: must be -1 (unlimited) or more")
 

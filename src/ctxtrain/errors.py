@@ -6,3 +6,6 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: preempted by SIGTERM, a checkpoint committed; run the same command to resume

@@ -142,16 +142,41 @@ def _worker_loop(config: dict) -> None:
     os.environ["CTXTRAIN_LAUNCH_ID"] = config["launch_id"]
     os.environ.update(config.get("secrets") or {})
     cfg = from_dict(config["cfg"])
-    if not config.get("loopback"):
-        train.run(cfg)
-        return
-    import torch.distributed as dist
+    _sigterm_preempts(train.request_preemption)
+    if config.get("loopback"):
+        import torch.distributed as dist
 
-    _loopback_process_group(cfg)
-    try:
-        train.run(cfg)
-    finally:
-        dist.destroy_process_group()
+        _loopback_process_group(cfg)
+        try:
+            result = train.run(cfg)
+        finally:
+            dist.destroy_process_group()
+    else:
+        result = train.run(cfg)
+    if result.get("stop_reason") == "preempted" and result.get("sigterm"):
+        # This worker was signalled (its node is going away): its checkpoint is committed; a failure makes Ray
+        # restart the group (within cluster.max_failures), which resumes from that checkpoint.
+        raise RuntimeError(f"preempted (SIGTERM) at step {result['step']}, checkpoint committed; restarting")
+
+
+def _sigterm_preempts(request) -> None:
+    """In a Ray Train worker the training function runs in a thread; SIGTERM reaches Ray's handler in the main
+    thread, which ends the process through `raise_sys_exit_with_custom_error_message`. Route that SIGTERM to
+    `request` (a preemption: checkpoint at the next step boundary) instead; other exits go through unchanged."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
+    if original is None or getattr(original, "ctxtrain_preempts", False):
+        return
+
+    def preempt_instead(message, exit_code=1):
+        if "SIGTERM" in str(message):
+            request()
+            return
+        original(message, exit_code)
+
+    preempt_instead.ctxtrain_preempts = True
+    ray_worker.raise_sys_exit_with_custom_error_message = preempt_instead
 
 
 def _loopback_process_group(cfg: Config) -> None:

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from ctxtrain.config import Config
-from ctxtrain.errors import UserError
+from ctxtrain.errors import PREEMPTED_EXIT, UserError
 
 
 def _loopback_interface() -> dict[str, str]:
@@ -68,9 +68,11 @@ def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None =
 
 
 def _wait(procs: list[subprocess.Popen], tmp: Path) -> int:
+    """0 when every worker finished; 75 when they stopped on a preemption (SIGTERM) with a checkpoint; else the
+    first failure, the others stopped."""
     while True:
         codes = [p.poll() for p in procs]
-        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, PREEMPTED_EXIT)]
         if failed:
             time.sleep(0.5)  # let a worker that raised a UserError finish writing it
             _stop(procs)
@@ -81,19 +83,16 @@ def _wait(procs: list[subprocess.Popen], tmp: Path) -> int:
             reason = f"signal {-code}" if code < 0 else f"exit status {code}"
             print(f"ctxtrain: worker {rank} failed ({reason}); the other workers were stopped", file=sys.stderr)
             return 1
-        if all(c == 0 for c in codes):
-            return 0
+        if all(c in (0, PREEMPTED_EXIT) for c in codes):
+            return PREEMPTED_EXIT if PREEMPTED_EXIT in codes else 0
         time.sleep(0.2)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
+    """Stop the workers now (Ctrl-C, a failed worker, a preemption past its grace): SIGKILL, as SIGTERM asks a
+    worker for a checkpoint first. An interrupted save is never committed; nothing is lost."""
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.time() + 10
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+    for p in procs:
+        p.wait()

@@ -7,6 +7,7 @@
     RUN_DIR/checkpoints/        checkpoints (checkpoint.py), or their local staging when
                                 checkpoint.storage is a URI; `checkpoint_root` says where they live
     RUN_DIR/fault-*.done        fault rehearsals already done
+    RUN_DIR/preempt.request     the driver got SIGTERM: the workers checkpoint at the next step boundary
 
 Nothing else joins a file name onto a run directory: train, checkpoint, tracking, report, export and the
 launchers take their paths from here.
@@ -65,6 +66,10 @@ class RunDir:
         if storage and "://" in storage:
             return storage.rstrip("/")
         return Path(storage) if storage else self.checkpoints
+
+    @property
+    def preempt_request(self) -> Path:
+        return self.path / "preempt.request"
 
     def fault_marker(self, rank: int, step: int, during: str) -> Path:
         return self.path / f"fault-rank{rank}-step{step}-{during}.done"

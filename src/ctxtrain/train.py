@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,49 @@ def arm_read_fault(cfg: Config, rank: int, step: int, loader: StreamingLoader) -
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM ends the run at a step boundary with a checkpoint
+
+_sigterm = threading.Event()
+
+
+def request_preemption(*_args) -> None:
+    """This worker got SIGTERM (a signal handler, or Ray's SIGTERM path in a Ray Train worker)."""
+    _sigterm.set()
+
+
+class Preemption:
+    """SIGTERM to a worker (a spot reclaim, Slurm's --signal, a Kubernetes eviction), or RUN_DIR/preempt.request
+    written by a signalled driver, ends the run at a step boundary with a checkpoint, every rank at the same step.
+
+    The rank that learns of it posts "stop after step s + 1" (s: the step it has just finished) in the process
+    group's store; the first post wins. Every rank reads the store after each step. A rank that finishes step s + 1
+    has exchanged gradients with the poster during that step, so it has seen the post: the ranks agree without a
+    collective of their own, and without a host sync per step."""
+
+    KEY = "ctxtrain/preempt_after"
+
+    def __init__(self, run: RunDir, rank: int):
+        import torch.distributed as dist
+
+        self.run, self.rank = run, rank
+        self.store = dist.distributed_c10d._get_default_store()
+        self.posted = False
+
+    @property
+    def signalled(self) -> bool:
+        """This worker itself got SIGTERM (not only the driver's request)."""
+        return _sigterm.is_set()
+
+    def stop_after(self, step: int) -> bool:
+        if not self.posted and (_sigterm.is_set() or (self.rank == 0 and self.run.preempt_request.exists())):
+            self.store.compare_set(self.KEY, "", str(step + 1))
+            self.posted = True
+        if self.store.check([self.KEY]):
+            return step >= int(self.store.get(self.KEY))
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
 # RNG state (dropout) in meta.json
 
 
@@ -302,9 +346,16 @@ def _flops(cfg: Config, batch: dict) -> float:
 def run(cfg: Config) -> dict:
     """Train (or resume) until max_steps, max_tokens, stop_at_step or stop_after_minutes; returns a summary."""
     info = init_distributed(cfg)
+    _sigterm.clear()
+    # A local or torchrun worker runs this in its main thread; a Ray Train worker in a thread of its own, where
+    # the launcher routes Ray's SIGTERM handling to request_preemption instead.
+    previous = (signal.signal(signal.SIGTERM, request_preemption)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         return _train(cfg, info)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         shutdown(info)
 
 
@@ -386,6 +437,7 @@ def _train(given: Config, info) -> dict:
     watch = M.Stopwatch()
     arm_read_fault(cfg, rank, progress.step, train_loader)
     batches = iter(train_loader)
+    preemption = Preemption(run, rank)
     last = {}
     stop_reason = None
     pending = PendingSteps(device, info.sp_size)
@@ -404,6 +456,8 @@ def _train(given: Config, info) -> dict:
         progress.step = step
         if cfg.train.stop_at_step == step:
             stop_reason = "stop_at_step"
+        if stop_reason is None and preemption.stop_after(step):
+            stop_reason = "preempted"
         evaluating = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps
         saving = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
         if not (step % cfg.train.log_every == 0 or step == 1 or evaluating or saving or stop_reason
@@ -474,7 +528,8 @@ def _train(given: Config, info) -> dict:
             print(f"ctxtrain: the run is already at step {progress.step} of train.max_steps={cfg.train.max_steps}; "
                   "nothing to train (raise train.max_steps to continue)", flush=True)
         tracker.finish()
-    return {"step": progress.step, "tokens": progress.tokens, "stop_reason": stop_reason, **last}
+    return {**last, "step": progress.step, "tokens": progress.tokens, "stop_reason": stop_reason,
+            "sigterm": preemption.signalled}
 
 
 def _log_line(r: dict, max_steps: int, t_start: float) -> None:

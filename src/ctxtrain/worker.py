@@ -1,7 +1,8 @@
 """Entry of one worker process started by the local launcher: `python -m ctxtrain.worker MODULE:FUNC CONFIG.json`.
 
 It calls FUNC(cfg) — `ctxtrain.train:run` for training, the same function Ray Train calls. A UserError goes
-to $CTXTRAIN_ERROR_FILE (the launcher prints it once) and exits 2.
+to $CTXTRAIN_ERROR_FILE (the launcher prints it once) and exits 2; a run preempted by SIGTERM, its checkpoint
+committed, exits 75.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sys
 
 from ctxtrain.config import from_dict
-from ctxtrain.errors import UserError
+from ctxtrain.errors import PREEMPTED_EXIT, UserError
 
 
 def die_with_launcher() -> None:
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     module, func = entry.split(":")
     cfg = from_dict(json.loads(open(cfg_path).read()), cfg_path)
     try:
-        getattr(importlib.import_module(module), func)(cfg)
+        result = getattr(importlib.import_module(module), func)(cfg)
     except UserError as e:
         path = os.environ.get("CTXTRAIN_ERROR_FILE")
         if path:
@@ -42,6 +43,8 @@ def main(argv: list[str]) -> int:
         else:
             print(f"ctxtrain: error: {e}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and result.get("stop_reason") == "preempted":
+        return PREEMPTED_EXIT  # a checkpoint is committed: "resume me"
     return 0
 
 

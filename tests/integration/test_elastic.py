@@ -1,17 +1,25 @@
 """Elastic training on real DeepSpeed (CPU, gloo) and real shards: a ZeRO checkpoint written by 2 workers
 resumes on 1 and on 3 (DeepSpeed's universal checkpoint, converted once), with the same global batch, the same
-losses, the optimizer state carried over and every sample seen once."""
+losses, the optimizer state carried over and every sample seen once; SIGTERM (a preemption) to a worker or the
+driver, local and under Ray, ends in a checkpoint at the next step boundary and an exact resume."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import torch
 
 from ctxtrain.data.loader import StreamingLoader
-from tests.helpers import train
+from tests.conftest import CONFIGS
+from tests.helpers import FAST, env, metrics, train
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +93,88 @@ def test_every_window_is_read_once_across_a_change_of_worker_count(stdlib_shards
         after = units(world, batch, micro, 120)
         assert len(after) == 120 and not set(first) & set(after)
         assert sorted(first + after) == sorted(whole)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM ends the run at the next step boundary with a checkpoint; a resume continues exactly
+
+
+def _start_train(run_dir, data, launcher: str, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+           f"--data.path={data}", *FAST, f"--cluster.launcher={launcher}", "--train.max_steps=20", "--zero.stage=3",
+           "--train.log_every=1", "--checkpoint.every=100", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            start_new_session=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir, step: int) -> int:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = max(metrics(run_dir), default=0)
+        if done >= step:
+            return done
+        time.sleep(0.2)
+    raise AssertionError(proc.communicate(timeout=60))
+
+
+def _worker_pids(proc: subprocess.Popen, marker: str) -> list[int]:
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if marker in " ".join(p.cmdline())]
+
+
+def _rank_of(pid: int) -> int:
+    return int(psutil.Process(pid).environ().get("RANK", -1))
+
+
+def test_sigterm_to_a_local_worker_or_the_driver_checkpoints_at_the_next_step_and_resumes_exactly(
+        zero3_run, stdlib_shards, tmp_path):
+    _, whole, _ = zero3_run
+    run_dir = tmp_path / "preempted"
+    # 1. SIGTERM to worker 1 (its node is reclaimed): the group checkpoints within two steps and exits 75
+    proc = _start_train(run_dir, stdlib_shards, "local")
+    seen = _wait_for_step(proc, run_dir, 4)
+    worker = next(pid for pid in _worker_pids(proc, "ctxtrain.worker") if _rank_of(pid) == 1)
+    os.kill(worker, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    stop = max(metrics(run_dir))
+    assert proc.returncode == 75, err[-3000:]
+    assert seen <= stop <= seen + 3 and stop < 20, (seen, stop)
+    assert f"stopped (preempted) at step {stop}" in out
+    assert (f"ctxtrain: preempted (SIGTERM); newest committed checkpoint step_{stop:06d}; run the same command "
+            "again to resume") in err
+    assert (run_dir / "checkpoints" / f"step_{stop:06d}" / "COMMITTED").is_file()
+    # 2. the same command resumes; SIGTERM to the driver this time (Slurm's --signal): the same, later
+    proc = _start_train(run_dir, stdlib_shards, "local")
+    seen = _wait_for_step(proc, run_dir, stop + 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 and f"resumed from step_{stop:06d}" in out, err[-3000:]
+    second = max(metrics(run_dir))
+    assert seen <= second <= seen + 3 and second < 20, (seen, second)
+    assert (run_dir / "checkpoints" / f"step_{second:06d}" / "COMMITTED").is_file()
+    assert not (run_dir / "preempt.request").exists()
+    # 3. and to the end: every step once, the uninterrupted run's losses
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=100")
+    assert f"resumed from step_{second:06d}" in proc.stdout
+    assert sorted(m) == list(range(1, 21))
+    assert _max_diff(m, whole, range(1, 21)) <= 1e-6
+
+
+@pytest.mark.ray
+def test_sigterm_to_a_ray_worker_checkpoints_and_ray_resumes_the_group_exactly(zero3_run, stdlib_shards, tmp_path):
+    """Under embedded Ray: the signalled worker's group checkpoints at the next step boundary, Ray restarts the
+    group (a failure within cluster.max_failures), it resumes from that checkpoint and finishes."""
+    _, whole, _ = zero3_run
+    run_dir = tmp_path / "ray"
+    proc = _start_train(run_dir, stdlib_shards, "ray")
+    seen = _wait_for_step(proc, run_dir, 4)
+    os.kill(_worker_pids(proc, "RayTrainWorker")[0], signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (out + err)[-4000:]
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and seen <= starts[1]["resumed_from"] <= seen + 3, (seen, starts)
+    stop = starts[1]["resumed_from"]
+    assert f"stopped (preempted) at step {stop}" in out
+    assert (run_dir / "checkpoints" / f"step_{stop:06d}" / "COMMITTED").is_file()
+    m = metrics(run_dir)
+    assert sorted(m) == list(range(1, 21)) and m[20]["restarts"] == 1
+    assert _max_diff(m, whole, range(1, 21)) <= 1e-6

@@ -1,4 +1,5 @@
-"""Least exposure and no hang: what a running job listens on, and SIGTERM ending every long verb in seconds."""
+"""Least exposure and no hang: what a running job listens on, and SIGTERM ending every long verb in seconds
+(`train` with a checkpoint: a preemption)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def _start(tmp_path: Path, data: Path, launcher: str) -> tuple[subprocess.Popen,
 def test_a_running_job_listens_on_loopback_only_and_sigterm_ends_it(stdlib_shards, tmp_path, launcher):
     """Every socket that the job's processes listen on (the launcher, the workers, their data-loader workers;
     under embedded Ray also GCS, raylet, dashboard, agents and Ray's workers) is bound to a loopback address.
-    Then SIGTERM to the verb ends it, its workers included, within 10 s, with one line."""
-    proc, _ = _start(tmp_path, stdlib_shards, launcher)
+    Then SIGTERM to the verb (a preemption) ends it, its workers included, within 10 s: a checkpoint at the next
+    step boundary, exit status 75 and two lines (what happens, then what was committed)."""
+    proc, run_dir = _start(tmp_path, stdlib_shards, launcher)
     try:
         sockets = listening(proc.pid)
         assert sockets, "no listening socket found: the process tree was not seen"
@@ -76,8 +78,14 @@ def test_a_running_job_listens_on_loopback_only_and_sigterm_ends_it(stdlib_shard
         if proc.poll() is None:
             proc.kill()
     assert took < 10, took
-    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
-    assert [line for line in err.splitlines() if line.startswith("ctxtrain:")] == ["ctxtrain: terminated (SIGTERM)"]
+    assert proc.returncode == 75 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("ctxtrain:")]
+    assert len(lines) == 2 and lines[0].startswith("ctxtrain: SIGTERM: the workers write a checkpoint"), lines
+    step = max(metrics(run_dir))
+    assert lines[1] == (f"ctxtrain: preempted (SIGTERM); newest committed checkpoint step_{step:06d}; run the same "
+                        "command again to resume"), (lines, step)
+    assert (run_dir / "checkpoints" / f"step_{step:06d}" / "COMMITTED").is_file()
+    assert not (run_dir / "preempt.request").exists()
     time.sleep(2)
     alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, [psutil.Process(p).cmdline()[:3] for p in alive]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -80,3 +82,60 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
     if script.endswith("sbatch"):
         text = path.read_text()
         assert "ray start --head" in text and "ctxtrain train" in text and "--address" in text
+
+
+def _stub(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def test_slurm_script_passes_sigterm_to_the_driver_and_requeues_a_preempted_run(tmp_path):
+    """cluster/slurm.sbatch run by bash as Slurm would, with stand-ins for what exists only on a Slurm cluster
+    (srun, scontrol, ray start) and a driver that behaves as `ctxtrain train` does on SIGTERM (a checkpoint,
+    then exit 75): the script's SIGTERM reaches the driver, the script waits for it and requeues the job."""
+    text = (REPO / "cluster" / "slurm.sbatch").read_text()
+    lead = int(text.split("#SBATCH --signal=B:TERM@", 1)[1].split()[0])
+    grace = float(text.split("--cluster.preempt_grace_s=", 1)[1].split()[0])
+    assert lead > grace and "#SBATCH --requeue" in text
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    _stub(bin_dir, "scontrol", f'if [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> {log}; fi')
+    _stub(bin_dir, "srun", 'for a in "$@"; do [ "$a" = --ip-address ] && { echo 127.0.0.1; exit 0; }; done; '
+                           'exec /bin/sleep 600 >/dev/null 2>&1')
+    _stub(bin_dir, "ray", "exit 0")
+    _stub(bin_dir, "sleep", "exit 0")  # the script's waits for Ray to come up
+    _stub(bin_dir, "ctxtrain", f'echo "driver $*" >> {log}; '
+                               f'trap \'/bin/sleep 1; echo "driver saved" >> {log}; exit 75\' TERM; '
+                               'while true; do /bin/sleep 0.1; done')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1",
+           "CTXTRAIN_VENV": str(tmp_path / "none")}
+    proc = subprocess.Popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "configs/lm_tiny.yaml"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and not (log.exists() and "driver" in log.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    subprocess.run(["pkill", "-f", f"{bin_dir}/srun"], check=False)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, out
+    assert lines[0].startswith("driver train configs/lm_tiny.yaml --address 127.0.0.1:6379"), lines
+    assert lines[1:] == ["driver saved", "scontrol requeue 4242"], lines
+
+
+def test_kuberay_pods_give_a_preempted_worker_time_to_checkpoint():
+    """Evicted pods: the grace period outlasts cluster.preempt_grace_s, and a preStop hook SIGTERMs the training
+    processes (the workers checkpoint at the next step; the head's driver exits 75 and the RayJob retries)."""
+    from ctxtrain.config import ClusterConfig
+
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
+        doc = yaml.safe_load((CLUSTER / name).read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            assert pod["terminationGracePeriodSeconds"] > ClusterConfig().preempt_grace_s
+            command = " ".join(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"])
+            assert "pkill -TERM" in command, command
+        if doc["kind"] == "RayJob":
+            assert doc["spec"]["backoffLimit"] >= 3

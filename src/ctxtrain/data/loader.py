@@ -399,7 +399,10 @@ def _identity(batch: dict) -> dict:
 
 def _die_with_parent(_worker_id: int) -> None:
     """A DataLoader worker dies with its trainer. Without this, a trainer killed by SIGKILL leaves its forked
-    workers holding the trainer's sockets, and Ray sees the dead rank only after minutes of keepalive timeouts."""
+    workers holding the trainer's sockets, and Ray sees the dead rank only after minutes of keepalive timeouts.
+    It ignores SIGTERM: a scheduler that signals every process (Slurm, a container's stop) asks the trainer for
+    a checkpoint at the next step, which needs its readers alive until then."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
