@@ -273,14 +273,18 @@ def train_on_ray(cfg: Config) -> int:
         gpus = cfg.cluster.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-        need = {"CPU": cfg.cluster.workers * cfg.cluster.cpus_per_worker, "GPU": cfg.cluster.workers * gpus}
+        c = cfg.cluster
+        elastic = c.min_workers is not None and c.min_workers < c.workers
+        fewest = c.min_workers if elastic else c.workers  # an elastic range starts on what it can place
+        need = {"CPU": fewest * c.cpus_per_worker, "GPU": fewest * gpus}
         short = [f"{need[k]:g} {k}s (the cluster has {resources.get(k, 0):g})" for k in need
                  if need[k] > resources.get(k, 0)]
         if short and not embedded:  # an autoscaling cluster may add the nodes; Ray Train waits for them
             print(f"ctxtrain: the Ray cluster has too few resources right now: {'; '.join(short)}; "
                   "training starts when its autoscaler adds nodes", flush=True)
         print(f"ctxtrain: Ray {'embedded' if embedded else 'cluster ' + str(address)}: "
-              f"{cfg.cluster.workers} workers x ({cfg.cluster.cpus_per_worker:g} CPU, {gpus:g} GPU), "
+              f"{f'{c.min_workers}..{c.workers} (elastic)' if elastic else c.workers} workers x "
+              f"({cfg.cluster.cpus_per_worker:g} CPU, {gpus:g} GPU), "
               f"placement {cfg.cluster.placement}, max_failures {cfg.cluster.max_failures}"
               + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
         launch_id = uuid.uuid4().hex[:12]
@@ -296,7 +300,10 @@ def train_on_ray(cfg: Config) -> int:
             train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded,
                                "secrets": secrets},
             **backend,
-            scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=bool(gpus),
+            # An elastic range: Ray Train starts as many workers as it can place, and restarts the group with
+            # another size when workers are lost or resources appear; each start resumes on its own size.
+            scaling_config=ScalingConfig(num_workers=(c.min_workers, c.workers) if elastic else c.workers,
+                                         use_gpu=bool(gpus),
                                          resources_per_worker=resources_per_worker,
                                          placement_strategy=cfg.cluster.placement.upper()),
             run_config=RunConfig(name="ray", storage_path=_ray_storage(cfg),

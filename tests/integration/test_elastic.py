@@ -178,3 +178,47 @@ def test_sigterm_to_a_ray_worker_checkpoints_and_ray_resumes_the_group_exactly(z
     m = metrics(run_dir)
     assert sorted(m) == list(range(1, 21)) and m[20]["restarts"] == 1
     assert _max_diff(m, whole, range(1, 21)) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An elastic range under Ray: a lost node, and the run goes on with the workers that remain
+
+
+@pytest.fixture
+def two_one_cpu_nodes():
+    """ray.cluster_utils.Cluster: a head with no CPUs and two 1-CPU nodes: each worker needs a node of its own."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    cluster.shutdown()
+
+
+@pytest.mark.ray
+def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_that_remain(two_one_cpu_nodes, stdlib_shards,
+                                                                             tmp_path):
+    """cluster.workers=1..2 on two 1-CPU nodes: one node is lost at step 7; Ray Train restarts the group on the
+    one worker that can still be placed; it resumes step_000005 (written by 2) on 1 worker, micro-batch 6 x 2,
+    and its losses are those of the uninterrupted 2-worker run (the same global batch)."""
+    cluster, nodes = two_one_cpu_nodes
+    common = [*GLOBAL, "--zero.stage=2", "--checkpoint.every=5"]
+    _, whole = train(tmp_path / "ref", stdlib_shards, *common)
+    run_dir = tmp_path / "elastic"
+    proc = _start_train(run_dir, stdlib_shards, "ray", *common, "--cluster.workers=1..2",
+                        f"--cluster.address={cluster.address}")
+    _wait_for_step(proc, run_dir, 7)
+    cluster.remove_node(nodes[1])
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out + err)[-4000:]
+    assert "1..2 (elastic) workers" in out
+    assert ("written by 2 workers, this run has 1: converted to the universal format; micro-batch 6 x accumulation "
+            "2 per worker, global batch 12") in out, out[-4000:]
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["resumed_from"] for s in starts] == [None, 5], starts
+    meta = json.loads((run_dir / "checkpoints" / "step_000020" / "meta.json").read_text())
+    assert meta["world_size"] == 1
+    m = metrics(run_dir)
+    assert sorted(m) == list(range(1, 21))
+    assert _max_diff(m, whole, range(1, 21)) <= 1e-4, [(s, m[s]["loss"], whole[s]["loss"]) for s in m]
