@@ -97,3 +97,15 @@ def zero3_run(tmp_path_factory, stdlib_shards):
     proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
                     "--checkpoint.keep_last=2", "--checkpoint.keep_every=10")
     return run_dir, m, proc
+
+
+@pytest.fixture
+def two_node_cluster():
+    """ray.cluster_utils.Cluster: a head with no CPUs and two 1-CPU nodes, so 2 workers need both nodes."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    cluster.shutdown()

@@ -101,6 +101,13 @@ CASES = {
     "config-out-of-range": lambda t, b: (["config", "show", CFG, "--train.max_steps=0"], None),
     "config-override-without-value": lambda t, b: (["config", "show", CFG, "--model.d_model"], None),
     "config-sp-divisibility": lambda t, b: (["config", "show", CFG, "--parallel.sp=3"], None),
+    "config-global-batch-no-exact-split": lambda t, b: (["config", "show", CFG, "--cluster.workers=1..3",
+                                                         "--train.global_batch=10", "--data.batch_size=6"], None),
+    "config-worker-range-reversed": lambda t, b: (["config", "show", CFG, "--cluster.workers=3..1"], None),
+    "config-global-batch-and-grad-accum": lambda t, b: (["config", "show", CFG, "--train.global_batch=12",
+                                                         "--train.grad_accum=2"], None),
+    "config-worker-range-with-sp": lambda t, b: (["config", "show", CFG, "--cluster.workers=2..4",
+                                                  "--parallel.sp=2"], None),
     "config-resume-and-no-resume": lambda t, b: (_train(b, b["run"], "--resume", "step_000002", "--no-resume"),
                                                  b["run"]),
     "config-unknown-verb-argument": lambda t, b: (["export", str(b["run"]), "--out", str(t / "x"), "--bogus"],
@@ -185,6 +192,10 @@ CASES = {
 
 # What some lines must say, beyond being one line.
 EXPECT = {
+    "config-global-batch-no-exact-split": "train.global_batch=10 does not split exactly over 3 workers",
+    "config-worker-range-reversed": "1 <= MIN <= MAX",
+    "config-global-batch-and-grad-accum": "set only one of them",
+    "config-worker-range-with-sp": "elastic range is for data parallelism only",
     "resume-other-model": "model.d_model 32->64",
     "resume-path-missing": "no such directory",
     "export-truncated-model-states": "is damaged",

@@ -92,18 +92,6 @@ def test_ray_driver_rerun_resumes(stdlib_shards, tmp_path, zero3_run):
     _same_losses(m, reference, range(1, 9))
 
 
-@pytest.fixture
-def two_node_cluster():
-    """ray.cluster_utils.Cluster: a head with no CPUs and two 1-CPU nodes, so 2 workers need both nodes."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, nodes
-    cluster.shutdown()
-
-
 def test_two_node_cluster_train_checkpoint_resume(two_node_cluster, stdlib_shards, tmp_path, zero3_run):
     cluster, nodes = two_node_cluster
     _, reference, _ = zero3_run
