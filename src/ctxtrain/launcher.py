@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 
 from ctxtrain.config import Config, to_yaml
 from ctxtrain.errors import UserError
+from ctxtrain.rundir import RunDir, last_record
 
 # Environment variables a job may need on the cluster. Never in a Ray runtime env (Ray 2.60 logs every
 # runtime env it creates, env_vars included, in the session's runtime_env_agent.log): a submitted job gets
@@ -214,10 +215,10 @@ def _loopback_process_group(cfg: Config) -> None:
 
 
 def _ray_storage(cfg: Config) -> str:
-    storage = cfg.checkpoint.storage
-    if storage and "://" in storage:
-        return storage.rstrip("/")
-    return cfg.train.run_dir
+    """Where Ray Train keeps its own run state (RunConfig name "ray"): beside the checkpoints in a URI storage,
+    else RUN_DIR/ray."""
+    root = RunDir(cfg.train.run_dir).checkpoint_root(cfg.checkpoint.storage)
+    return root if isinstance(root, str) else cfg.train.run_dir
 
 
 def train_on_ray(cfg: Config) -> int:
@@ -459,7 +460,6 @@ def job_status(job_id: str, address: Optional[str]) -> dict:
 
 
 def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dict]:
-    from ctxtrain.rundir import last_record
 
     last = last_record(run_dir) if run_dir else None
     if last is None:
