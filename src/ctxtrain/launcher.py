@@ -460,7 +460,6 @@ def job_status(job_id: str, address: Optional[str]) -> dict:
 
 
 def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dict]:
-
     last = last_record(run_dir) if run_dir else None
     if last is None:
         return None
