@@ -1,0 +1,326 @@
+"""Incremental decoding with a KV cache: greedy, beam search and sampling, for both model kinds (torch only).
+
+The models' training forward recomputes every position. Here each attention layer keeps the keys and values
+of the positions already seen (`LayerCache`); a step feeds only the new tokens, whose queries attend over the
+cached keys plus their own, so one new token costs O(current length) instead of a full recompute. For the
+encoder-decoder the encoder runs once, and each decoder layer also caches the cross-attention keys/values of
+the encoder's output (computed at the first step, reused by every later one).
+
+The functions read the model's own modules (projections, norms, MLPs, head): the weights are the trained
+ones, nothing is copied. Positions continue after the cache (RoPE angles and sinusoidal tables at
+`cache.length`). Batches: an LM prompt batch is left-padded with a key mask, so the rows end together and
+their next tokens share a position (with RoPE, attention scores depend only on relative positions, so a
+left-padded row gives the same logits as the row alone); translation sources are right-padded with
+`src_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ctxtrain.model.transformer import Attention, DecoderLM, EncoderDecoder, Rope, apply_rope, embed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache
+
+
+@dataclass
+class LayerCache:
+    """One layer's keys and values, (B, S, KV, D): its self-attention so far, and (encoder-decoder) the
+    cross-attention over the encoder's output."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+    cross_k: Optional[torch.Tensor] = None
+    cross_v: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Cache:
+    layers: list[LayerCache]
+    length: int = 0  # positions already in the cache
+    key_mask: Optional[torch.Tensor] = None  # (B, length) True for real (not padding) positions
+    memory: Optional[torch.Tensor] = None  # encoder output (B, S, d)
+    memory_mask: Optional[torch.Tensor] = None  # (B, S)
+    extra: dict = field(default_factory=dict)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` (in that order): beam search's reordering after each step."""
+        for layer in self.layers:
+            for name in ("k", "v", "cross_k", "cross_v"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.index_select(0, index))
+        for name in ("key_mask", "memory", "memory_mask"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+
+
+def new_cache(model) -> Cache:
+    layers = model.blocks if isinstance(model, DecoderLM) else model.decoder
+    return Cache([LayerCache() for _ in layers])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention over the cache
+
+
+def _heads(attn: Attention, x: torch.Tensor, proj) -> torch.Tensor:
+    B, T, _ = x.shape
+    return proj(x).view(B, T, -1, attn.head_dim)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """q (B, T, H, D), k/v (B, S, KV, D), mask (B, 1|T, S) bool (True: attend) -> (B, T, H, D)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
+
+
+def self_attend(attn: Attention, x: torch.Tensor, rope: Optional[Rope], layer: LayerCache,
+                key_mask: Optional[torch.Tensor], past: int) -> torch.Tensor:
+    """Causal self-attention of the new positions past..past+T-1 over the cache plus themselves; the new keys
+    and values join the cache."""
+    B, T, _ = x.shape
+    q, k, v = _heads(attn, x, attn.wq), _heads(attn, x, attn.wk), _heads(attn, x, attn.wv)
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    layer.k = k if layer.k is None else torch.cat([layer.k, k], dim=1)
+    layer.v = v if layer.v is None else torch.cat([layer.v, v], dim=1)
+    S = layer.k.shape[1]
+    mask = None
+    if T > 1:  # causal among the new positions; every cached one is in their past
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)[None].expand(B, T, S)
+    if key_mask is not None:
+        km = key_mask[:, None, :]
+        mask = km if mask is None else mask & km
+    out = _sdpa(q, layer.k, layer.v, mask)
+    return attn.wo(out.reshape(B, T, -1))
+
+
+def cross_attend(attn: Attention, x: torch.Tensor, layer: LayerCache, memory: torch.Tensor,
+                 memory_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of the new positions over the encoder's output; its keys and values are computed once."""
+    B, T, _ = x.shape
+    if layer.cross_k is None:
+        layer.cross_k, layer.cross_v = _heads(attn, memory, attn.wk), _heads(attn, memory, attn.wv)
+    q = _heads(attn, x, attn.wq)
+    out = _sdpa(q, layer.cross_k, layer.cross_v, None if memory_mask is None else memory_mask[:, None, :])
+    return attn.wo(out.reshape(B, T, -1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step of each model: new tokens in, their logits out
+
+
+def _grow_mask(cache: Cache, mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    if cache.key_mask is None and bool(mask.all()):
+        return None  # nothing padded so far: no mask at all
+    before = cache.key_mask if cache.key_mask is not None else torch.ones(B, cache.length, dtype=torch.bool,
+                                                                          device=device)
+    cache.key_mask = torch.cat([before, mask], dim=1)
+    return cache.key_mask
+
+
+@torch.no_grad()
+def lm_step(model: DecoderLM, tokens: torch.Tensor, cache: Cache,
+            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T) new token ids (mask: False for left padding) -> (B, T, V) logits; the cache grows by T."""
+    B, T = tokens.shape
+    past = cache.length
+    x = embed(model.tok_embed, tokens, model.cfg, past)
+    rope = model.rotary(T, x.device, x.dtype, past) if model.rotary is not None else None
+    key_mask = _grow_mask(cache, mask, B, T, x.device)
+    for block, layer in zip(model.blocks, cache.layers):
+        x = x + self_attend(block.attn, block.attn_norm(x), rope, layer, key_mask, past)
+        x = x + block.mlp(block.mlp_norm(x))
+    cache.length += T
+    return model.lm_head(model.norm(x))
+
+
+@torch.no_grad()
+def encode(model: EncoderDecoder, src: torch.Tensor, src_mask: Optional[torch.Tensor]) -> Cache:
+    """Run the encoder once; the returned cache carries its output for every decoder step."""
+    cache = new_cache(model)
+    cache.memory, cache.memory_mask = model.encode(src, src_mask), src_mask
+    return cache
+
+
+@torch.no_grad()
+def encdec_step(model: EncoderDecoder, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """(B, T) new target ids -> (B, T, V) logits; the decoder's self-attention cache grows by T."""
+    B, T = tokens.shape
+    past = cache.length
+    x = embed(model.target_table, tokens, model.cfg, past)
+    rope = model.rotary(T, x.device, x.dtype, past) if model.rotary is not None else None
+    for block, layer in zip(model.decoder, cache.layers):
+        x = x + self_attend(block.attn, block.attn_norm(x), rope, layer, cache.key_mask, past)
+        x = x + cross_attend(block.cross, block.cross_norm(x), layer, cache.memory, cache.memory_mask)
+        x = x + block.mlp(block.mlp_norm(x))
+    cache.length += T
+    return model.lm_head(model.decoder_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Search
+
+
+def _step(model, tokens: torch.Tensor, cache: Cache, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if isinstance(model, DecoderLM):
+        return lm_step(model, tokens, cache, mask)
+    return encdec_step(model, tokens, cache)
+
+
+def _start(model, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], src: Optional[torch.Tensor],
+           src_mask: Optional[torch.Tensor]) -> tuple[Cache, torch.Tensor]:
+    """The cache after the prompt (LM) or the encoder and BOS (encoder-decoder), and the first logits (B, V)."""
+    if isinstance(model, DecoderLM):
+        cache = new_cache(model)
+        return cache, lm_step(model, prompt, cache, prompt_mask)[:, -1]
+    cache = encode(model, src, src_mask)
+    return cache, encdec_step(model, prompt, cache)[:, -1]
+
+
+@torch.no_grad()
+def greedy(model, prompt: torch.Tensor, max_new: int, eos: int, prompt_mask: Optional[torch.Tensor] = None,
+           src: Optional[torch.Tensor] = None, src_mask: Optional[torch.Tensor] = None) -> list[list[int]]:
+    """The most likely next token at each step, until <eos> (not included) or max_new tokens, per row.
+    LM: prompt (B, P), left-padded with prompt_mask; encoder-decoder: prompt = (B, 1) BOS, src (B, S)."""
+    model.eval()
+    cache, logits = _start(model, prompt, prompt_mask, src, src_mask)
+    B = prompt.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for i in range(max_new):
+        nxt = logits.argmax(-1)
+        for b in range(B):
+            if not done[b] and int(nxt[b]) != eos:
+                out[b].append(int(nxt[b]))
+        done |= nxt == eos
+        if bool(done.all()) or i == max_new - 1:
+            break
+        logits = _step(model, nxt[:, None], cache)[:, -1]
+    return out
+
+
+@torch.no_grad()
+def sample(model: DecoderLM, prompt: torch.Tensor, max_new: int, eos: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+           prompt_mask: Optional[torch.Tensor] = None) -> list[list[int]]:
+    """Sampling from the LM: temperature, then top-k (0: off), then nucleus top-p (1.0: off)."""
+    if temperature <= 0:
+        return greedy(model, prompt, max_new, eos, prompt_mask)
+    model.eval()
+    cache, logits = _start(model, prompt, prompt_mask, None, None)
+    B = prompt.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for i in range(max_new):
+        probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        for b in range(B):
+            if not done[b] and int(nxt[b]) != eos:
+                out[b].append(int(nxt[b]))
+        done |= nxt == eos
+        if bool(done.all()) or i == max_new - 1:
+            break
+        logits = lm_step(model, nxt[:, None], cache)[:, -1]
+    return out
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """-inf outside the k most likely tokens and outside the smallest set whose probability reaches top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # the tokens after the set reached top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def beam_search(model, prompt: torch.Tensor, max_new: int, eos: int, beam: int, length_penalty: float = 1.0,
+                prompt_mask: Optional[torch.Tensor] = None, src: Optional[torch.Tensor] = None,
+                src_mask: Optional[torch.Tensor] = None) -> list[list[int]]:
+    """Beam search per row: `beam` hypotheses, scored by log-probability / length**length_penalty (as fairseq
+    and Hugging Face). A hypothesis ends at <eos> (ranked among the beams); a row stops once it has `beam`
+    finished hypotheses (Hugging Face's early_stopping=True), and its best one is returned (without <eos>);
+    rows that reach max_new also compete with their live beams. With beam=1 this is greedy search."""
+    model.eval()
+    B = prompt.shape[0]
+    cache, logits = _start(model, prompt, prompt_mask, src, src_mask)
+    # every row's cache repeated beam times: rows b*beam .. b*beam+beam-1
+    cache.select(torch.arange(B, device=prompt.device).repeat_interleave(beam))
+    logp = torch.log_softmax(logits.float(), -1).repeat_interleave(beam, 0)  # (B*beam, V)
+    V = logp.shape[-1]
+    scores = torch.full((B, beam), float("-inf"), device=prompt.device)
+    scores[:, 0] = 0.0  # the beams start identical: only the first counts at step 1
+    seqs: list[list[list[int]]] = [[[] for _ in range(beam)] for _ in range(B)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    row_done = [False] * B
+
+    def norm(score: float, length: int) -> float:
+        return score / (max(length, 1) ** length_penalty)
+
+    for t in range(max_new):
+        total = (scores[:, :, None] + logp.view(B, beam, V)).view(B, beam * V)
+        top, idx = total.topk(2 * beam, dim=-1)  # enough to refill the beams after some end at <eos>
+        new_scores = torch.full((B, beam), float("-inf"), device=prompt.device)
+        parents = torch.zeros(B, beam, dtype=torch.long, device=prompt.device)
+        tokens = torch.full((B, beam), eos, dtype=torch.long, device=prompt.device)
+        new_seqs: list[list[list[int]]] = [[[] for _ in range(beam)] for _ in range(B)]
+        for b in range(B):
+            if row_done[b]:
+                continue
+            k = 0
+            for rank, (score, flat) in enumerate(zip(top[b].tolist(), idx[b].tolist())):
+                parent, token = divmod(flat, V)
+                if score == float("-inf"):
+                    break
+                if token == eos:
+                    if rank < beam:  # an ending counts when it ranks among the beams (as Hugging Face does)
+                        finished[b].append((norm(score, len(seqs[b][parent])), seqs[b][parent]))
+                    continue
+                new_scores[b, k], parents[b, k], tokens[b, k] = score, parent, token
+                new_seqs[b][k] = seqs[b][parent] + [token]
+                k += 1
+                if k == beam:
+                    break
+            row_done[b] = len(finished[b]) >= beam  # early stop: `beam` finished hypotheses
+        scores, seqs = new_scores, new_seqs
+        if all(row_done) or t == max_new - 1:
+            break
+        rows = (torch.arange(B, device=prompt.device)[:, None] * beam + parents).view(-1)
+        cache.select(rows)
+        logp = torch.log_softmax(_step(model, tokens.view(-1, 1), cache)[:, -1].float(), -1)
+    out = []
+    for b in range(B):
+        live = [] if row_done[b] else [(norm(float(scores[b, j]), len(seqs[b][j])), seqs[b][j])
+                                       for j in range(beam) if scores[b, j] > float("-inf")]
+        candidates = finished[b] + live
+        out.append(max(candidates, key=lambda c: c[0])[1] if candidates else [])
+    return out
+
+
+def left_pad(rows: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> (B, P) left-padded ids and their mask (True: a real token)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = True
+    return ids, mask
