@@ -120,8 +120,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         from ctxtrain import train  # started by torchrun or similar: this process is one worker
 
-        train.run(cfg)
-        return 0
+        result = train.run(cfg)
+        return PREEMPTED_EXIT if result.get("stop_reason") == "preempted" else 0
     from ctxtrain.progress import ProgressBar, want_bar
     from ctxtrain.train import preflight, runs_here
 
