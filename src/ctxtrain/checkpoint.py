@@ -601,8 +601,18 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores a tensor once
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(meta["step"])})
+    data = Path(cfg.data.path)
+    try:
+        special = json.loads((data / "index.json").read_bytes()).get("special")
+    except (OSError, ValueError):
+        special = None
     write_atomic(out / "config.json", json.dumps({"ctxtrain_model": cfg.to_dict()["model"], "step": meta["step"],
-                                                  "tokens": meta["tokens"]}, indent=1) + "\n")
+                                                  "tokens": meta["tokens"],
+                                                  "data": {"special": special, "max_src_len": cfg.data.max_src_len,
+                                                           "max_tgt_len": cfg.data.max_tgt_len}},
+                                                 indent=1) + "\n")
+    if (data / "tokenizer.json").is_file():  # `ctxtrain translate/generate` read it from the export
+        shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
     bar.update()
     try:
         check_llama_shaped(cfg.model)

@@ -34,6 +34,9 @@ VERBS = {
     "stop": "stop a running job",
     "report": "write a self-contained HTML report of one or more runs",
     "plan": "predict one worker's peak memory before launch, and the longest sequence that fits",
+    "translate": "translate sentences (one a line) with a run's encoder-decoder or an export",
+    "generate": "continue a prompt with a run's LM or an export",
+    "eval": "score a run on its held-out split: BLEU and chrF against the copy baseline, or perplexity",
 }
 
 
@@ -217,6 +220,52 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _no_overrides(verb: str, overrides: list[str]) -> None:
+    if overrides:
+        raise UserError(f"{verb} takes no config overrides (got {overrides[0]})")
+
+
+def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides("translate", overrides)
+    from ctxtrain import infer
+
+    if args.beam < 1 or args.max_len < 1:
+        raise UserError(f"--beam {args.beam} --max-len {args.max_len}: both must be at least 1")
+    lines = infer.read_lines(args.input)
+    loaded = infer.load_source(args.source)
+    infer.write_lines(infer.translate_lines(loaded, lines, args.beam, args.max_len), args.out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides("generate", overrides)
+    from ctxtrain import infer
+
+    if args.max_new < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UserError("--max-new >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1 are required")
+    loaded = infer.load_source(args.source)
+    print(infer.generate(loaded, args.prompt, args.max_new, args.temperature, args.top_k, args.top_p, args.seed))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides("eval", overrides)
+    from ctxtrain import infer
+
+    loaded = infer.load_source(args.source)
+    if loaded.kind == "lm":
+        r = infer.evaluate_lm(loaded, args.split)
+        print(f"{args.split}: {r['tokens']:,} tokens, loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}")
+        return 0
+    r = infer.evaluate_translation(loaded, args.split, args.beam, args.max_len, args.limit)
+    print(f"{args.split}: {r['pairs']:,} held-out pairs, {'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}")
+    print(f"model           BLEU {r['bleu']:6.2f}  chrF {r['chrf']:6.2f}")
+    print(f"copy the source BLEU {r['copy_bleu']:6.2f}  chrF {r['copy_chrf']:6.2f}")
+    for src, hyp, ref in r["examples"]:
+        print(f"  src: {src}\n  out: {hyp}\n  ref: {ref}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from ctxtrain.config import load_config
     from ctxtrain.plan import GIB, available_here, format_plan, plan
@@ -314,6 +363,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest committed)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("translate", help=VERBS["translate"],
+                       description="ctxtrain translate RUN_DIR|EXPORT --input FILE|- [--beam K] [--out FILE]")
+    p.add_argument("source", help="a run directory (its newest committed checkpoint) or an export folder")
+    p.add_argument("--input", required=True, help="text file, one sentence a line, or - for stdin")
+    p.add_argument("--beam", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--max-len", type=int, default=128, help="longest translation, in tokens")
+    p.add_argument("--out", help="write the translations here (default: stdout)")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("generate", help=VERBS["generate"])
+    p.add_argument("source", help="a run directory or an export folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new", type=int, default=64, help="tokens to add")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help=VERBS["eval"])
+    p.add_argument("source", help="a run directory")
+    p.add_argument("--split", default="val")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--limit", type=int, help="score only the first N pairs")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("submit", help=VERBS["submit"],
                        description="Submit `ctxtrain train` to a Ray cluster: "

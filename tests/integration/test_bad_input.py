@@ -180,6 +180,14 @@ CASES = {
     "stop-closed-job-server": lambda t, b: (["stop", "job1", "--address", f"http://127.0.0.1:{closed_port()}"], None),
     "embedded-ray-too-many-workers": lambda t, b: (
         _train(b, t / "r", "--cluster.launcher=ray", "--cluster.workers=64"), None),
+    # --- translate, generate, eval ------------------------------------------------------------------------
+    "translate-source-not-a-run": lambda t, b: (["translate", str(t / "nothing"), "--input",
+                                                 str(_write(t / "in.txt", "Open the file.\n"))], None),
+    "translate-an-lm-run": lambda t, b: (["translate", str(b["run"]), "--input",
+                                          str(_write(t / "in.txt", "Open the file.\n"))], b["run"]),
+    "translate-empty-input": lambda t, b: (["translate", str(b["run"]), "--input", str(_write(t / "e.txt", ""))],
+                                           b["run"]),
+    "eval-source-not-a-run": lambda t, b: (["eval", str(t)], None),
     # --- report and plan ---------------------------------------------------------------------------------
     "report-not-a-run": lambda t, b: (["report", str(t / "nope"), "--out", str(t / "r.html")], None),
     "report-metrics-only-garbage": lambda t, b: (
@@ -192,6 +200,10 @@ CASES = {
 
 # What some lines must say, beyond being one line.
 EXPECT = {
+    "translate-source-not-a-run": "neither a run directory",
+    "translate-an-lm-run": "is a language model",
+    "translate-empty-input": "no sentence to translate",
+    "eval-source-not-a-run": "neither a run directory",
     "config-global-batch-no-exact-split": "train.global_batch=10 does not split exactly over 3 workers",
     "config-worker-range-reversed": "1 <= MIN <= MAX",
     "config-global-batch-and-grad-accum": "set only one of them",

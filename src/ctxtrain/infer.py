@@ -1,0 +1,246 @@
+"""Using a trained model: `ctxtrain translate`, `generate` and `eval`.
+
+SOURCE is a run directory (its newest committed checkpoint, verified and consolidated on the fly, wherever
+`checkpoint.storage` put it) or an `export` folder (model.safetensors + config.json + tokenizer.json). The
+tokenizer and special ids are those of the run's data. Decoding is `ctxtrain.model.decode` (KV cache).
+
+    ctxtrain translate runs/en_fr --input sentences.txt [--beam 4] [--max-len 128] [--out out.txt]
+    ctxtrain generate runs/lm_tiny --prompt "def main(" [--max-new 64] [--temperature 0.8 --top-p 0.9]
+    ctxtrain eval runs/en_fr [--split val] [--beam 4]     # BLEU and chrF, next to the copy-source baseline
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from ctxtrain.errors import UserError
+from ctxtrain.rundir import RunDir
+
+BATCH = 32  # sentences decoded together
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    kind: str  # "lm" or "encdec"
+    tokenizer: object
+    special: dict  # pad, bos, eos, and lang_tag for translation
+    max_src_len: int
+    data_path: Optional[Path]  # the prepared data (eval's held-out split); None for an export folder
+    where: str
+
+
+def load_source(source: str | Path) -> Loaded:
+    """The model and tokenizer of a run directory or an export folder; one line when SOURCE is neither."""
+    from ctxtrain.data.tokenizer import load_tokenizer
+    from ctxtrain.model import build_model
+    from ctxtrain.model.config import ModelConfig
+
+    p = Path(source)
+    if RunDir(p).is_run():
+        from ctxtrain.checkpoint import resolve_export_checkpoint
+        from ctxtrain.engine import consolidate
+
+        cfg, storage, tag = resolve_export_checkpoint(p, None)
+        storage.fetch(tag, 0, every_rank=True)
+        try:
+            state = consolidate(str(storage.local_root / tag))
+        finally:
+            storage.drop_staged(tag)
+        model_cfg, data_path = cfg.model, Path(cfg.data.path)
+        index = _index(data_path)
+        special, max_src = index["special"], cfg.data.max_src_len
+        tokenizer = load_tokenizer(data_path / "tokenizer.json")
+        where = f"{storage.describe(tag)}"
+    elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():
+        from safetensors.torch import load_file
+
+        try:
+            meta = json.loads((p / "config.json").read_bytes())
+            model_cfg = ModelConfig(**meta["ctxtrain_model"])
+            special, max_src = meta["data"]["special"], int(meta["data"]["max_src_len"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{p / 'config.json'} is not a ctxtrain export ({type(e).__name__}: {e}); "
+                            "re-run `ctxtrain export`") from None
+        state = load_file(str(p / "model.safetensors"))
+        tokenizer = load_tokenizer(p / "tokenizer.json")
+        data_path, where = None, str(p)
+    else:
+        raise UserError(f"{p} is neither a run directory (no config.yaml) nor an export folder (no "
+                        "model.safetensors + config.json); pass a train.run_dir or the --out of `ctxtrain export`")
+    model = build_model(model_cfg)
+    if model_cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("tok_embed.weight", state.get("src_tok_embed.weight")))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not model_cfg.tie_embeddings]
+    if missing or unexpected:
+        raise UserError(f"{where}: the weights do not fit the model config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); re-run `ctxtrain export`")
+    model.eval()
+    return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where)
+
+
+def _index(data_path: Path) -> dict:
+    try:
+        return json.loads((data_path / "index.json").read_bytes())
+    except (OSError, ValueError) as e:
+        raise UserError(f"data.path={data_path} of the run has no readable index.json ({e}); the tokenizer and "
+                        "special ids come from there") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Translation
+
+
+def source_ids(loaded: Loaded, text: str) -> list[int]:
+    """A source sentence as the model saw sources in training: [lang tag] + ids (cut) + <eos>."""
+    sp = loaded.special
+    head = [sp["lang_tag"]] if sp.get("lang_tag") is not None else []
+    ids = loaded.tokenizer.encode(text).ids[: loaded.max_src_len - 1 - len(head)]
+    return head + ids + [sp["eos"]]
+
+
+def translate_ids(loaded: Loaded, sources: list[list[int]], beam: int, max_len: int) -> list[list[int]]:
+    from ctxtrain.model.decode import beam_search, greedy
+
+    sp = loaded.special
+    out: list[list[int]] = []
+    for i in range(0, len(sources), BATCH):
+        chunk = sources[i:i + BATCH]
+        width = max(len(s) for s in chunk)
+        src = torch.full((len(chunk), width), sp["pad"], dtype=torch.long)
+        for j, s in enumerate(chunk):
+            src[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+        src_mask = src != sp["pad"]
+        bos = torch.full((len(chunk), 1), sp["bos"], dtype=torch.long)
+        if beam > 1:
+            out += beam_search(loaded.model, bos, max_len, sp["eos"], beam, src=src, src_mask=src_mask)
+        else:
+            out += greedy(loaded.model, bos, max_len, sp["eos"], src=src, src_mask=src_mask)
+    return out
+
+
+def translate_lines(loaded: Loaded, lines: list[str], beam: int = 1, max_len: int = 128) -> list[str]:
+    if loaded.kind != "encdec":
+        raise UserError(f"{loaded.where} is a language model (model.kind=lm); `translate` needs an encoder-decoder "
+                        "run; use `ctxtrain generate` for an LM")
+    ids = translate_ids(loaded, [source_ids(loaded, line) for line in lines], beam, max_len)
+    return [loaded.tokenizer.decode(t) for t in ids]
+
+
+def read_lines(path: str) -> list[str]:
+    """One sentence a line from FILE or '-' (stdin); an empty input is refused in one line."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--input {path}: cannot be read as UTF-8 text ({e}); pass a text file, one sentence a "
+                        "line, or - for stdin") from None
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise UserError(f"--input {path}: no sentence to translate (empty); pass one sentence a line")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate(loaded: Loaded, prompt: str, max_new: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> str:
+    from ctxtrain.model.decode import greedy, sample
+
+    if loaded.kind != "lm":
+        raise UserError(f"{loaded.where} is an encoder-decoder; `generate` needs an LM run; use `ctxtrain translate`")
+    ids = loaded.tokenizer.encode(prompt).ids or [loaded.special["eos"]]
+    tokens = torch.tensor([ids], dtype=torch.long)
+    eos = loaded.special["eos"]
+    if temperature > 0:
+        out = sample(loaded.model, tokens, max_new, eos, temperature, top_k, top_p,
+                     generator=torch.Generator().manual_seed(seed))[0]
+    else:
+        out = greedy(loaded.model, tokens, max_new, eos)[0]
+    return prompt + loaded.tokenizer.decode(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def bleu_chrf(hypotheses: list[str], references: list[str]) -> tuple[float, float]:
+    """Corpus BLEU and chrF of sacreBLEU (its default 13a tokenization), the scores MT papers report."""
+    import sacrebleu
+
+    return (sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            sacrebleu.corpus_chrf(hypotheses, [references]).score)
+
+
+def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
+    """(source ids, target ids) of the split, in shard order: the pairs training never saw (val)."""
+    from ctxtrain.data.loader import Dataset, iter_shard
+
+    if loaded.data_path is None:
+        raise UserError(f"{loaded.where} is an export folder; `eval` reads the held-out split of the run's data: "
+                        "pass the run directory")
+    ds = Dataset(loaded.data_path)
+    shards = ds.shards(split)
+    if not shards:
+        raise UserError(f"data.path={loaded.data_path} has no {split} shards; pass --split with one it has")
+    pairs = []
+    for shard in shards:
+        for src, tgt in iter_shard(shard, ds.dtype, ("src.npy", "tgt.npy")):
+            pairs.append((src.tolist(), tgt.tolist()))
+            if limit and len(pairs) >= limit:
+                return pairs
+    return pairs
+
+
+def evaluate_translation(loaded: Loaded, split: str = "val", beam: int = 1, max_len: int = 128,
+                         limit: Optional[int] = None) -> dict:
+    pairs = held_out_pairs(loaded, split, limit)
+    sp = loaded.special
+    head = [sp["lang_tag"]] if sp.get("lang_tag") is not None else []
+    sources = [head + s[: loaded.max_src_len - 1 - len(head)] + [sp["eos"]] for s, _ in pairs]
+    hyps = [loaded.tokenizer.decode(t) for t in translate_ids(loaded, sources, beam, max_len)]
+    refs = [loaded.tokenizer.decode(t) for _, t in pairs]
+    copies = [loaded.tokenizer.decode(s) for s, _ in pairs]
+    bleu, chrf = bleu_chrf(hyps, refs)
+    copy_bleu, copy_chrf = bleu_chrf(copies, refs)
+    return {"pairs": len(pairs), "bleu": bleu, "chrf": chrf, "copy_bleu": copy_bleu, "copy_chrf": copy_chrf,
+            "examples": list(zip(copies[:3], hyps[:3], refs[:3]))}
+
+
+def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: int = 256, limit: int = 64) -> dict:
+    """Perplexity on the split's windows (the first `limit` of them)."""
+    from ctxtrain.data.loader import StreamingLoader
+
+    if loaded.data_path is None:
+        raise UserError(f"{loaded.where} is an export folder; `eval` needs the run directory (its data)")
+    loader = StreamingLoader(loaded.data_path, split=split, seq_len=seq_len, batch_size=8, rank=0, world_size=1,
+                             num_workers=0, seed=0, shuffle=False, loop=False)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if i * 8 >= limit:
+                break
+            tokens = batch["tokens"]
+            total += float(loaded.model(tokens[:, :-1], tokens[:, 1:])) * tokens[:, 1:].numel()
+            n += tokens[:, 1:].numel()
+    if not n:
+        raise UserError(f"the {split} split of {loaded.data_path} holds no window of {seq_len} tokens")
+    return {"tokens": n, "loss": total / n, "ppl": math.exp(min(total / n, 50.0))}
+
+
+def write_lines(lines: Iterable[str], out: Optional[str]) -> None:
+    text = "".join(line.replace("\n", " ") + "\n" for line in lines)
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()

@@ -1,0 +1,82 @@
+"""Using a trained model: `ctxtrain translate`, `generate` and `eval` on run directories and exports trained
+here (real DeepSpeed checkpoints, consolidated on the fly), and BLEU as sacreBLEU computes it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import env, train
+
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctxtrain", *args], capture_output=True, text=True, env=env(),
+                          input=stdin, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def translation_run(tmp_path_factory, en_fr_shards):
+    run_dir = tmp_path_factory.mktemp("infer") / "encdec"
+    train(run_dir, en_fr_shards, "--train.max_steps=30", "--checkpoint.every=30", "--data.batch_size=16",
+          "--model.d_model=64", "--model.n_layers=2", "--model.d_ff=128", "--data.max_src_len=48",
+          "--data.max_tgt_len=48", "--model.vocab_size=4096", config="translate_tiny.yaml")
+    return run_dir
+
+
+SENTENCES = ["Open the file.", "The file could not be saved.", "", "Print the document"]
+
+
+def test_translate_reads_stdin_and_writes_one_line_per_line_deterministically(translation_run, tmp_path):
+    first = _run("translate", str(translation_run), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert len(lines) == len(SENTENCES) and any(line.strip() for line in lines), first.stdout
+    again = _run("translate", str(translation_run), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
+    assert again.stdout == first.stdout
+    # a beam, into a file; and an export folder gives the run directory's translations
+    (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
+    beam = _run("translate", str(translation_run), "--input", str(tmp_path / "in.txt"), "--beam", "3", "--out",
+                str(tmp_path / "out.txt"))
+    assert beam.returncode == 0 and len((tmp_path / "out.txt").read_text().splitlines()) == len(SENTENCES)
+    r = _run("export", str(translation_run), "--out", str(tmp_path / "export"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    exported = _run("translate", str(tmp_path / "export"), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
+    assert exported.returncode == 0 and exported.stdout == first.stdout, exported.stderr
+
+
+def test_eval_prints_bleu_and_chrf_of_the_model_and_the_copy_baseline(translation_run):
+    r = _run("eval", str(translation_run), "--limit", "40")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("val: 40 held-out pairs, greedy"), lines
+    assert lines[1].startswith("model ") and "BLEU" in lines[1] and "chrF" in lines[1]
+    assert lines[2].startswith("copy the source ") and "BLEU" in lines[2]
+    copy_bleu = float(lines[2].split("BLEU")[1].split()[0])
+    assert copy_bleu > 0  # English sources share words with French references (names, numbers, %s)
+
+
+def test_bleu_is_sacrebleus_corpus_bleu():
+    import sacrebleu
+
+    from ctxtrain.infer import bleu_chrf
+
+    hyps = ["le chat est sur le tapis", "il fait beau aujourd'hui", "ouvrir le fichier"]
+    refs = ["le chat est sur le tapis rouge", "il fait très beau aujourd'hui", "ouvrez le fichier"]
+    bleu, chrf = bleu_chrf(hyps, refs)
+    assert bleu == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    assert chrf == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
+    assert 0 < bleu < 100
+
+
+def test_generate_continues_a_prompt_with_an_lm(zero3_run):
+    run_dir, _, _ = zero3_run
+    r = _run("generate", str(run_dir), "--prompt", "def main(", "--max-new", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def main(") and len(r.stdout.strip()) > len("def main(")
+    sampled = [_run("generate", str(run_dir), "--prompt", "import ", "--max-new", "8", "--temperature", "1",
+                    "--top-p", "0.9", "--seed", "5").stdout for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
