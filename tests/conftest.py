@@ -88,6 +88,22 @@ def en_fr_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def encdec_run(tmp_path_factory, en_fr_shards):
+    """A small encoder-decoder (translate_tiny narrowed) trained 30 steps on the committed en->fr slice with 2 local
+    workers, ZeRO-2, a checkpoint at step 30: what translate/eval read, and the reference curve's run."""
+    from tests.helpers import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "encdec"
+    train(run_dir, en_fr_shards, *ENCDEC_SMALL, config="translate_tiny.yaml")
+    return run_dir
+
+
+ENCDEC_SMALL = ["--train.max_steps=30", "--checkpoint.every=30", "--data.batch_size=16", "--model.d_model=64",
+                "--model.n_layers=2", "--model.d_ff=128", "--data.max_src_len=48", "--data.max_tgt_len=48",
+                "--model.vocab_size=4096"]
+
+
+@pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory, stdlib_shards):
     """The reference run: 20 uninterrupted ZeRO-3 steps of lm_tiny on 2 local workers, a checkpoint every 5
     (keeping the last 2 and every 10th). Ray runs with faults must reproduce its losses."""

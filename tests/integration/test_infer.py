@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import env, train
+from tests.helpers import env
 
 pytestmark = pytest.mark.slow
 
@@ -18,38 +18,29 @@ def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           input=stdin, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def translation_run(tmp_path_factory, en_fr_shards):
-    run_dir = tmp_path_factory.mktemp("infer") / "encdec"
-    train(run_dir, en_fr_shards, "--train.max_steps=30", "--checkpoint.every=30", "--data.batch_size=16",
-          "--model.d_model=64", "--model.n_layers=2", "--model.d_ff=128", "--data.max_src_len=48",
-          "--data.max_tgt_len=48", "--model.vocab_size=4096", config="translate_tiny.yaml")
-    return run_dir
-
-
 SENTENCES = ["Open the file.", "The file could not be saved.", "", "Print the document"]
 
 
-def test_translate_reads_stdin_and_writes_one_line_per_line_deterministically(translation_run, tmp_path):
-    first = _run("translate", str(translation_run), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
+def test_translate_reads_stdin_and_writes_one_line_per_line_deterministically(encdec_run, tmp_path):
+    first = _run("translate", str(encdec_run), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
     assert first.returncode == 0, first.stderr
     lines = first.stdout.splitlines()
     assert len(lines) == len(SENTENCES) and any(line.strip() for line in lines), first.stdout
-    again = _run("translate", str(translation_run), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
+    again = _run("translate", str(encdec_run), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
     assert again.stdout == first.stdout
     # a beam, into a file; and an export folder gives the run directory's translations
     (tmp_path / "in.txt").write_text("\n".join(SENTENCES) + "\n")
-    beam = _run("translate", str(translation_run), "--input", str(tmp_path / "in.txt"), "--beam", "3", "--out",
+    beam = _run("translate", str(encdec_run), "--input", str(tmp_path / "in.txt"), "--beam", "3", "--out",
                 str(tmp_path / "out.txt"))
     assert beam.returncode == 0 and len((tmp_path / "out.txt").read_text().splitlines()) == len(SENTENCES)
-    r = _run("export", str(translation_run), "--out", str(tmp_path / "export"), "--no-progress")
+    r = _run("export", str(encdec_run), "--out", str(tmp_path / "export"), "--no-progress")
     assert r.returncode == 0, r.stderr
     exported = _run("translate", str(tmp_path / "export"), "--input", "-", stdin="\n".join(SENTENCES) + "\n")
     assert exported.returncode == 0 and exported.stdout == first.stdout, exported.stderr
 
 
-def test_eval_prints_bleu_and_chrf_of_the_model_and_the_copy_baseline(translation_run):
-    r = _run("eval", str(translation_run), "--limit", "40")
+def test_eval_prints_bleu_and_chrf_of_the_model_and_the_copy_baseline(encdec_run):
+    r = _run("eval", str(encdec_run), "--limit", "40")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("val: 40 held-out pairs, greedy"), lines
