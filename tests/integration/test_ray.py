@@ -92,6 +92,7 @@ def test_ray_driver_rerun_resumes(stdlib_shards, tmp_path, zero3_run):
     _same_losses(m, reference, range(1, 9))
 
 
+@pytest.mark.heavy  # CI joins a two-node cluster_utils cluster with --address in test_elastic (a node is lost)
 def test_two_node_cluster_train_checkpoint_resume(two_node_cluster, stdlib_shards, tmp_path, zero3_run):
     cluster, nodes = two_node_cluster
     _, reference, _ = zero3_run
