@@ -340,10 +340,15 @@ def consolidate(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     for stage 0 (which writes no partitioned optimizer states)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
     parent, tag = os.path.split(os.path.normpath(checkpoint_dir))
     with weights_only_loading():
         if any(name.startswith(("zero_pp_rank", "bf16_zero_pp_rank")) for name in os.listdir(checkpoint_dir)):
-            state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+            # its progress lines and bars would mix into `translate`'s and `generate`'s output
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                state = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
         else:
             state = torch.load(os.path.join(checkpoint_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                                weights_only=True)["module"]
