@@ -56,9 +56,8 @@ def global12(tmp_path_factory, stdlib_shards):
     return run
 
 
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.heavy), 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_resume_on_another_worker_count_continues_exactly(global12, stdlib_shards, tmp_path, stage):
-    """CI runs ZeRO-3 here; ZeRO-2's conversion runs in CI in the elastic Ray test below (2 workers to 1)."""
     common = [*GLOBAL, f"--zero.stage={stage}", "--checkpoint.keep_every=5"]
     ref, whole = global12(stage)
     for workers in (1, 3):
