@@ -195,13 +195,18 @@ def greedy(model, prompt: torch.Tensor, max_new: int, eos: int, prompt_mask: Opt
            src: Optional[torch.Tensor] = None, src_mask: Optional[torch.Tensor] = None) -> list[list[int]]:
     """The most likely next token at each step, until <eos> (not included) or max_new tokens, per row.
     LM: prompt (B, P), left-padded with prompt_mask; encoder-decoder: prompt = (B, 1) BOS, src (B, S)."""
+    return _decode(model, prompt, prompt_mask, src, src_mask, max_new, eos, lambda logits: logits.argmax(-1))
+
+
+def _decode(model, prompt, prompt_mask, src, src_mask, max_new: int, eos: int, pick) -> list[list[int]]:
+    """One token per row per step, chosen by pick(logits (B, V)) -> (B,), until <eos> or max_new."""
     model.eval()
     cache, logits = _start(model, prompt, prompt_mask, src, src_mask)
     B = prompt.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     for i in range(max_new):
-        nxt = logits.argmax(-1)
+        nxt = pick(logits)
         for b in range(B):
             if not done[b] and int(nxt[b]) != eos:
                 out[b].append(int(nxt[b]))
@@ -219,22 +224,12 @@ def sample(model: DecoderLM, prompt: torch.Tensor, max_new: int, eos: int, tempe
     """Sampling from the LM: temperature, then top-k (0: off), then nucleus top-p (1.0: off)."""
     if temperature <= 0:
         return greedy(model, prompt, max_new, eos, prompt_mask)
-    model.eval()
-    cache, logits = _start(model, prompt, prompt_mask, None, None)
-    B = prompt.shape[0]
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-    for i in range(max_new):
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        for b in range(B):
-            if not done[b] and int(nxt[b]) != eos:
-                out[b].append(int(nxt[b]))
-        done |= nxt == eos
-        if bool(done.all()) or i == max_new - 1:
-            break
-        logits = lm_step(model, nxt[:, None], cache)[:, -1]
-    return out
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    return _decode(model, prompt, prompt_mask, None, None, max_new, eos, draw)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
