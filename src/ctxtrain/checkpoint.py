@@ -578,24 +578,32 @@ def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> tuple[Confi
     return cfg, storage, tag_of(step)
 
 
-def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, progress: bool = True) -> Path:
-    """Consolidate a committed checkpoint into OUT/model.safetensors + OUT/config.json (ctxtrain), and for a
-    Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
-    from safetensors.torch import save_file
-
+def consolidated(run_dir: Path, step: Optional[int] = None) -> tuple[Config, dict, dict]:
+    """(config, meta.json, fp32 weights) of a run's committed checkpoint (the newest, or `step`), verified, read
+    from wherever the run stored it (a URI's files are staged for the consolidation and dropped again)."""
     from ctxtrain.engine import consolidate
-    from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
-    from ctxtrain.progress import bar as progress_bar
 
-    run_dir, out = Path(run_dir), Path(out)
     cfg, storage, tag = resolve_export_checkpoint(run_dir, step)
     meta = storage.read_meta(tag)
-    bar = progress_bar(3, "export", "part", enabled=progress)
     storage.fetch(tag, 0, every_rank=True)  # a URI storage: every rank's shard into the local staging
     try:
         state = consolidate(str(storage.local_root / tag))
     finally:
         storage.drop_staged(tag)
+    return cfg, meta, state
+
+
+def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, progress: bool = True) -> Path:
+    """Consolidate a committed checkpoint into OUT/model.safetensors + OUT/config.json (ctxtrain), and for a
+    Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
+    from safetensors.torch import save_file
+
+    from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
+    from ctxtrain.progress import bar as progress_bar
+
+    run_dir, out = Path(run_dir), Path(out)
+    bar = progress_bar(3, "export", "part", enabled=progress)
+    cfg, meta, state = consolidated(run_dir, step)
     bar.update()
     if cfg.model.tie_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores a tensor once

@@ -45,20 +45,14 @@ def load_source(source: str | Path) -> Loaded:
 
     p = Path(source)
     if RunDir(p).is_run():
-        from ctxtrain.checkpoint import resolve_export_checkpoint
-        from ctxtrain.engine import consolidate
+        from ctxtrain.checkpoint import consolidated, tag_of
 
-        cfg, storage, tag = resolve_export_checkpoint(p, None)
-        storage.fetch(tag, 0, every_rank=True)
-        try:
-            state = consolidate(str(storage.local_root / tag))
-        finally:
-            storage.drop_staged(tag)
+        cfg, meta, state = consolidated(p)
         model_cfg, data_path = cfg.model, Path(cfg.data.path)
         index = _index(data_path)
         special, max_src = index["special"], cfg.data.max_src_len
         tokenizer = load_tokenizer(data_path / "tokenizer.json")
-        where = f"{storage.describe(tag)}"
+        where = f"{p} ({tag_of(meta['step'])})"
     elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():
         from safetensors.torch import load_file
 
