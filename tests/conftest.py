@@ -90,18 +90,20 @@ def en_fr_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def encdec_run(tmp_path_factory, en_fr_shards):
     """A small encoder-decoder (translate_tiny narrowed) trained 150 steps (~25 s) on the committed en->fr slice with
-    2 local workers, ZeRO-2, a checkpoint at the end: what translate/eval read (after 30 steps it still answers
-    every sentence with <eos>), and the reference curve's run (its first 30 losses)."""
+    2 local workers, ZeRO-3, a checkpoint at the end: what translate/eval read (after 30 steps it still answers
+    every sentence with <eos>), and the reference curve's run (its first 30 losses). It scores val_bleu every 50
+    steps (32 pairs): the curve also shows that scoring leaves training alone."""
     from tests.helpers import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "encdec"
-    train(run_dir, en_fr_shards, *ENCDEC_SMALL, config="translate_tiny.yaml")
+    train(run_dir, en_fr_shards, *ENCDEC_SMALL, *ENCDEC_BLEU, "--zero.stage=3", config="translate_tiny.yaml")
     return run_dir
 
 
 ENCDEC_SMALL = ["--train.max_steps=150", "--checkpoint.every=150", "--data.batch_size=16", "--model.d_model=64",
                 "--model.n_layers=2", "--model.d_ff=128", "--data.max_src_len=48", "--data.max_tgt_len=48",
                 "--model.vocab_size=4096", "--optim.lr=3e-3", "--optim.warmup_steps=10"]
+ENCDEC_BLEU = ["--train.bleu_every=50", "--train.bleu_pairs=32"]
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,13 @@ class TrainConfig:
     eval_batches: int = 16
     """Micro-batches per evaluation on each rank."""
 
+    bleu_every: int = 0
+    """Translation: steps between greedy sacreBLEU scores (`val_bleu`, `val_chrf`) of the first
+    train.bleu_pairs held-out pairs, decoded across the ranks (0: never)."""
+
+    bleu_pairs: int = 256
+    """Held-out pairs that train.bleu_every decodes (the first ones of the val split: a fixed subset)."""
+
     log_every: int = 10
     """Steps between plain log lines when no terminal shows a progress bar."""
 
@@ -116,7 +123,7 @@ class TrainConfig:
     """Dense bf16 peak of one accelerator for MFU; null: looked up for known GPUs, and MFU is null on CPU."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum", "eval_batches", "log_every"):
+        for name in ("max_steps", "grad_accum", "eval_batches", "log_every", "bleu_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be a positive integer")
         if self.global_batch is not None and self.global_batch < 1:
@@ -126,6 +133,8 @@ class TrainConfig:
                              "accumulation is derived from the global batch; set only one of them")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every={self.eval_every}: must be 0 (off) or a positive integer")
+        if self.bleu_every < 0:
+            raise ValueError(f"train.bleu_every={self.bleu_every}: must be 0 (off) or a positive integer")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
             raise ValueError(
                 f"train.stop_at_step={self.stop_at_step}: must lie in 1..train.max_steps={self.max_steps}"
@@ -418,6 +427,7 @@ class Config:
 
     def __post_init__(self) -> None:
         self._check_sequence_parallel()
+        self._check_bleu()
         self._check_batch_split()
         f = self.fault
         if f.kill_rank is not None:
@@ -429,6 +439,11 @@ class Config:
                 )
         if f.repeat < 1 or (f.repeat > 1 and f.during == "checkpoint"):
             raise ValueError(f"fault.repeat={f.repeat}: must be 1, or more with fault.during=step or read")
+
+    def _check_bleu(self) -> None:
+        if self.train.bleu_every and self.model.kind != "encdec":
+            raise ValueError(f"train.bleu_every={self.train.bleu_every}: BLEU scores translations, and model.kind="
+                             f"{self.model.kind} does not translate; set train.bleu_every=0 (perplexity is val_ppl)")
 
     def _check_sequence_parallel(self) -> None:
         sp = self.parallel.sp

@@ -95,16 +95,20 @@ def _index(data_path: Path) -> dict:
 
 def source_ids(loaded: Loaded, text: str) -> list[int]:
     """A source sentence as the model saw sources in training: [lang tag] + ids (cut) + <eos>."""
+    return framed_source(loaded, loaded.tokenizer.encode(text).ids)
+
+
+def framed_source(loaded: Loaded, ids: list[int]) -> list[int]:
     sp = loaded.special
     head = [sp["lang_tag"]] if sp.get("lang_tag") is not None else []
-    ids = loaded.tokenizer.encode(text).ids[: loaded.max_src_len - 1 - len(head)]
-    return head + ids + [sp["eos"]]
+    return head + ids[: loaded.max_src_len - 1 - len(head)] + [sp["eos"]]
 
 
 def translate_ids(loaded: Loaded, sources: list[list[int]], beam: int, max_len: int) -> list[list[int]]:
     from ctxtrain.model.decode import beam_search, greedy
 
     sp = loaded.special
+    device = next(loaded.model.parameters()).device
     out: list[list[int]] = []
     for i in range(0, len(sources), BATCH):
         chunk = sources[i:i + BATCH]
@@ -112,8 +116,9 @@ def translate_ids(loaded: Loaded, sources: list[list[int]], beam: int, max_len: 
         src = torch.full((len(chunk), width), sp["pad"], dtype=torch.long)
         for j, s in enumerate(chunk):
             src[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+        src = src.to(device)
         src_mask = src != sp["pad"]
-        bos = torch.full((len(chunk), 1), sp["bos"], dtype=torch.long)
+        bos = torch.full((len(chunk), 1), sp["bos"], dtype=torch.long, device=device)
         if beam > 1:
             out += beam_search(loaded.model, bos, max_len, sp["eos"], beam, src=src, src_mask=src_mask)
         else:
@@ -198,9 +203,7 @@ def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> l
 def evaluate_translation(loaded: Loaded, split: str = "val", beam: int = 1, max_len: int = 128,
                          limit: Optional[int] = None) -> dict:
     pairs = held_out_pairs(loaded, split, limit)
-    sp = loaded.special
-    head = [sp["lang_tag"]] if sp.get("lang_tag") is not None else []
-    sources = [head + s[: loaded.max_src_len - 1 - len(head)] + [sp["eos"]] for s, _ in pairs]
+    sources = [framed_source(loaded, s) for s, _ in pairs]
     hyps = [loaded.tokenizer.decode(t) for t in translate_ids(loaded, sources, beam, max_len)]
     refs = [loaded.tokenizer.decode(t) for _, t in pairs]
     copies = [loaded.tokenizer.decode(s) for s, _ in pairs]
@@ -208,6 +211,43 @@ def evaluate_translation(loaded: Loaded, split: str = "val", beam: int = 1, max_
     copy_bleu, copy_chrf = bleu_chrf(copies, refs)
     return {"pairs": len(pairs), "bleu": bleu, "chrf": chrf, "copy_bleu": copy_bleu, "copy_chrf": copy_chrf,
             "examples": list(zip(copies[:3], hyps[:3], refs[:3]))}
+
+
+class ValBleu:
+    """train.bleu_every: greedy BLEU and chrF of the first train.bleu_pairs held-out pairs during training. Every
+    data-parallel rank decodes its share (pairs i, i + world, ...) with a plain copy of the full weights (outside
+    DeepSpeed's hooks), and rank 0 scores the gathered translations in the split's order."""
+
+    def __init__(self, cfg, rank: int, world: int):
+        from ctxtrain.data.tokenizer import load_tokenizer
+
+        data_path = Path(cfg.data.path)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.frame = Loaded(None, "encdec", load_tokenizer(data_path / "tokenizer.json"), _index(data_path)["special"],
+                            cfg.data.max_src_len, data_path, str(data_path))
+        pairs = held_out_pairs(self.frame, "val", cfg.train.bleu_pairs)
+        self.sources = [framed_source(self.frame, s) for s, _ in pairs[rank::world]]
+        self.references = [self.frame.tokenizer.decode(t) for _, t in pairs] if rank == 0 else []
+        self.count = len(pairs)
+
+    def score(self, weights: dict, device: torch.device, gather) -> Optional[dict]:
+        """Decode this rank's share; on rank 0 {"val_bleu", "val_chrf"}, elsewhere None. `gather` is an
+        all-gather of Python objects (every rank calls score)."""
+        from ctxtrain.model import build_model
+
+        with torch.random.fork_rng(devices=[]):  # the training run's random stream stays as it was
+            model = build_model(self.cfg.model)
+        model.load_state_dict(weights, strict=False)
+        model.to(device).eval()
+        mine = [] if not self.sources else translate_ids(
+            Loaded(model, "encdec", self.frame.tokenizer, self.frame.special, self.frame.max_src_len, None, ""),
+            self.sources, 1, self.cfg.data.max_tgt_len)
+        shares = gather([self.frame.tokenizer.decode(t) for t in mine])
+        if self.rank != 0 or not self.count:
+            return None
+        hyps = [shares[i % self.world][i // self.world] for i in range(self.count)]
+        bleu, chrf = bleu_chrf(hyps, self.references)
+        return {"val_bleu": bleu, "val_chrf": chrf}
 
 
 def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: int = 256, limit: int = 64) -> dict:

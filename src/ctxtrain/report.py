@@ -116,6 +116,7 @@ PLOTS = [
     ("memory", "Memory", "GiB"),
     ("timing", "Step time and data wait", "seconds"),
 ]
+BLEU_PLOT = ("bleu", "Held-out BLEU and chrF (greedy, train.bleu_pairs pairs)", "sacreBLEU score (0-100)")
 
 
 def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
@@ -147,6 +148,9 @@ def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
                 drawn += _line(ax, run.series("mem_reserved_bytes", GIB), color, f"{run.name} GPU reserved", ":")
             else:
                 drawn += _line(ax, run.series("mem_rss_bytes", GIB), color, f"{run.name} RSS (CPU run)")
+        elif key == "bleu":
+            drawn += _line(ax, run.series("val_bleu"), color, f"{run.name} BLEU")
+            drawn += _line(ax, run.series("val_chrf"), color, f"{run.name} chrF", ":")
         elif key == "timing":
             drawn += _line(ax, run.series("step_time_s"), color, f"{run.name} step")
             drawn += _line(ax, run.series("data_wait_s"), color, f"{run.name} data wait", ":")
@@ -220,15 +224,17 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
              f"<p>{len(runs)} run(s), written {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
 
     parts.append("<h2>Runs</h2><table id='runs'><tr><th class='name'>run</th><th>steps</th><th>loss</th>"
-                 "<th>val loss</th><th>val ppl</th><th>tokens</th><th>tokens/s</th><th>MFU</th><th>restarts</th>"
+                 "<th>val loss</th><th>val ppl</th><th>val BLEU</th><th>tokens</th><th>tokens/s</th><th>MFU</th><th>restarts</th>"
                  "<th class='name'>W&amp;B run</th></tr>")
     for i, run in enumerate(runs):
         last = run.rows[-1] if run.rows else {}
         val = next((r for r in reversed(run.rows) if r.get("val_loss") is not None), {})
+        scored = next((r for r in reversed(run.rows) if r.get("val_bleu") is not None), {})
         parts.append(
             f"<tr><td class='name'><span class='swatch' style='background:{COLORS[i % len(COLORS)]}'></span>"
             f"{html.escape(run.name)}</td><td>{_fmt(last.get('step'))}</td><td>{_fmt(last.get('loss'), '.4f')}</td>"
             f"<td>{_fmt(val.get('val_loss'), '.4f')}</td><td>{_fmt(val.get('val_ppl'), '.2f')}</td>"
+            f"<td>{_fmt(scored.get('val_bleu'), '.2f')}</td>"
             f"<td>{_fmt(last.get('tokens'), ',')}</td><td>{_fmt(last.get('tokens_per_s'), ',.0f')}</td>"
             f"<td>{_fmt(last.get('mfu'), '.3f')}</td><td>{run.restarts}</td>"
             f"<td class='name'>{html.escape(run.tracker_run_id or '–')}</td></tr>")
@@ -237,7 +243,8 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
     parts.append("<h2>Plots</h2>")
     if png_dir:
         Path(png_dir).mkdir(parents=True, exist_ok=True)
-    for key, title, ylabel in PLOTS:
+    plots = PLOTS + ([BLEU_PLOT] if any(r.get("val_bleu") is not None for run in runs for r in run.rows) else [])
+    for key, title, ylabel in plots:
         fig, _ = _figure(key, title, ylabel, runs)
         parts.append(f"<figure class='plot' id='plot-{key}'>{_svg(fig)}</figure>")
         if png_dir:

@@ -438,6 +438,11 @@ def _train(given: Config, info) -> dict:
     arm_read_fault(cfg, rank, progress.step, train_loader)
     batches = iter(train_loader)
     preemption = Preemption(run, rank)
+    bleu = None
+    if cfg.train.bleu_every:
+        from ctxtrain.infer import ValBleu
+
+        bleu = ValBleu(cfg, info.dp_rank, info.dp_size)
     last = {}
     stop_reason = None
     pending = PendingSteps(device, info.sp_size)
@@ -459,8 +464,9 @@ def _train(given: Config, info) -> dict:
         if stop_reason is None and preemption.stop_after(step):
             stop_reason = "preempted"
         evaluating = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.max_steps
+        scoring = bleu is not None and (step % cfg.train.bleu_every == 0 or step == cfg.train.max_steps)
         saving = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if not (step % cfg.train.log_every == 0 or step == 1 or evaluating or saving or stop_reason
+        if not (step % cfg.train.log_every == 0 or step == 1 or evaluating or scoring or saving or stop_reason
                 or step == cfg.train.max_steps):
             continue
 
@@ -489,6 +495,8 @@ def _train(given: Config, info) -> dict:
             result = evaluate(cfg, engine)
             if result:
                 record.update(result)
+        if scoring:
+            record.update(bleu.score(engine.full_weights(), device, gather_objects) or {})
         if final or saving:
             t_ckpt = time.perf_counter()
             rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
@@ -519,11 +527,13 @@ def _train(given: Config, info) -> dict:
     if rank == 0:
         metrics_file.close()
         if last:
-            tracker.summary({k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "tokens", "tokens_per_s", "mfu")}
+            tracker.summary({k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bleu", "tokens", "tokens_per_s",
+                                                  "mfu")}
                             | {"steps": progress.step, "stop_reason": stop_reason})
             print(f"ctxtrain: {'stopped (' + stop_reason + ')' if stop_reason else 'finished'} at step "
                   f"{progress.step}, loss {last['loss']:.4f}"
-                  + (f", val ppl {last['val_ppl']:.2f}" if "val_ppl" in last else ""), flush=True)
+                  + (f", val ppl {last['val_ppl']:.2f}" if "val_ppl" in last else "")
+                  + (f", val BLEU {last['val_bleu']:.2f}" if "val_bleu" in last else ""), flush=True)
         else:
             print(f"ctxtrain: the run is already at step {progress.step} of train.max_steps={cfg.train.max_steps}; "
                   "nothing to train (raise train.max_steps to continue)", flush=True)
@@ -536,5 +546,6 @@ def _log_line(r: dict, max_steps: int, t_start: float) -> None:
     elapsed = time.time() - t_start
     eta = (max_steps - r["step"]) * r["step_time_s"]
     extra = f" val_loss={r['val_loss']:.4f}" if "val_loss" in r else ""
+    extra += f" val_bleu={r['val_bleu']:.2f}" if "val_bleu" in r else ""
     print(f"step={r['step']}/{max_steps} loss={r['loss']:.4f}{extra} lr={r['lr']:.2e} "
           f"tokens/s={r['tokens_per_s']:,.0f} elapsed={elapsed:,.0f}s eta={eta:,.0f}s", flush=True)

@@ -50,6 +50,22 @@ def test_eval_prints_bleu_and_chrf_of_the_model_and_the_copy_baseline(encdec_run
     assert copy_bleu > 0  # English sources share words with French references (names, numbers, %s)
 
 
+def test_training_scores_val_bleu_as_eval_does_on_its_checkpoint(encdec_run):
+    """train.bleu_every under ZeRO-3 (weights gathered, pairs split over 2 ranks) gives the BLEU and chrF that
+    `ctxtrain eval` computes from the consolidated checkpoint of the same step on the same pairs."""
+    from tests.helpers import metrics
+
+    rows = metrics(encdec_run)  # the fixture: train.bleu_every=50, train.bleu_pairs=32
+    assert [step for step, r in sorted(rows.items()) if "val_bleu" in r] == [50, 100, 150]
+    last = rows[150]
+    r = _run("eval", str(encdec_run), "--limit", "32", "--max-len", "48")  # data.max_tgt_len of the run
+    assert r.returncode == 0, r.stderr
+    model = r.stdout.splitlines()[1].split()
+    bleu, chrf = float(model[model.index("BLEU") + 1]), float(model[model.index("chrF") + 1])
+    assert chrf > 1.0, r.stdout  # the model emits words by step 150: a real comparison, not 0 against 0
+    assert last["val_bleu"] == pytest.approx(bleu, abs=0.006) and last["val_chrf"] == pytest.approx(chrf, abs=0.006)
+
+
 def test_bleu_is_sacrebleus_corpus_bleu():
     import sacrebleu
 

@@ -244,6 +244,14 @@ class Engine:
         self.ds.train()
         return loss
 
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights as float32 CPU tensors on every rank, names as `build_model` gives them.
+        Under ZeRO-3 the partitions are gathered (a collective: every rank calls this); ZeRO 0-2 hold them."""
+        params = list(self.module.parameters())
+        gather = deepspeed.zero.GatheredParameters(params) if self.cfg.zero.stage == 3 else contextlib.nullcontext()
+        with gather:
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
     def save(self, root: str, tag: str) -> None:
         """Every rank writes its DeepSpeed files under root/tag (one optimizer shard per rank under ZeRO)."""
         self.ds.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
