@@ -294,6 +294,10 @@ class TrackingConfig:
     enabled: bool = True
     """Log to Weights & Biases from rank 0 (metrics.jsonl is written either way)."""
 
+    tensorboard: bool = True
+    """Write every metric of metrics.jsonl to RUN_DIR/tensorboard/ from rank 0 (`tensorboard --logdir runs/`),
+    with or without W&B."""
+
     project: str = "ctxtrain"
     """W&B project."""
 

@@ -1,4 +1,4 @@
-"""Tracking behind a small interface (`log`, `log_config`, `summary`, `finish`); W&B, and only here.
+"""Tracking behind a small interface (`log`, `log_config`, `summary`, `finish`): W&B and TensorBoard, only here.
 
 Rank 0 creates the W&B run; every other rank gets the no-op `Tracker`. The mode: `WANDB_MODE` when set,
 else `tracking.mode`; `auto` means online when this machine is logged in (`wandb login`, i.e. ~/.netrc) or
@@ -133,11 +133,104 @@ def choose_run_id(run_dir: Path, from_checkpoint: Optional[str], launch_id: Opti
     return run_id
 
 
+class TensorBoardTracker(Tracker):
+    """RUN_DIR/tensorboard/: every numeric metric of metrics.jsonl as a scalar under its own name (tensorboardX's
+    writer), and the resolved config as text. One events file per start. A resumed start writes TensorBoard's
+    purge marker at the step after its checkpoint, so what a killed start wrote past the checkpoint (recomputed
+    now) is dropped by every TensorBoard reader; steps up to the checkpoint that the earlier files hold are not
+    written again, and those they lost are sent again from metrics.jsonl like W&B's."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        from tensorboardX import SummaryWriter
+
+        folder = RunDir(run_dir).tensorboard
+        earlier = event_steps(folder)
+        self.fresh = not earlier
+        self.last_step = max((s for s in earlier if s <= resume_step), default=0)
+        self.writer = SummaryWriter(str(folder), purge_step=None if self.fresh else resume_step + 1)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if step <= self.last_step:
+            return
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()  # a killed process loses nothing logged before it (the writer buffers otherwise)
+        self.last_step = step
+
+    def log_config(self, config: dict) -> None:
+        if self.fresh:
+            import yaml
+
+            dumped = yaml.safe_dump(config, sort_keys=False)
+            text = "".join("    " + line + "\n" for line in dumped.splitlines())  # markdown: a code block
+            self.writer.add_text("config", text, 0)
+            self.writer.flush()
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+def event_steps(folder: Path) -> set[int]:
+    """The steps of the scalars in the TensorBoard event files under folder (torn tails of killed writers end
+    a file's reading)."""
+    from tensorboardX.proto import event_pb2
+
+    steps: set[int] = set()
+    for path in sorted(folder.glob("events.out.tfevents.*")) if folder.is_dir() else []:
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            payload = data[pos + 12:pos + 12 + length]
+            if len(payload) < length or pos + 16 + length > len(data):
+                break
+            pos += 16 + length
+            event = event_pb2.Event()
+            try:
+                event.ParseFromString(payload)
+            except Exception:  # a damaged record: what came before it still counts
+                break
+            if event.HasField("summary") and any(v.HasField("simple_value") for v in event.summary.value):
+                steps.add(int(event.step))
+    return steps
+
+
+class Trackers(Tracker):
+    """Several trackers behind the one interface: W&B and TensorBoard side by side."""
+
+    def __init__(self, members: list[Tracker]):
+        self.members = members
+        wandb_run = next((m for m in members if isinstance(m, WandbTracker)), None)
+        self.run_id = wandb_run.run_id if wandb_run else None
+        self.mode = wandb_run.mode if wandb_run else None
+
+    def log(self, metrics: dict, step: int) -> None:
+        for m in self.members:
+            m.log(metrics, step)
+
+    def log_config(self, config: dict) -> None:
+        for m in self.members:
+            m.log_config(config)
+
+    def summary(self, values: dict) -> None:
+        for m in self.members:
+            m.summary(values)
+
+    def finish(self) -> None:
+        for m in self.members:
+            m.finish()
+
+
 def make_tracker(cfg: Config, rank: int, run_dir: Path, checkpoint_run_id: Optional[str],
-                 launch_id: Optional[str]) -> Tracker:
-    if rank != 0 or not cfg.tracking.enabled or os.environ.get("WANDB_MODE") == "disabled":
+                 launch_id: Optional[str], resume_step: int = 0) -> Tracker:
+    if rank != 0:
         return Tracker()
-    return WandbTracker(cfg, choose_run_id(run_dir, checkpoint_run_id, launch_id), run_dir)
+    members: list[Tracker] = []
+    if cfg.tracking.enabled and os.environ.get("WANDB_MODE") != "disabled":
+        members.append(WandbTracker(cfg, choose_run_id(run_dir, checkpoint_run_id, launch_id), run_dir))
+    if cfg.tracking.tensorboard:
+        members.append(TensorBoardTracker(run_dir, resume_step))
+    return Trackers(members)
 
 
 # ---------------------------------------------------------------------------------------------------------

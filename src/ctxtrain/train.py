@@ -414,7 +414,8 @@ def _train(given: Config, info) -> dict:
 
     metrics_file, restarts, tracker = None, 0, Tracker()
     if rank == 0:
-        tracker = make_tracker(cfg, rank, run_dir, meta.get("tracker_run_id") if meta else None, launch_id)
+        tracker = make_tracker(cfg, rank, run_dir, meta.get("tracker_run_id") if meta else None, launch_id,
+                               progress.step)
         tracker.log_config(cfg.to_dict())
         metrics_file = MetricsWriter(run_dir, progress.step)
         resend_lost_steps(tracker, metrics_file)

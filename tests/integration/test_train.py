@@ -255,3 +255,32 @@ def test_metrics_are_read_every_log_every_steps(stdlib_shards, tmp_path):
     assert proc.returncode != 0 and "fault injection" in proc.stdout
     assert sorted(m) == [1, 2, 3, 4]
     assert m[2]["step_time_s"] == m[3]["step_time_s"] == m[4]["step_time_s"]  # the interval's average
+
+
+def test_tensorboard_holds_each_step_once_across_a_kill_and_resume(stdlib_shards, tmp_path):
+    """tracking.tensorboard (default on): RUN_DIR/tensorboard read back with TensorBoard's own EventAccumulator
+    holds every step of metrics.jsonl once, with its values. The killed start logged steps 6-7 past its
+    checkpoint (step 5); the resumed start recomputes them, and TensorBoard keeps the recomputed ones."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ctxtrain.tracking import event_steps
+
+    run_dir = tmp_path / "tb"
+    narrow = ["--train.max_steps=12", "--train.log_every=1", "--checkpoint.every=5", "--cluster.workers=1",
+              "--model.d_model=64", "--model.d_ff=128", "--model.n_layers=2"]
+    proc, m = train(run_dir, stdlib_shards, *narrow, "--fault.kill_rank=0", "--fault.at_step=8", check=False)
+    assert proc.returncode != 0 and sorted(m) == list(range(1, 8))
+    assert event_steps(run_dir / "tensorboard") == set(range(1, 8))  # flushed as logged: nothing lost to the kill
+    proc, m = train(run_dir, stdlib_shards, *narrow)
+    assert "resumed from step_000005" in proc.stdout and sorted(m) == list(range(1, 13))
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per start
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "restarts"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == list(range(1, 13)), (tag, [e.step for e in events])
+        for e in events:
+            assert e.value == pytest.approx(m[e.step][tag], rel=1e-6, abs=1e-12), (tag, e.step)
+    assert [e.value for e in acc.Scalars("restarts")][-1] == 1
+    assert "config/text_summary" in acc.Tags()["tensors"]  # the resolved config, as text
