@@ -29,7 +29,7 @@ VERBS = {
     "export": "consolidate a run's ZeRO shards into safetensors (+ a Hugging Face Llama folder)",
     "submit": "submit a training job to a Ray cluster",
     "jobs": "list the jobs of a Ray cluster",
-    "status": "show a job's state, latest step, loss, tokens/s and ETA",
+    "status": "a job's state, step, loss, tokens/s and ETA; every job (or run: --runs DIR) in one table [--watch]",
     "logs": "print (or --follow) a job's logs",
     "stop": "stop a running job",
     "report": "write a self-contained HTML report of one or more runs",
@@ -182,6 +182,23 @@ def cmd_jobs(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_status(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides("status", overrides)
+    if args.job is None:
+        from ctxtrain import status
+
+        if args.interval <= 0:
+            raise UserError(f"--interval {args.interval}: must be a positive number of seconds")
+        if args.runs:
+            status.find_runs(args.runs)  # a missing directory: one line before any refresh
+            render = lambda: status.runs_table(args.runs)  # noqa: E731
+        else:
+            render = lambda: status.jobs_table(args.address)  # noqa: E731
+        if args.watch:
+            return status.watch(render, args.interval)
+        sys.stdout.write(render())
+        return 0
+    if args.runs or args.watch:
+        raise UserError(f"status {args.job}: --runs and --watch are for the table of every job or run; drop the job id")
     from ctxtrain.launcher import job_status
 
     s = job_status(args.job, args.address)
@@ -401,7 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
     for verb, fn in (("jobs", cmd_jobs), ("status", cmd_status), ("logs", cmd_logs), ("stop", cmd_stop)):
         p = sub.add_parser(verb, help=VERBS[verb])
-        if verb != "jobs":
+        if verb == "status":
+            p.add_argument("job", nargs="?", help="job id; none: every job of the cluster, or every run of --runs")
+            p.add_argument("--runs", metavar="DIR", help="every run directory under DIR instead of the cluster's jobs")
+            p.add_argument("--watch", action="store_true", help="refresh the table (in place in a terminal)")
+            p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (--watch)")
+        elif verb != "jobs":
             p.add_argument("job", help="job id (from `ctxtrain submit` or `ctxtrain jobs`)")
         if verb == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing as the job writes")

@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml         the resolved config           RUN_DIR/metrics.jsonl   one JSON line per step
     RUN_DIR/starts.jsonl        one line per (re)start        RUN_DIR/tracker.json    the W&B run id
-    RUN_DIR/ds_config.json      the generated DeepSpeed config
+    RUN_DIR/ds_config.json      the generated DeepSpeed config RUN_DIR/state.json      running/finished/stopped/failed
     RUN_DIR/wandb/              W&B's files                   RUN_DIR/tensorboard/    TensorBoard event files
     RUN_DIR/checkpoints/        checkpoints (checkpoint.py), or their local staging when
                                 checkpoint.storage is a URI; `checkpoint_root` says where they live
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,21 @@ class RunDir:
     @property
     def starts(self) -> Path:
         return self.path / "starts.jsonl"
+
+    @property
+    def state(self) -> Path:
+        """running / finished / stopped / failed, written by rank 0 (`ctxtrain status` reads it)."""
+        return self.path / "state.json"
+
+    def write_state(self, state: str, **fields) -> None:
+        write_atomic(self.state, json.dumps({"state": state, "time": time.time(), **fields}) + "\n")
+
+    def read_state(self) -> dict:
+        try:
+            state = json.loads(self.state.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
 
     @property
     def tracker(self) -> Path:

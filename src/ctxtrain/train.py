@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -353,6 +354,12 @@ def run(cfg: Config) -> dict:
                 if threading.current_thread() is threading.main_thread() else None)
     try:
         return _train(cfg, info)
+    except BaseException as e:
+        if info.rank == 0:
+            run = RunDir(cfg.train.run_dir)
+            if run.read_state().get("pid") == os.getpid() and run.read_state().get("state") == "running":
+                run.write_state("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -421,6 +428,7 @@ def _train(given: Config, info) -> dict:
         resend_lost_steps(tracker, metrics_file)
         restarts = record_start(run_dir, progress.step if meta else None, launch_id,
                                 fresh=meta is None and cfg.checkpoint.resume == "never")
+        run.write_state("running", step=progress.step, host=socket.gethostname(), pid=os.getpid())
         # this run's own checkpoint by its tag; another run's (--resume PATH) by its whole path
         resumed_from = target and (target.tag if target.storage is storage else target.describe())
         for notice in target.notices if target else []:
@@ -527,6 +535,7 @@ def _train(given: Config, info) -> dict:
 
     if rank == 0:
         metrics_file.close()
+        run.write_state("stopped" if stop_reason else "finished", step=progress.step, reason=stop_reason)
         if last:
             tracker.summary({k: last.get(k) for k in ("loss", "val_loss", "val_ppl", "val_bleu", "tokens", "tokens_per_s",
                                                   "mfu")}
