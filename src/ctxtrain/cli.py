@@ -312,8 +312,10 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise UserError(f"report takes no config overrides (got {overrides[0]})")
-    from ctxtrain.report import build_report
+    from ctxtrain.report import build_report, serve
 
+    if args.serve:
+        return serve(args.run_dirs, args.port, args.refresh)
     out = build_report(args.run_dirs, args.out, args.png)
     print(f"wrote {out}" + (f" and PNGs in {args.png}" if args.png else ""))
     return 0
@@ -445,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--png", metavar="DIR", help="also write each plot as DIR/NAME.png")
+    p.add_argument("--serve", action="store_true", help="serve it on 127.0.0.1, rebuilt as the runs go on")
+    p.add_argument("--port", type=int, default=8050, help="--serve: port on 127.0.0.1 (default 8050; 0: any free)")
+    p.add_argument("--refresh", type=float, default=5.0, help="--serve: seconds between page reloads (default 5)")
     p.set_defaults(func=cmd_report)
 
     for verb in VERBS:

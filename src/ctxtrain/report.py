@@ -1,4 +1,5 @@
-"""`ctxtrain report RUN_DIR [RUN_DIR ...] --out report.html [--png DIR]`: a view of runs without W&B.
+"""`ctxtrain report RUN_DIR [RUN_DIR ...] --out report.html [--png DIR]`: a view of runs without W&B;
+`--serve [--port P]` serves it on 127.0.0.1, rebuilt as the runs' metrics.jsonl grow (runs still going).
 
 One self-contained HTML file (inline SVG, inline CSS, no script, nothing fetched): a summary row per run;
 plots of loss and val loss, learning rate, tokens/s, MFU, memory, and step time / data wait against step,
@@ -204,8 +205,6 @@ def _fmt(v, spec: str = "") -> str:
 
 
 def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -> Path:
-    import matplotlib.pyplot as plt
-
     if not run_dirs:
         raise UserError("report needs at least one RUN_DIR")
     out_path = Path(out)
@@ -214,13 +213,27 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
     for where in (out_path.parent, Path(png_dir) if png_dir else None):
         if where is not None and where.exists() and not where.is_dir():
             raise UserError(f"{where} is a file, not a directory; choose another --out/--png")
+    page = render(run_dirs, png_dir)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(page)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write it ({e.strerror or e}); pick a writable place") from None
+    return out_path
+
+
+def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Optional[float] = None) -> str:
+    """The report's HTML; with refresh_s, the page asks the browser to reload itself that often (--serve)."""
+    import matplotlib.pyplot as plt
+
     runs = [load_run(d) for d in run_dirs]
     names = [r.name for r in runs]
     for i, run in enumerate(runs):  # two runs with the same directory name stay apart in legends
         if names.count(run.name) > 1:
             run.name = f"{run.name} ({i + 1})"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ctxtrain report</title><style>{CSS}</style>"
-             "</head><body>", "<h1>ctxtrain report</h1>",
+    reload = f"<meta http-equiv='refresh' content='{refresh_s:g}'>" if refresh_s else ""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'>{reload}<title>ctxtrain report</title>"
+             f"<style>{CSS}</style></head><body>", "<h1>ctxtrain report</h1>",
              f"<p>{len(runs)} run(s), written {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
 
     parts.append("<h2>Runs</h2><table id='runs'><tr><th class='name'>run</th><th>steps</th><th>loss</th>"
@@ -265,9 +278,74 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
         parts.append("</table>")
         parts.append(f"<details open><summary>config.yaml</summary><pre>{html.escape(run.config_text)}</pre></details>")
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def serve(run_dirs: list[str], port: int, refresh_s: float) -> int:
+    """`report --serve`: the report on http://127.0.0.1:PORT/ (this machine only; an SSH tunnel brings it
+    elsewhere), rebuilt when a run's metrics.jsonl or state changes, the page reloading itself every refresh_s.
+    Ctrl-C (SIGINT) stops it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if not run_dirs:
+        raise UserError("report needs at least one RUN_DIR")
+    if not 0 <= port <= 65535 or refresh_s <= 0:
+        raise UserError(f"--port {port} --refresh {refresh_s:g}: the port must lie in 0..65535 (0: any free one) "
+                        "and the refresh be a positive number of seconds")
+    render(run_dirs)  # a run that cannot be read fails now, in one line, not in the browser
+    lock, cache = threading.Lock(), {"key": None, "page": b""}
+
+    def fingerprint():
+        out = []
+        for d in run_dirs:
+            for p in (RunDir(d).metrics, RunDir(d).state):
+                try:
+                    st = p.stat()
+                    out.append((st.st_size, st.st_mtime_ns))
+                except OSError:
+                    out.append(None)
+        return tuple(out)
+
+    def page() -> bytes:
+        with lock:
+            key = fingerprint()
+            if key != cache["key"]:
+                cache["page"], cache["key"] = render(run_dirs, refresh_s=refresh_s).encode(), key
+            return cache["page"]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path.split("?")[0] not in ("/", "/index.html"):
+                self.send_error(404)
+                return
+            try:
+                body = page()
+            except UserError as e:  # a run directory removed while serving
+                self.send_error(500, str(e))
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text("\n".join(parts))
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     except OSError as e:
-        raise UserError(f"--out {out}: cannot write it ({e.strerror or e}); pick a writable place") from None
-    return out_path
+        raise UserError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); pick another "
+                        "port, or 0 for any free one") from None
+    print(f"serving the report of {len(run_dirs)} run(s) on http://127.0.0.1:{server.server_port}/ (rebuilt when "
+          f"metrics.jsonl grows, the page reloads every {refresh_s:g} s); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print("report server stopped", flush=True)
+    return 0

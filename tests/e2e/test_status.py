@@ -109,3 +109,49 @@ def test_a_silent_running_run_shows_as_stale(zero3_run, tmp_path):
     assert run_row(run.path)["state"] == "running"
     assert run_row(run.path, now=time.time() + 3600)["state"].startswith("stale (60 min silent")
     assert ctxtrain("status", "--runs", str(tmp_path / "nope")).returncode == 2
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) that listen on port."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                out.append(local.rsplit(":", 1)[0])
+    return out
+
+
+def test_report_serve_answers_on_loopback_and_shows_new_steps(zero3_run, tmp_path):
+    import json
+    import re
+    import urllib.request
+
+    run = _copy_run(zero3_run[0], tmp_path / "going")
+    proc = subprocess.Popen([sys.executable, "-m", "ctxtrain", "report", str(run), "--serve", "--port", "0",
+                             "--refresh", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+    try:
+        first = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", first)
+        assert url, first + proc.stderr.read()
+        port = int(url.group(1))
+        assert _listening(port) == ["0100007F"]  # 127.0.0.1 only: not 0.0.0.0, not ::
+
+        def page() -> str:
+            with urllib.request.urlopen(url.group(0), timeout=30) as r:
+                return r.read().decode()
+
+        text = page()
+        assert "<meta http-equiv='refresh' content='3'>" in text and "<td>20</td>" in text
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        with open(run / "metrics.jsonl", "a") as fh:  # the run goes on: step 21
+            fh.write(json.dumps({**last, "step": 21, "loss": 1.2345}) + "\n")
+        written = time.time()
+        while "<td>21</td>" not in page():
+            assert time.time() - written < 2 * 3, "step 21 not shown within two refresh periods"
+            time.sleep(0.2)
+        assert "1.2345" in page()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "report server stopped" in out and "Traceback" not in err, err
