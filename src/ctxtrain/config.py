@@ -355,6 +355,10 @@ class ClusterConfig:
     dashboard_port: int = 8265
     """Port of the embedded Ray dashboard and job server."""
 
+    metrics_port: Optional[int] = None
+    """Port of the embedded Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics), which carries the training
+    gauges (ray_ctxtrain_*); null: Ray picks a free one and the start line names it."""
+
     connect_timeout_s: float = 30.0
     """Deadline for reaching a Ray cluster (--address) or forming the workers' process group; past it the run
     ends with one line naming the address."""

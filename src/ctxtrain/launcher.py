@@ -47,7 +47,7 @@ SECRET_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"
               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 # Passed to every worker (not secrets): how DeepSpeed and torch behave there.
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "WANDB_SILENT", "PYTHONPATH",
-              "CTXTRAIN_PROGRESS", "CTXTRAIN_MEMORY_CHECKED", "CTXTRAIN_LOADER_CHUNK_TOKENS")
+              "CTXTRAIN_PROGRESS", "CTXTRAIN_MEMORY_CHECKED", "CTXTRAIN_LOADER_CHUNK_TOKENS", "CTXTRAIN_JOB_ID")
 
 
 def redact(text: str) -> str:
@@ -253,6 +253,7 @@ def train_on_ray(cfg: Config) -> int:
         if embedded:
             ctx = ray.init(address="local", include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
                            dashboard_port=cfg.cluster.dashboard_port, _node_ip_address="127.0.0.1",
+                           _metrics_export_port=cfg.cluster.metrics_port,
                            runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
         else:
             probe(address, cfg.cluster.connect_timeout_s)
@@ -287,7 +288,9 @@ def train_on_ray(cfg: Config) -> int:
               f"{f'{c.min_workers}..{c.workers} (elastic)' if elastic else c.workers} workers x "
               f"({cfg.cluster.cpus_per_worker:g} CPU, {gpus:g} GPU), "
               f"placement {cfg.cluster.placement}, max_failures {cfg.cluster.max_failures}"
-              + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
+              + (f"; dashboard {dashboard}" if dashboard else "")
+              + (f"; metrics http://127.0.0.1:{_metrics_port()}/metrics" if embedded and _metrics_port() else ""),
+              flush=True)
         launch_id = uuid.uuid4().hex[:12]
         resources_per_worker = {"CPU": cfg.cluster.cpus_per_worker}
         if gpus:
@@ -319,6 +322,14 @@ def train_on_ray(cfg: Config) -> int:
     finally:
         if embedded:
             ray.shutdown()
+
+
+def _metrics_port() -> Optional[int]:
+    """The embedded Ray's Prometheus port (its metrics agent's), or None when Ray does not say."""
+    import ray
+
+    node = getattr(ray._private.worker.global_worker, "node", None)  # private: no public accessor in Ray 2.60
+    return getattr(node, "metrics_export_port", None) if node is not None else None
 
 
 def _failure_summary(cfg: Config, error: Exception) -> str:
@@ -408,7 +419,9 @@ def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_packa
             raise UserError(f"--env {name}: not set in this environment; export it first")
     work = Path(tempfile.mkdtemp(prefix="ctxtrain-job-"))
     (work / "config.yaml").write_text(to_yaml(cfg))
-    runtime_env: dict = {"working_dir": str(work), "env_vars": {"CTXTRAIN_SECRETS_FILE": SECRETS_FILE}}
+    submission_id = f"ctxtrain-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    runtime_env: dict = {"working_dir": str(work), "env_vars": {"CTXTRAIN_SECRETS_FILE": SECRETS_FILE,
+                                                                "CTXTRAIN_JOB_ID": submission_id}}
     if env:
         fd = os.open(work / SECRETS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -419,8 +432,7 @@ def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_packa
         runtime_env["py_modules"] = [str(Path(ctxtrain.__file__).parent)]
     metadata = {"ctxtrain_run_dir": cfg.train.run_dir, "ctxtrain_max_steps": str(cfg.train.max_steps)}
     job_id = client.submit_job(entrypoint="python -m ctxtrain train config.yaml", runtime_env=runtime_env,
-                               metadata=metadata, submission_id=f"ctxtrain-{time.strftime('%Y%m%d-%H%M%S')}-"
-                                                                 f"{uuid.uuid4().hex[:6]}")
+                               metadata=metadata, submission_id=submission_id)
     if env:
         print(f"passed from the environment: {', '.join(sorted(env))}", file=sys.stderr)
     return job_id

@@ -209,3 +209,70 @@ def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
     assert metrics(long_dir), ctxtrain("logs", job, "--address", address).stdout[-3000:]
     r = ctxtrain("stop", job, "--address", address)
     assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training gauges in Ray's metrics pipeline
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gauges(text: str, run: str) -> dict[str, tuple[float, dict]]:
+    """ray_ctxtrain_* samples of one run from Prometheus text: name -> (value, labels)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"(ray_ctxtrain_\w+)\{(.*)\} (\S+)$", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            if labels.get("run") == run:
+                out[m.group(1)] = (float(m.group(3)), labels)
+    return out
+
+
+def test_training_gauges_reach_rays_prometheus_endpoint(stdlib_shards, tmp_path):
+    """Under embedded Ray, rank 0's gauges are in the Prometheus text of Ray's metrics agent (scraped over
+    127.0.0.1 while the run trains), labelled by run, job and rank, with the values of the step they name."""
+    import urllib.request
+
+    from tests.conftest import CONFIGS
+
+    port, run_dir = _free_port(), tmp_path / "promrun"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+         f"--data.path={stdlib_shards}", *FAST, "--cluster.launcher=ray", "--cluster.workers=1",
+         "--train.max_steps=100000", "--train.log_every=2", "--checkpoint.every=0", f"--cluster.metrics_port={port}",
+         f"--cluster.dashboard_port={_free_port()}",
+         "--model.d_model=64", "--model.d_ff=128", "--model.n_layers=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
+    try:
+        deadline, matched = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None and matched is None:
+            time.sleep(2)
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            except OSError:
+                continue  # the agent is not up yet
+            g = _gauges(text, "promrun")
+            if "ray_ctxtrain_step" not in g or g["ray_ctxtrain_step"][0] < 4:
+                continue
+            step = int(g["ray_ctxtrain_step"][0])
+            row = metrics(run_dir).get(step)
+            if row and g["ray_ctxtrain_loss"][0] == pytest.approx(row["loss"], rel=1e-6):
+                matched = (g, row)  # one export holds one step's values (else: a scrape between two sets, retry)
+        assert matched, (proc.poll(), "no ray_ctxtrain_step >= 4 for run promrun on the metrics endpoint",
+                         proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+        g, row = matched
+        labels = g["ray_ctxtrain_step"][1]
+        assert labels["rank"] == "0" and labels["job_id"].startswith("launch-")
+        for name, key in (("ray_ctxtrain_tokens_per_s", "tokens_per_s"), ("ray_ctxtrain_step_time_seconds",
+                                                                          "step_time_s"),
+                          ("ray_ctxtrain_memory_bytes", "mem_bytes"), ("ray_ctxtrain_restarts", "restarts")):
+            assert g[name][0] == pytest.approx(row[key], rel=1e-6), name
+    finally:
+        proc.send_signal(signal.SIGTERM)  # a preemption: checkpoint, exit 75
+        out, err = proc.communicate(timeout=180)
+    assert f"metrics http://127.0.0.1:{port}/metrics" in out

@@ -139,3 +139,21 @@ def test_kuberay_pods_give_a_preempted_worker_time_to_checkpoint():
             assert "pkill -TERM" in command, command
         if doc["kind"] == "RayJob":
             assert doc["spec"]["backoffLimit"] >= 3
+
+
+def test_grafana_dashboard_plots_every_training_gauge_and_only_those():
+    """cluster/grafana_ctxtrain.json: one panel per gauge that rank 0 exports (Prometheus adds Ray's ray_
+    prefix), each filtered by the run and job variables, which are read from the step gauge's labels."""
+    import re
+
+    from ctxtrain.tracking import RAY_GAUGES
+
+    dash = json.loads((CLUSTER / "grafana_ctxtrain.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    plotted = {re.match(r"ray_(\w+)\{", e).group(1) for e in exprs}
+    assert plotted == {name for name, _ in RAY_GAUGES.values()}
+    assert all('run=~"$run"' in e and 'job_id=~"$job_id"' in e for e in exprs)
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["run"]["definition"] == "label_values(ray_ctxtrain_step, run)"
+    boxes = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dash["panels"]]
+    assert len(set(boxes)) == len(boxes)  # no panel on top of another
