@@ -110,14 +110,21 @@ def _json(path: Path) -> Optional[dict]:
 
 
 PLOTS = [
-    ("loss", "Loss", "loss"),
-    ("lr", "Learning rate", "lr"),
+    ("loss", "Loss", "cross-entropy (nats/token)"),
+    ("lr", "Learning rate", "learning rate (per step)"),
     ("throughput", "Tokens/s (job)", "tokens/s"),
-    ("mfu", "MFU", "fraction of peak"),
+    ("mfu", "MFU", "fraction of peak FLOP/s"),
     ("memory", "Memory", "GiB"),
-    ("timing", "Step time and data wait", "seconds"),
+    ("timing", "Step time and data wait", "seconds per step"),
 ]
 BLEU_PLOT = ("bleu", "Held-out BLEU and chrF (greedy, train.bleu_pairs pairs)", "sacreBLEU score (0-100)")
+HOVER_POINTS = 300  # most points per series that carry a hover value (evenly spaced), to keep the page small
+
+
+@dataclass
+class _Hover:
+    """The hover values of one figure: per series (its SVG group id), the text of each marker."""
+    texts: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
@@ -126,35 +133,41 @@ def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=100)
+    hover = _Hover()
     drawn = 0
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
+
+        def line(series, label, style="-", unit=""):
+            return _line(ax, series, color, label, style, hover, f"r{i}-{key}-{len(hover.texts)}", unit)
+
         if key == "loss":
-            drawn += _line(ax, run.series("loss"), color, f"{run.name} loss")
+            drawn += line(run.series("loss"), f"{run.name} loss")
             x, y = run.series("val_loss")
             if x:
-                ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.name} val loss")
+                ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.name} val loss",
+                        gid=f"r{i}-{key}-val")
                 drawn += 1
         elif key == "lr":
-            drawn += _line(ax, run.series("lr"), color, run.name)
+            drawn += line(run.series("lr"), run.name)
         elif key == "throughput":
-            drawn += _line(ax, run.series("tokens_per_s"), color, run.name)
+            drawn += line(run.series("tokens_per_s"), run.name, unit=" tokens/s")
         elif key == "mfu":
-            drawn += _line(ax, run.series("mfu"), color, run.name)
+            drawn += line(run.series("mfu"), run.name)
         elif key == "memory":
             gpu = run.series("mem_peak_bytes", GIB)
             if gpu[0]:
-                drawn += _line(ax, gpu, color, f"{run.name} GPU peak")
-                drawn += _line(ax, run.series("mem_reserved_bytes", GIB), color, f"{run.name} GPU reserved", ":")
+                drawn += line(gpu, f"{run.name} GPU peak", unit=" GiB")
+                drawn += line(run.series("mem_reserved_bytes", GIB), f"{run.name} GPU reserved", ":", " GiB")
             else:
-                drawn += _line(ax, run.series("mem_rss_bytes", GIB), color, f"{run.name} RSS (CPU run)")
+                drawn += line(run.series("mem_rss_bytes", GIB), f"{run.name} RSS (CPU run)", unit=" GiB")
         elif key == "bleu":
-            drawn += _line(ax, run.series("val_bleu"), color, f"{run.name} BLEU")
-            drawn += _line(ax, run.series("val_chrf"), color, f"{run.name} chrF", ":")
+            drawn += line(run.series("val_bleu"), f"{run.name} BLEU")
+            drawn += line(run.series("val_chrf"), f"{run.name} chrF", ":")
         elif key == "timing":
-            drawn += _line(ax, run.series("step_time_s"), color, f"{run.name} step")
-            drawn += _line(ax, run.series("data_wait_s"), color, f"{run.name} data wait", ":")
+            drawn += line(run.series("step_time_s"), f"{run.name} step", unit=" s")
+            drawn += line(run.series("data_wait_s"), f"{run.name} data wait", ":", " s")
     if not drawn:
         why = "MFU is null: CPU runs have no honest peak to divide by" if key == "mfu" else "no data"
         ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="#555555")
@@ -165,22 +178,49 @@ def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return fig, drawn
+    return fig, drawn, hover
 
 
-def _line(ax, series, color, label, style="-") -> int:
+def _line(ax, series, color, label, style="-", hover: Optional[_Hover] = None, gid: str = "", unit: str = "") -> int:
     x, y = series
     if not x:
         return 0
-    ax.plot(x, y, color=color, linestyle=style, linewidth=1.6, label=label)
+    ax.plot(x, y, color=color, linestyle=style, linewidth=1.6, label=label, gid=gid)
+    if hover is not None:
+        every = max(1, -(-len(x) // HOVER_POINTS))
+        xs, ys = x[::every], y[::every]
+        # invisible markers that carry the values: <title> children, the browser's own tooltip (no script)
+        ax.plot(xs, ys, linestyle="none", marker="o", markersize=7, alpha=0.0, gid=f"{gid}-hover")
+        hover.texts[f"{gid}-hover"] = [f"{label}: step {a}, {b:.6g}{unit}" for a, b in zip(xs, ys)]
     return 1
 
 
-def _svg(fig) -> str:
+def _svg(fig, hover: Optional[_Hover] = None) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    for gid, titles in (hover.texts.items() if hover else ()):
+        text = _add_titles(text, gid, titles)
+    return text
+
+
+def _add_titles(svg: str, gid: str, titles: list[str]) -> str:
+    """Give each marker (<use>) of the group `gid` its <title>: what a browser shows on hover."""
+    start = svg.find(f'<g id="{gid}"')
+    if start < 0:
+        return svg
+    head = svg[:start]
+    rest = svg[start:]
+    parts, pos, n = [], 0, 0
+    while n < len(titles):
+        i = rest.find("<use ", pos)
+        if i < 0:
+            break
+        j = rest.find("/>", i)
+        parts.append(rest[pos:j] + f"><title>{html.escape(titles[n])}</title></use>")
+        pos, n = j + 2, n + 1
+    return head + "".join(parts) + rest[pos:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,7 +232,11 @@ body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; mar
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { background: #f4f4f4; } td.name, th.name { text-align: left; }
-figure.plot { margin: 8px 0 18px; width: 900px; height: 340px; } figure.plot svg { width: 900px; height: 340px; }
+div.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 10px 18px; }
+figure.plot { margin: 0; min-width: 0; } figure.plot svg { width: 100%; height: auto; display: block; }
+figure.plot use:hover { fill-opacity: 1 !important; stroke-opacity: 1 !important; }
+div.selector { margin: 6px 0 10px; font-size: 13px; } div.selector label { margin-right: 14px; cursor: pointer; }
+input.run { display: none; }
 pre { background: #f7f7f7; padding: 8px; font-size: 12px; max-height: 420px; overflow: auto; }
 .swatch { display: inline-block; width: 12px; height: 12px; margin-right: 6px; vertical-align: middle; }
 """
@@ -256,13 +300,25 @@ def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Option
     parts.append("<h2>Plots</h2>")
     if png_dir:
         Path(png_dir).mkdir(parents=True, exist_ok=True)
+    if len(runs) > 1:  # a run selector without script: a checkbox per run hides that run's lines (CSS :checked)
+        parts.append("<style>" + "".join(
+            f"#show-r{i}:not(:checked) ~ div.plots g[id^='r{i}-'] {{ display: none; }} "
+            f"#show-r{i}:not(:checked) ~ div.selector label[for='show-r{i}'] {{ opacity: 0.35; "
+            "text-decoration: line-through; }" for i in range(len(runs)))
+            + "</style>")
+        parts.append("".join(f"<input type='checkbox' class='run' id='show-r{i}' checked>" for i in range(len(runs))))
+        parts.append("<div class='selector'>runs shown: " + "".join(
+            f"<label for='show-r{i}'><span class='swatch' style='background:{COLORS[i % len(COLORS)]}'></span>"
+            f"{html.escape(run.name)}</label>" for i, run in enumerate(runs)) + "</div>")
+    parts.append("<div class='plots'>")
     plots = PLOTS + ([BLEU_PLOT] if any(r.get("val_bleu") is not None for run in runs for r in run.rows) else [])
     for key, title, ylabel in plots:
-        fig, _ = _figure(key, title, ylabel, runs)
-        parts.append(f"<figure class='plot' id='plot-{key}'>{_svg(fig)}</figure>")
+        fig, _, hover = _figure(key, title, ylabel, runs)
+        parts.append(f"<figure class='plot' id='plot-{key}'>{_svg(fig, hover)}</figure>")
         if png_dir:
             fig.savefig(Path(png_dir) / f"{key}.png", dpi=100)
         plt.close(fig)
+    parts.append("</div>")
 
     for run in runs:
         parts.append(f"<h2>{html.escape(run.name)}</h2><p>{html.escape(str(run.path.resolve()))}</p>")

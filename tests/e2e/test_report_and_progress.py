@@ -55,16 +55,6 @@ def test_report_renders_plots_in_headless_chromium(zero3_run, second_run, tmp_pa
     finally:
         browser.close()
 
-    def share(image, rgb=None) -> float:
-        w, h = image.size
-        px = image.load()
-        pts = [px[x, y] for y in range(0, h, 2) for x in range(0, w, 2)]
-        if rgb is None:
-            hit = sum(1 for p in pts if p != (255, 255, 255))
-        else:
-            hit = sum(1 for p in pts if all(abs(a - b) < 40 for a, b in zip(p, rgb)))
-        return hit / len(pts)
-
     run_colors = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in COLORS[:2]]
     for key, image in shots.items():
         assert image.size[0] > 800 and image.size[1] > 300, key
@@ -74,6 +64,55 @@ def test_report_renders_plots_in_headless_chromium(zero3_run, second_run, tmp_pa
         else:
             for c in run_colors:  # both runs are drawn, overlaid
                 assert share(image, c) > 0.001, (key, c)
+
+
+def share(image, rgb=None) -> float:
+    """The share of an image's pixels that are not white (rgb None) or close to rgb."""
+    w, h = image.size
+    px = image.load()
+    pts = [px[x, y] for y in range(0, h, 2) for x in range(0, w, 2)]
+    if rgb is None:
+        hit = sum(1 for p in pts if p != (255, 255, 255))
+    else:
+        hit = sum(1 for p in pts if all(abs(a - b) < 40 for a, b in zip(p, rgb)))
+    return hit / len(pts)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (launch/install.sh dev installs it)")
+def test_report_grid_fits_a_laptop_and_a_narrow_window_with_hover_values_and_a_run_selector(zero3_run, second_run,
+                                                                                           tmp_path):
+    """The plots are a grid: two columns on a 1366x768 laptop, one in an 800-pixel window, never wider than the
+    window. Every series carries hover values (<title>, the browser's tooltip); the run selector hides a run."""
+    from PIL import Image
+
+    from ctxtrain.report import COLORS
+
+    out = tmp_path / "report.html"
+    assert ctxtrain("report", str(zero3_run[0]), str(second_run), "--out", str(out)).returncode == 0
+    colors = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in COLORS[:2]]
+    for width, height, columns in ((1366, 768, 2), (800, 1000, 1)):
+        browser = Chromium(BROWSER, tmp_path / f"profile{width}", width=width, height=height)
+        try:
+            browser.load(out.as_uri())
+            inner = browser.evaluate("window.innerWidth")
+            boxes = browser.boxes("figure.plot")
+            assert len({round(b["x"]) for b in boxes}) == columns, (width, boxes)
+            assert all(b["x"] + b["width"] <= inner for b in boxes) and browser.evaluate(
+                "document.documentElement.scrollWidth <= window.innerWidth"), width  # no sideways scrolling
+            loss = next(b for b in boxes if b["id"] == "plot-loss")
+            shot = Image.open(io.BytesIO(browser.screenshot(loss))).convert("RGB")
+            shot.save(tmp_path / f"loss-{width}.png")
+            assert shot.size[0] >= 0.4 * inner and all(share(shot, c) > 0.001 for c in colors), width
+            titles = browser.evaluate("[...document.querySelectorAll('#plot-loss use > title')].map(t => t.textContent)")
+            assert any(t.startswith("zero3 loss: step 20, ") for t in titles), titles[:5]
+            axes = browser.evaluate("[...document.querySelectorAll('figure.plot svg')].length")
+            assert axes == len(boxes)
+            if columns == 2:  # the selector: uncheck the second run, its lines leave every plot
+                browser.evaluate("document.querySelector(\"label[for='show-r1']\").click()")
+                hidden = Image.open(io.BytesIO(browser.screenshot(loss))).convert("RGB")
+                assert share(hidden, colors[1]) < 0.0005 < share(hidden, colors[0])
+        finally:
+            browser.close()
 
 
 def test_report_bad_input_is_one_line(tmp_path):
