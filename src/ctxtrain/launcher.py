@@ -431,8 +431,22 @@ def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_packa
 
         runtime_env["py_modules"] = [str(Path(ctxtrain.__file__).parent)]
     metadata = {"ctxtrain_run_dir": cfg.train.run_dir, "ctxtrain_max_steps": str(cfg.train.max_steps)}
-    job_id = client.submit_job(entrypoint="python -m ctxtrain train config.yaml", runtime_env=runtime_env,
-                               metadata=metadata, submission_id=submission_id)
+    # A head that has just started has no job agent yet ("No available agent to submit job, please try again
+    # later"): ask again for up to cluster.connect_timeout_s, as Ray asks.
+    deadline_s = time.time() + cfg.cluster.connect_timeout_s
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint="python -m ctxtrain train config.yaml", runtime_env=runtime_env,
+                                       metadata=metadata, submission_id=submission_id)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.time() > deadline_s:
+                raise UserError(f"the Ray job server at {url} has no job agent ready after "
+                                f"{cfg.cluster.connect_timeout_s:g} s; wait until the head is up and submit again, "
+                                "or raise cluster.connect_timeout_s") from None
+            time.sleep(2)
     if env:
         print(f"passed from the environment: {', '.join(sorted(env))}", file=sys.stderr)
     return job_id

@@ -197,6 +197,7 @@ def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
                 data = path.read_bytes()
                 assert not [k for k, v in SECRETS.items() if v.encode() in data], path
     assert job in ctxtrain("jobs", "--address", address).stdout
+    first = job
 
     # a long job, stopped while it runs
     long_dir = tmp_path / "long"
@@ -207,6 +208,12 @@ def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
     while time.time() < deadline and not metrics(long_dir):
         time.sleep(2)
     assert metrics(long_dir), ctxtrain("logs", job, "--address", address).stdout[-3000:]
+    # every job of the cluster in one table: the finished one and the one training now
+    table = ctxtrain("status", "--address", address).stdout.splitlines()
+    assert table[0].split()[:3] == ["JOB", "STATE", "STEP"], table
+    rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert rows[first][:2] == ["succeeded", "6/6"] and rows[job][0] == "running", table
+    assert rows[job][1].endswith("/100000")
     r = ctxtrain("stop", job, "--address", address)
     assert r.returncode == 0 and "STOPPED" in r.stdout, r.stdout + r.stderr
 
