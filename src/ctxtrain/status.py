@@ -53,7 +53,9 @@ def run_row(path: str | Path, now: Optional[float] = None) -> dict:
     last = last_record(run.path) or {}
     total = max_steps_of(run)
     state = run.read_state()
-    name = state.get("state") or ("running" if last else "unknown")
+    name = state.get("state")
+    if not name:  # a run directory of an older ctxtrain (no state.json): its metrics say what they can
+        name = "finished" if last and total and last["step"] >= total else ("running" if last else "unknown")
     if name == "stopped" and state.get("reason"):
         name = f"stopped ({state['reason']})"
     if name == "running":
