@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ctxtrain.errors import UserError
+from ctxtrain.errors import UserError, interruptible
 from ctxtrain.rundir import RunDir, read_metrics
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -395,6 +395,7 @@ def serve(run_dirs: list[str], port: int, refresh_s: float) -> int:
     except OSError as e:
         raise UserError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); pick another "
                         "port, or 0 for any free one") from None
+    interruptible()
     print(f"serving the report of {len(run_dirs)} run(s) on http://127.0.0.1:{server.server_port}/ (rebuilt when "
           f"metrics.jsonl grows, the page reloads every {refresh_s:g} s); Ctrl-C stops", flush=True)
     try:

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from ctxtrain.errors import UserError
+from ctxtrain.errors import UserError, interruptible
 from ctxtrain.rundir import RunDir, last_record
 
 STALE_AFTER_S = 300.0
@@ -134,6 +134,7 @@ def watch(render: Callable[[], str], interval: float, out=None) -> int:
     stamped block after another otherwise (a log file, a pipe)."""
     out = out or sys.stdout
     tty = out.isatty()
+    interruptible()
     try:
         while True:
             text = render()
