@@ -39,11 +39,13 @@ def find_runs(root: str | Path) -> list[Path]:
     return found
 
 
-def max_steps_of(run: RunDir) -> Optional[int]:
+def train_section(run: RunDir) -> dict:
+    """The `train` section of the run's config.yaml ({} when it cannot be read)."""
     try:
-        return int(yaml.safe_load(run.config.read_text())["train"]["max_steps"])
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-        return None
+        section = yaml.safe_load(run.config.read_text())["train"]
+    except (OSError, TypeError, KeyError, yaml.YAMLError):
+        return {}
+    return section if isinstance(section, dict) else {}
 
 
 def run_row(path: str | Path, now: Optional[float] = None) -> dict:
@@ -51,7 +53,8 @@ def run_row(path: str | Path, now: Optional[float] = None) -> dict:
     run = RunDir(path)
     now = time.time() if now is None else now
     last = last_record(run.path) or {}
-    total = max_steps_of(run)
+    train = train_section(run)
+    total = train.get("max_steps")
     state = run.read_state()
     name = state.get("state")
     if not name:  # a run directory of an older ctxtrain (no state.json): its metrics say what they can
@@ -60,7 +63,7 @@ def run_row(path: str | Path, now: Optional[float] = None) -> dict:
         name = f"stopped ({state['reason']})"
     if name == "running":
         touched = max((p.stat().st_mtime for p in (run.metrics, run.state, run.starts) if p.exists()), default=0.0)
-        interval = 3 * float(last.get("step_time_s") or 0) * _log_every(run)
+        interval = 3 * float(last.get("step_time_s") or 0) * int(train.get("log_every") or 1)
         if now - touched > max(STALE_AFTER_S, interval):
             name = f"stale ({(now - touched) / 60:.0f} min silent)"
     eta = None
@@ -69,13 +72,6 @@ def run_row(path: str | Path, now: Optional[float] = None) -> dict:
     return {"run": str(path), "state": name, "step": last.get("step"), "max_steps": total, "loss": last.get("loss"),
             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"), "eta_s": eta,
             "restarts": last.get("restarts", 0)}
-
-
-def _log_every(run: RunDir) -> int:
-    try:
-        return int(yaml.safe_load(run.config.read_text())["train"]["log_every"])
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-        return 1
 
 
 def _hms(seconds: Optional[float]) -> str:

@@ -357,7 +357,8 @@ def run(cfg: Config) -> dict:
     except BaseException as e:
         if info.rank == 0:
             run = RunDir(cfg.train.run_dir)
-            if run.read_state().get("pid") == os.getpid() and run.read_state().get("state") == "running":
+            state = run.read_state()
+            if state.get("pid") == os.getpid() and state.get("state") == "running":
                 run.write_state("failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise
     finally:
