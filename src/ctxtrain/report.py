@@ -349,9 +349,6 @@ def serve(run_dirs: list[str], port: int, refresh_s: float) -> int:
     if not 0 <= port <= 65535 or refresh_s <= 0:
         raise UserError(f"--port {port} --refresh {refresh_s:g}: the port must lie in 0..65535 (0: any free one) "
                         "and the refresh be a positive number of seconds")
-    render(run_dirs)  # a run that cannot be read fails now, in one line, not in the browser
-    lock, cache = threading.Lock(), {"key": None, "page": b""}
-
     def fingerprint():
         out = []
         for d in run_dirs:
@@ -362,6 +359,11 @@ def serve(run_dirs: list[str], port: int, refresh_s: float) -> int:
                 except OSError:
                     out.append(None)
         return tuple(out)
+
+    # The first render now: a run that cannot be read fails here, in one line, not in the browser; it is also
+    # the first request's page (the fingerprint is taken before, so a step written meanwhile rebuilds it).
+    key = fingerprint()
+    lock, cache = threading.Lock(), {"key": key, "page": render(run_dirs, refresh_s=refresh_s).encode()}
 
     def page() -> bytes:
         with lock:
