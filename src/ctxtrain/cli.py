@@ -125,8 +125,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
         result = train.run(cfg)
         return PREEMPTED_EXIT if result.get("stop_reason") == "preempted" else 0
+    from ctxtrain.preflight import preflight, runs_here
     from ctxtrain.progress import ProgressBar, want_bar
-    from ctxtrain.train import preflight, runs_here
 
     preflight(cfg)
     # A bar needs a terminal here and the run dir visible here (not so for a remote cluster's workers).

@@ -485,6 +485,8 @@ caching allocator does not see (stated, not measured: about 0.5 GiB of context a
 
 def gpu_memory_bytes() -> Optional[int]:
     """Total memory of this machine's first GPU, less GPU_RESERVED; None without CUDA."""
+    if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        return None  # no GPU driver's device node (NVIDIA, ROCm, WSL): no GPU, and no torch import to ask
     import torch
 
     if not torch.cuda.is_available():
