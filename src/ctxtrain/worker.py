@@ -49,4 +49,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # What this worker wrote is committed and closed, its process group destroyed, its DataLoader workers die
+    # with it (PR_SET_PDEATHSIG). Python's own teardown would now garbage-collect torch's and DeepSpeed's objects
+    # one by one: ~2 s at the end of every run on 2 CPU cores, for memory the exit frees anyway.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
