@@ -44,7 +44,7 @@ def test_report_renders_plots_in_headless_chromium(zero3_run, second_run, tmp_pa
     # self-contained: nothing to fetch, no script
     assert "<script" not in page and "<link" not in page and not re.search(r"(src|href)=['\"]https?:", page)
     assert sorted(p.name for p in png.glob("*.png")) == sorted(f"{k}.png" for k, _, _ in PLOTS)
-    assert "step_000020" in page and "d_model: 256" in page  # checkpoint list and config
+    assert "step_000020" in page and "d_model: 64" in page  # checkpoint list and config
 
     browser = Chromium(BROWSER, tmp_path / "profile")
     try:

@@ -47,8 +47,7 @@ def runs(zero3_run, encdec_run, stdlib_shards, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={live}",
          f"--data.path={stdlib_shards}", *FAST, "--cluster.launcher=local", "--cluster.workers=1",
-         "--train.max_steps=100000", "--train.log_every=1", "--checkpoint.every=0", "--model.d_model=64",
-         "--model.d_ff=128", "--model.n_layers=2"],
+         "--train.max_steps=100000", "--train.log_every=1", "--checkpoint.every=0"],
         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(metrics(live)) < 3:

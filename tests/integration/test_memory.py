@@ -52,7 +52,7 @@ def test_planner_predicts_the_measured_peak(stdlib_shards, tmp_path, name):
     run_dir = tmp_path / name
     _, m = train(run_dir, stdlib_shards, "--cluster.workers=1", "--data.batch_size=1", "--model.vocab_size=32000",
                  "--data.num_workers=0", "--train.max_steps=2", "--checkpoint.every=0", "--train.eval_batches=1",
-                 "--tracking.enabled=false", *PLANNED[name])
+                 *PLANNED[name], narrow=False)
     predicted = m[1]["mem_predicted_bytes"]
     measured = max(m[s]["mem_peak_bytes"] for s in m)  # peak RSS growth of the worker over the run
     assert abs(predicted - measured) <= 0.15 * measured, (name, predicted / 2**20, measured / 2**20)

@@ -32,7 +32,8 @@ def test_ray_recovers_from_a_killed_worker_with_identical_losses(zero3_run, stdl
     _, reference, _ = zero3_run
     run_dir = tmp_path / "killed"
     proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
-                    "--fault.kill_rank=1", "--fault.at_step=7", "--cluster.max_failures=2", launcher="ray")
+                    "--fault.kill_rank=1", "--fault.at_step=7", "--cluster.max_failures=2", "--tracking.enabled=true",
+                    launcher="ray")
     assert "Ray embedded: 2 workers" in proc.stdout and "dashboard http://127.0.0.1:" in proc.stdout
     assert (run_dir / "fault-rank1-step7-step.done").is_file()
     launches = starts(run_dir)
@@ -252,8 +253,7 @@ def test_training_gauges_reach_rays_prometheus_endpoint(stdlib_shards, tmp_path)
         [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
          f"--data.path={stdlib_shards}", *FAST, "--cluster.launcher=ray", "--cluster.workers=1",
          "--train.max_steps=100000", "--train.log_every=2", "--checkpoint.every=0", f"--cluster.metrics_port={port}",
-         f"--cluster.dashboard_port={_free_port()}",
-         "--model.d_model=64", "--model.d_ff=128", "--model.n_layers=2"],
+         f"--cluster.dashboard_port={_free_port()}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     try:
         deadline, matched = time.time() + 240, None

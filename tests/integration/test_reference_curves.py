@@ -2,7 +2,7 @@
 them. A change that silently alters training (an init, a constant of the schedule, the data order, the loss)
 moves these losses by far more than the tolerance; a change of machine or BLAS moves them by ~1e-6.
 
-The runs are the session fixtures `zero3_run` (lm_tiny, ZeRO-3, 2 local workers, 20 steps) and `encdec_run`
+The runs are the session fixtures `zero3_run` (lm_tiny narrowed, ZeRO-3, 2 local workers, 20 steps) and `encdec_run`
 (translate_tiny narrowed, ZeRO-2, 2 local workers, the first 30 of 150 steps); tests/assets/reference_curves.json
 holds their losses. After an intended change of training, regenerate it:
     CTXTRAIN_WRITE_REFERENCE=1 bash launch/test.sh tests/integration/test_reference_curves.py

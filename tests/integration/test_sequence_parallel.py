@@ -84,7 +84,7 @@ def test_each_worker_holds_less_at_sp2(stdlib_shards, tmp_path):
     for sp in (1, 2):
         _, m = train(tmp_path / f"sp{sp}", stdlib_shards, "--train.max_steps=2", "--data.seq_len=4096",
                      "--data.batch_size=1", "--data.num_workers=0", "--zero.stage=1", "--checkpoint.every=0",
-                     "--tracking.enabled=false", f"--cluster.workers={sp}", f"--parallel.sp={sp}")
+                     f"--cluster.workers={sp}", f"--parallel.sp={sp}", narrow=False)
         peaks[sp] = max(m[s]["mem_peak_bytes"] for s in m)
     # parameters and optimizer state stay whole on each worker; the activations halve
     assert peaks[2] < 0.8 * peaks[1], {sp: p / 2**20 for sp, p in peaks.items()}
