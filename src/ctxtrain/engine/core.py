@@ -193,6 +193,25 @@ def batch_loss(model: nn.Module, batch: dict, device: torch.device,
     return model(b["src"], b["tgt"], src_mask=b["src_mask"], tgt_mask=b["tgt_mask"], targets=b["targets"])
 
 
+def _import_deepspeed_muon_uncompiled() -> None:
+    """deepspeed.initialize asks whether the optimizer is one ZeRO supports by importing DeepSpeed's Muon optimizer,
+    whose module-level `@torch.compile` kernels load Inductor: ~2 s of every worker start on 2 CPU cores, for kernels
+    an AdamW run never calls. Import that module once with torch.compile as the identity; the check then finds
+    it imported (a Muon run, were ctxtrain to offer one, would have to import it first, compiled)."""
+    import sys
+
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = lambda *args, **kwargs: (lambda fn: fn)
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # a DeepSpeed without Muon: nothing to avoid
+        pass
+    finally:
+        torch.compile = compile_
+
+
 class Engine:
     """A DeepSpeed engine around the model, with the step the training loop calls."""
 
@@ -207,6 +226,7 @@ class Engine:
         self.config = ds_config(cfg, dist_info.dp_size)
         if dist_info.sp is not None:
             wrap_attention(model, dist_info.sp)
+        _import_deepspeed_muon_uncompiled()
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                              dist_init_required=False,
                                                              mpu=dist_info.sp.mpu if dist_info.sp else None)
