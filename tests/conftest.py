@@ -109,13 +109,14 @@ ENCDEC_BLEU = ["--train.bleu_every=50", "--train.bleu_pairs=32"]
 @pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory, stdlib_shards):
     """The reference run: 20 uninterrupted ZeRO-3 steps of lm_tiny (narrowed) on 2 local workers, a checkpoint
-    every 5 (keeping the last 2 and every 10th), W&B on (offline) as a user's run has it. Runs with faults must
-    reproduce its losses."""
+    every 5 (keeping the last 2 and every 10th), W&B (offline) and TensorBoard on as a user's run has them. Runs
+    with faults must reproduce its losses."""
     from tests.helpers import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "zero3"
     proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
-                    "--checkpoint.keep_last=2", "--checkpoint.keep_every=10", "--tracking.enabled=true")
+                    "--checkpoint.keep_last=2", "--checkpoint.keep_every=10", "--tracking.enabled=true",
+                    "--tracking.tensorboard=true")
     return run_dir, m, proc
 
 

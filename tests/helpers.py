@@ -10,10 +10,11 @@ from pathlib import Path
 
 from tests.conftest import CONFIGS, REPO
 
-# Small windows and batches, and W&B off where a test does not look at it (house style 6; its offline start and
-# finish cost ~4 s a run here). The tests that look at W&B turn it on.
+# Small windows and batches, and W&B and TensorBoard off where a test does not look at them (house style 6; they
+# cost ~4 s and ~1 s a run here). The tests that look at them turn them on.
 BASE = ["--data.batch_size=4", "--data.seq_len=128", "--train.eval_every=0", "--train.eval_batches=2",
-        "--train.log_every=5", "--cluster.workers=2", "--train.dtype=fp32", "--tracking.enabled=false"]
+        "--train.log_every=5", "--cluster.workers=2", "--train.dtype=fp32", "--tracking.enabled=false",
+        "--tracking.tensorboard=false"]
 # lm_tiny narrowed: its layers and code paths (RoPE, RMSNorm, SwiGLU, the 8k vocabulary), 64 wide and 2 deep, a
 # step ~0.2 s instead of ~0.7 s; a shorter warmup so that 20 steps still learn. Memory tests train the full width.
 NARROW = ["--model.d_model=64", "--model.d_ff=128", "--model.n_layers=2", "--optim.warmup_steps=5"]

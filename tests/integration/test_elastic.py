@@ -117,12 +117,12 @@ def test_every_window_is_read_once_across_a_change_of_worker_count(stdlib_shards
 # Preemption: SIGTERM ends the run at the next step boundary with a checkpoint; a resume continues exactly
 
 
-def _start_train(run_dir, data, launcher: str, *extra: str) -> subprocess.Popen:
+def _start_train(run_dir, data, launcher: str, *extra: str, extra_env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
            f"--data.path={data}", *FAST, f"--cluster.launcher={launcher}", "--train.max_steps=20", "--zero.stage=3",
            "--train.log_every=1", "--checkpoint.every=100", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(**(extra_env or {})), start_new_session=True)
 
 
 def _wait_for_step(proc: subprocess.Popen, run_dir, step: int) -> int:
@@ -212,8 +212,11 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_that_remain(two
     common = [*GLOBAL, "--zero.stage=2", "--checkpoint.every=5"]
     _, whole = global12(2)
     run_dir = tmp_path / "elastic"
+    # Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for the range's largest group before it starts a
+    # smaller one; the driver passes it on to Ray Train's controller
     proc = _start_train(run_dir, stdlib_shards, "ray", *common, "--cluster.workers=1..2",
-                        f"--cluster.address={cluster.address}")
+                        f"--cluster.address={cluster.address}",
+                        extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
     _wait_for_step(proc, run_dir, 7)
     cluster.remove_node(nodes[1])
     out, err = proc.communicate(timeout=600)

@@ -44,6 +44,7 @@ def test_zero3_run_layout(zero3_run):
     assert meta["step"] == 20 and meta["world_size"] == 2 and len(meta["loader"]) == 2 and len(meta["rng"]) == 2
     assert meta["loader"][0]["consumed"] == 20 * 2 * 4
     assert meta["tracker_run_id"] and list((run_dir / "wandb").glob(f"offline-run-*-{meta['tracker_run_id']}"))
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert meta["tokens"] == m[20]["tokens"]
 
 
@@ -267,7 +268,8 @@ def test_tensorboard_holds_each_step_once_across_a_kill_and_resume(stdlib_shards
     from ctxtrain.tracking import event_steps
 
     run_dir = tmp_path / "tb"
-    narrow = ["--train.max_steps=12", "--train.log_every=1", "--checkpoint.every=5", "--cluster.workers=1"]
+    narrow = ["--train.max_steps=12", "--train.log_every=1", "--checkpoint.every=5", "--cluster.workers=1",
+              "--tracking.tensorboard=true"]
     proc, m = train(run_dir, stdlib_shards, *narrow, "--fault.kill_rank=0", "--fault.at_step=8", check=False)
     assert proc.returncode != 0 and sorted(m) == list(range(1, 8))
     assert event_steps(run_dir / "tensorboard") == set(range(1, 8))  # flushed as logged: nothing lost to the kill
