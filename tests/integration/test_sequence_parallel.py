@@ -59,8 +59,7 @@ def test_sp2_dp2_matches_dp2_and_resumes_exactly(stdlib_shards, tmp_path):
     same_losses(resumed, whole, (3, 4), rel=1e-7)
 
 
-@pytest.mark.heavy  # CI resumes sp=2 exactly (above) and restarts Ray worker groups in test_elastic (SIGTERM, lost node)
-@pytest.mark.ray
+@pytest.mark.ray  # CI's Ray recovery test (issue 10) and its kills during reads, three in one run (issue 11)
 def test_sp2_recovers_under_ray_with_the_same_losses(stdlib_shards, tmp_path):
     """Three consecutive kills of rank 1, each by its own data-loader worker in the middle of a read (the
     faults under load of the recovery rehearsal): Ray restarts the group each time and the losses are the

@@ -230,7 +230,6 @@ def test_stop_after_minutes_ends_cleanly(stdlib_shards, tmp_path):
     assert m[last]["lr"] != pytest.approx(lr_at(last, optim, last), rel=1e-6) or last <= optim.warmup_steps
 
 
-@pytest.mark.heavy  # CI trains the encoder-decoder under ZeRO-3 with and without the levers (test_memory)
 def test_encoder_decoder_learns_translation(en_fr_shards, tmp_path):
     _, m = train(tmp_path / "mt", en_fr_shards, "--train.max_steps=60", "--train.eval_every=15",
                  "--train.eval_batches=4", "--data.batch_size=16", "--model.vocab_size=4096",
