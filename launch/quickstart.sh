@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine to a trained model: install, prepare the Python stdlib corpus, train lm_tiny on embedded Ray.
 #   bash launch/quickstart.sh [--section.field=value ...]     (overrides go to `ctxtrain train`)
-# ~2 min to install, ~15 s to prepare, ~7 min to train on 2 CPU cores (2 Ray workers, ZeRO-3).
+# ~2 min to install, ~15 s to prepare, 7-13 min to train on 2 CPU cores (2 Ray workers, ZeRO-3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
