@@ -89,6 +89,29 @@ def test_val_split_is_by_document(stdlib_shards):
     assert val and not (train & val)
 
 
+def test_val_share_is_a_fraction_of_the_documents_whatever_the_files(tmp_path):
+    """--val-fraction holds out that share of the documents: one JSONL file of 100 documents and the same 100 in
+    two files both give 10 val documents (it was decided per file: 0 and 50). A corpus too small to hold any out
+    says so on stderr."""
+    text = Path(json.__file__).read_text()
+    docs = [json.dumps({"text": f"document {i}: " + text[i * 40:(i + 1) * 40]}) for i in range(100)]
+    (tmp_path / "one.jsonl").write_text("\n".join(docs) + "\n")
+    (tmp_path / "a.jsonl").write_text("\n".join(docs[:50]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(docs[50:]) + "\n")
+    for name, inputs in (("one", ["one.jsonl"]), ("two", ["a.jsonl", "b.jsonl"])):
+        out = _prepare(tmp_path / name, inputs=[str(tmp_path / f) for f in inputs], vocab_size=300,
+                       val_fraction=0.1)
+        splits = _index(out)["splits"]
+        assert (splits["val"]["docs"], splits["train"]["docs"]) == (10, 90), name
+    (tmp_path / "single.jsonl").write_text(docs[0] + "\n")
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(tmp_path / "single.jsonl"),
+                        "--out", str(tmp_path / "single"), "--vocab-size", "300", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "no val split" in line]
+    assert len(warning) == 1 and "evaluation" in warning[0], r.stderr
+
+
 def test_prepare_cli_translation_and_jsonl(tmp_path):
     out = tmp_path / "pairs"
     r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(ASSETS / "en_fr_slice.tsv"),

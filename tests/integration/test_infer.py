@@ -3,6 +3,7 @@ here (real DeepSpeed checkpoints, consolidated on the fly), and BLEU as sacreBLE
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -77,6 +78,20 @@ def test_bleu_is_sacrebleus_corpus_bleu():
     assert bleu == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
     assert chrf == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
     assert 0 < bleu < 100
+
+
+def test_eval_of_an_lm_reads_limit_windows_at_the_runs_length(zero3_run):
+    """`eval` of an LM scores the first --limit val windows at the run's data.seq_len (or --seq-len): the 16
+    windows of 128 tokens that the run's final evaluation read (2 ranks x 2 batches x 4) give its val_loss."""
+    run_dir, whole, _ = zero3_run
+    r = _run("eval", str(run_dir), "--limit", "16")
+    assert r.returncode == 0, r.stderr
+    assert "16 windows of 128 tokens" in r.stdout, r.stdout
+    loss = float(re.search(r"loss (\d+\.\d+)", r.stdout).group(1))
+    assert abs(loss - whole[20]["val_loss"]) <= 1e-4, (loss, whole[20]["val_loss"])
+    r = _run("eval", str(run_dir), "--limit", "3", "--seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    assert "3 windows of 64 tokens" in r.stdout and "192 tokens" in r.stdout, r.stdout
 
 
 def test_generate_continues_a_prompt_with_an_lm(zero3_run):

@@ -172,16 +172,42 @@ def test_checkpoints_in_an_object_store_uri(zero3_run, stdlib_shards, tmp_path):
 
 def test_resume_flag_loads_exactly_the_named_checkpoint_and_no_resume_starts_fresh(zero3_run, stdlib_shards,
                                                                                    tmp_path):
-    """--resume PATH of another run loads that checkpoint, although this run has its own of the same step;
+    """--resume PATH of another run loads that checkpoint, although this run has its own of the same step, and
+    starts a trajectory of this run's own: a new W&B run whose config names the checkpoint, and metrics.jsonl and
+    TensorBoard holding this run's steps only (not its earlier steps 1-10 spliced with the other run's). Then
     --no-resume starts fresh."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ctxtrain.tracking import read_history, read_records
+
     src, whole, _ = zero3_run
     here = tmp_path / "here"
+    tracked = ["--tracking.enabled=true", "--tracking.tensorboard=true"]
     train(here, stdlib_shards, "--train.max_steps=10", "--zero.stage=3", "--checkpoint.every=10",
-          "--optim.lr=0.01")  # its own step_000010, with other weights
+          "--optim.lr=0.01", *tracked)  # its own step_000010, with other weights
+    first_id = json.loads((here / "tracker.json").read_text())["run_id"]
+    named = src / "checkpoints" / "step_000010"
     proc, m = train(here, stdlib_shards, "--train.max_steps=20", "--train.stop_at_step=11", "--zero.stage=3",
-                    "--checkpoint.every=0", f"--resume={src / 'checkpoints' / 'step_000010'}")
-    assert f"resumed from {src / 'checkpoints' / 'step_000010'}" in proc.stdout
+                    "--checkpoint.every=0", f"--resume={named}", *tracked)
+    assert f"resumed from {named}" in proc.stdout
     assert abs(m[11]["loss"] - whole[11]["loss"]) <= 1e-6
+    assert sorted(m) == [11]  # one trajectory: from the named checkpoint on
+
+    theirs = json.loads((named / "meta.json").read_text())["tracker_run_id"]
+    run_id = json.loads((here / "tracker.json").read_text())["run_id"]
+    assert run_id not in (theirs, first_id)  # a new W&B run, neither the other run's nor this dir's first
+    assert [step for step, _ in read_history(here, run_id)] == [11]
+    assert json.loads((here / "checkpoints" / "step_000011" / "meta.json").read_text())["tracker_run_id"] == run_id
+    config = {}
+    for path in (here / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
+        for record in read_records(path):
+            if record.WhichOneof("record_type") == "config":
+                config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    assert config.get("resumed_from") == str(named), sorted(config)
+    acc = EventAccumulator(str(here / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(11, pytest.approx(m[11]["loss"], rel=1e-6))]
+
     proc, m = train(here, stdlib_shards, "--train.max_steps=2", "--zero.stage=3", "--no-resume")
     assert "resumed" not in proc.stdout and sorted(m) == [1, 2]
     assert abs(m[1]["loss"] - whole[1]["loss"]) <= 1e-6

@@ -106,6 +106,19 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
                 yield text
 
 
+def count_documents(files: list[Path]) -> int:
+    """How many LM documents the files hold (one per plain-text file, one per non-blank JSONL line), counted
+    without parsing or tokenizing them: prepare's val split is a share of documents."""
+    count = 0
+    for f in files:
+        if f.suffix in TEXT_SUFFIXES_JSONL:
+            with reading(f) as fh:
+                count += sum(1 for line in fh if line.strip())
+        else:
+            count += 1
+    return count
+
+
 def read_pairs(files: list[Path], src_field: str, tgt_field: str) -> list[tuple[str, str]]:
     """Translation pairs from TSV (source<TAB>target) or JSONL ({src_field, tgt_field})."""
     pairs = []

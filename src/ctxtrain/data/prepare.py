@@ -123,7 +123,7 @@ class PrepareOptions:
 
 
 def _val_every(fraction: float, n_units: int) -> int:
-    """Every k-th document goes to val (0: none); a corpus of fewer than k units still gives one."""
+    """Every k-th unit (document or pair) goes to val (0: none); a corpus of fewer than k units still gives one."""
     if fraction <= 0 or n_units < 2:
         return 0
     return max(2, min(n_units, round(1 / fraction)))
@@ -169,7 +169,7 @@ def prepare(opts: PrepareOptions) -> dict:
         if not files:
             raise UserError("no input files to prepare")
         rng.shuffle(files)  # documents mix across shards; within a JSONL file they keep their order
-        n_units = len(files)
+        n_units = corpora.count_documents(files)  # the val share is of documents, however many files hold them
     else:
         if not pairs:
             raise UserError("no translation pairs found in the inputs")
@@ -271,6 +271,10 @@ def prepare(opts: PrepareOptions) -> dict:
 
     secs = time.perf_counter() - t0
     tr, va = index["splits"]["train"], index["splits"]["val"]
+    if va["docs"] == 0:
+        why = "--val-fraction 0" if opts.val_fraction <= 0 else f"{tr['docs']} {'document' if task == 'lm' else 'pair'}(s)"
+        print(f"prepare: warning: {out} has no val split ({why}): evaluation during training is off (no "
+              "val_loss); give more documents or a --val-fraction > 0", file=sys.stderr)
     print(
         f"prepared {out}: {task}, vocab {vocab} ({index['dtype']}), "
         f"train {tr['docs']} docs / {tr['tokens']:,} tokens in {len(tr['shards'])} shards, "
