@@ -269,10 +269,14 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     _no_overrides("eval", overrides)
     from ctxtrain import infer
 
+    for name in ("limit", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     loaded = infer.load_source(args.source)
     if loaded.kind == "lm":
-        r = infer.evaluate_lm(loaded, args.split)
-        print(f"{args.split}: {r['tokens']:,} tokens, loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}")
+        r = infer.evaluate_lm(loaded, args.split, args.seq_len, args.limit)
+        print(f"{args.split}: {r['windows']:,} windows of {r['seq_len']:,} tokens ({r['tokens']:,} tokens), "
+              f"loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}")
         return 0
     r = infer.evaluate_translation(loaded, args.split, args.beam, args.max_len, args.limit)
     print(f"{args.split}: {r['pairs']:,} held-out pairs, {'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}")
@@ -407,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--limit", type=int, help="score only the first N pairs")
+    p.add_argument("--limit", type=int, help="score only the first N pairs (LM: windows)")
+    p.add_argument("--seq-len", type=int, help="LM: tokens per window (default: the run's data.seq_len)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("submit", help=VERBS["submit"],

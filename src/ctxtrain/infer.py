@@ -35,6 +35,7 @@ class Loaded:
     max_src_len: int
     data_path: Optional[Path]  # the prepared data (eval's held-out split); None for an export folder
     where: str
+    seq_len: Optional[int] = None  # the run's data.seq_len (LM windows); None for an export folder
 
 
 def load_source(source: str | Path) -> Loaded:
@@ -50,7 +51,7 @@ def load_source(source: str | Path) -> Loaded:
         cfg, meta, state = consolidated(p)
         model_cfg, data_path = cfg.model, Path(cfg.data.path)
         index = _index(data_path)
-        special, max_src = index["special"], cfg.data.max_src_len
+        special, max_src, seq_len = index["special"], cfg.data.max_src_len, cfg.data.seq_len
         tokenizer = load_tokenizer(data_path / "tokenizer.json")
         where = f"{p} ({tag_of(meta['step'])})"
     elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():
@@ -65,7 +66,7 @@ def load_source(source: str | Path) -> Loaded:
                             "re-run `ctxtrain export`") from None
         state = load_file(str(p / "model.safetensors"))
         tokenizer = load_tokenizer(p / "tokenizer.json")
-        data_path, where = None, str(p)
+        data_path, where, seq_len = None, str(p), None
     else:
         raise UserError(f"{p} is neither a run directory (no config.yaml) nor an export folder (no "
                         "model.safetensors + config.json); pass a train.run_dir or the --out of `ctxtrain export`")
@@ -78,7 +79,7 @@ def load_source(source: str | Path) -> Loaded:
         raise UserError(f"{where}: the weights do not fit the model config (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}); re-run `ctxtrain export`")
     model.eval()
-    return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where)
+    return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len)
 
 
 def _index(data_path: Path) -> dict:
@@ -250,25 +251,32 @@ class ValBleu:
         return {"val_bleu": bleu, "val_chrf": chrf}
 
 
-def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: int = 256, limit: int = 64) -> dict:
-    """Perplexity on the split's windows (the first `limit` of them)."""
+def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = None,
+                limit: Optional[int] = None) -> dict:
+    """Mean token loss and perplexity on the split's first `limit` windows (all of them: None) of seq_len tokens
+    (default: the run's data.seq_len), read in order as the training's evaluation reads them."""
     from ctxtrain.data.loader import StreamingLoader
 
     if loaded.data_path is None:
         raise UserError(f"{loaded.where} is an export folder; `eval` needs the run directory (its data)")
-    loader = StreamingLoader(loaded.data_path, split=split, seq_len=seq_len, batch_size=8, rank=0, world_size=1,
-                             num_workers=0, seed=0, shuffle=False, loop=False)
-    total, n = 0.0, 0
+    seq_len = seq_len or loaded.seq_len
+    batch = max(1, min(8, (1 << 14) // seq_len))  # ~16k tokens a forward pass, a window at least
+    loader = StreamingLoader(loaded.data_path, split=split, seq_len=seq_len, batch_size=batch, rank=0,
+                             world_size=1, num_workers=0, seed=0, shuffle=False, loop=False)
+    total, windows, n = 0.0, 0, 0
     with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if i * 8 >= limit:
-                break
-            tokens = batch["tokens"]
+        for batch_ in loader:
+            tokens = batch_["tokens"][: None if limit is None else limit - windows]
             total += float(loaded.model(tokens[:, :-1], tokens[:, 1:])) * tokens[:, 1:].numel()
             n += tokens[:, 1:].numel()
+            windows += tokens.shape[0]
+            if limit is not None and windows >= limit:
+                break
     if not n:
-        raise UserError(f"the {split} split of {loaded.data_path} holds no window of {seq_len} tokens")
-    return {"tokens": n, "loss": total / n, "ppl": math.exp(min(total / n, 50.0))}
+        raise UserError(f"the {split} split of {loaded.data_path} holds no window of {seq_len} tokens; pass a "
+                        "smaller --seq-len")
+    return {"windows": windows, "seq_len": seq_len, "tokens": n, "loss": total / n,
+            "ppl": math.exp(min(total / n, 50.0))}
 
 
 def write_lines(lines: Iterable[str], out: Optional[str]) -> None:
