@@ -47,7 +47,7 @@ def test_lm_cached_logits_equal_a_full_recompute_at_every_step(pos, kv_heads):
     got = [lm_step(model, tokens[:, :5], cache)]  # a prompt of 5, then one token at a time
     for t in range(5, 12):
         got.append(lm_step(model, tokens[:, t:t + 1], cache))
-    assert cache.length == 12 and cache.layers[0].k.shape[1] == 12
+    assert cache.length == 12 and cache.layers[0].attn.k.shape[1] == 12
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -64,7 +64,7 @@ def test_encoder_decoder_cached_logits_equal_a_full_recompute_at_every_step(pos)
     got = [encdec_step(model, tgt[:, t:t + 1], cache) for t in range(8)]
     torch.testing.assert_close(torch.cat(got, dim=1), full, atol=1e-5, rtol=1e-5)
     # the cross-attention keys were computed once, at the first step
-    assert cache.layers[0].cross_k.shape[1] == 9
+    assert cache.layers[0].cross.k.shape[1] == 9
 
 
 def test_a_left_padded_prompt_decodes_as_the_prompt_alone():

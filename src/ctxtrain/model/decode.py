@@ -1,173 +1,49 @@
 """Incremental decoding with a KV cache: greedy, beam search and sampling, for both model kinds (torch only).
 
-The models' training forward recomputes every position. Here each attention layer keeps the keys and values
-of the positions already seen (`LayerCache`); a step feeds only the new tokens, whose queries attend over the
-cached keys plus their own, so one new token costs O(current length) instead of a full recompute. For the
-encoder-decoder the encoder runs once, and each decoder layer also caches the cross-attention keys/values of
-the encoder's output (computed at the first step, reused by every later one).
+The models' training forward recomputes every position. Decoding runs the same forward with a `Cache`
+(`ctxtrain.model.transformer`): each attention keeps the keys and values of the positions already seen, a step
+feeds only the new tokens, whose queries attend over the cached keys plus their own, so one new token costs
+O(current length) instead of a full recompute. For the encoder-decoder the encoder runs once, and each decoder
+layer also caches the cross-attention keys/values of the encoder's output (computed at the first step, reused
+by every later one). One implementation of the model's maths serves training and decoding; positions continue
+after the cache (RoPE angles and sinusoidal tables at `cache.length`).
 
-The functions read the model's own modules (projections, norms, MLPs, head): the weights are the trained
-ones, nothing is copied. Positions continue after the cache (RoPE angles and sinusoidal tables at
-`cache.length`). Batches: an LM prompt batch is left-padded with a key mask, so the rows end together and
-their next tokens share a position (with RoPE, attention scores depend only on relative positions, so a
-left-padded row gives the same logits as the row alone); translation sources are right-padded with
-`src_mask`.
+Batches: an LM prompt batch is left-padded with a key mask, so the rows end together and their next tokens share
+a position (with RoPE, attention scores depend only on relative positions, so a left-padded row gives the same
+logits as the row alone); translation sources are right-padded with `src_mask`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ctxtrain.model.transformer import Attention, DecoderLM, EncoderDecoder, Rope, apply_rope, embed
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The cache
-
-
-@dataclass
-class LayerCache:
-    """One layer's keys and values, (B, S, KV, D): its self-attention so far, and (encoder-decoder) the
-    cross-attention over the encoder's output."""
-
-    k: Optional[torch.Tensor] = None
-    v: Optional[torch.Tensor] = None
-    cross_k: Optional[torch.Tensor] = None
-    cross_v: Optional[torch.Tensor] = None
-
-
-@dataclass
-class Cache:
-    layers: list[LayerCache]
-    length: int = 0  # positions already in the cache
-    key_mask: Optional[torch.Tensor] = None  # (B, length) True for real (not padding) positions
-    memory: Optional[torch.Tensor] = None  # encoder output (B, S, d)
-    memory_mask: Optional[torch.Tensor] = None  # (B, S)
-    extra: dict = field(default_factory=dict)
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep the batch rows `index` (in that order): beam search's reordering after each step."""
-        for layer in self.layers:
-            for name in ("k", "v", "cross_k", "cross_v"):
-                t = getattr(layer, name)
-                if t is not None:
-                    setattr(layer, name, t.index_select(0, index))
-        for name in ("key_mask", "memory", "memory_mask"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index))
+from ctxtrain.model.transformer import Cache, DecoderLM, EncoderDecoder
 
 
 def new_cache(model) -> Cache:
-    layers = model.blocks if isinstance(model, DecoderLM) else model.decoder
-    return Cache([LayerCache() for _ in layers])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Attention over the cache
-
-
-def _heads(attn: Attention, x: torch.Tensor, proj) -> torch.Tensor:
-    B, T, _ = x.shape
-    return proj(x).view(B, T, -1, attn.head_dim)
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """q (B, T, H, D), k/v (B, S, KV, D), mask (B, 1|T, S) bool (True: attend) -> (B, T, H, D)."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(1, 2)
-
-
-def self_attend(attn: Attention, x: torch.Tensor, rope: Optional[Rope], layer: LayerCache,
-                key_mask: Optional[torch.Tensor], past: int) -> torch.Tensor:
-    """Causal self-attention of the new positions past..past+T-1 over the cache plus themselves; the new keys
-    and values join the cache."""
-    B, T, _ = x.shape
-    q, k, v = _heads(attn, x, attn.wq), _heads(attn, x, attn.wk), _heads(attn, x, attn.wv)
-    if rope is not None:
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-    layer.k = k if layer.k is None else torch.cat([layer.k, k], dim=1)
-    layer.v = v if layer.v is None else torch.cat([layer.v, v], dim=1)
-    S = layer.k.shape[1]
-    mask = None
-    if T > 1:  # causal among the new positions; every cached one is in their past
-        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)[None].expand(B, T, S)
-    if key_mask is not None:
-        km = key_mask[:, None, :]
-        mask = km if mask is None else mask & km
-    out = _sdpa(q, layer.k, layer.v, mask)
-    return attn.wo(out.reshape(B, T, -1))
-
-
-def cross_attend(attn: Attention, x: torch.Tensor, layer: LayerCache, memory: torch.Tensor,
-                 memory_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention of the new positions over the encoder's output; its keys and values are computed once."""
-    B, T, _ = x.shape
-    if layer.cross_k is None:
-        layer.cross_k, layer.cross_v = _heads(attn, memory, attn.wk), _heads(attn, memory, attn.wv)
-    q = _heads(attn, x, attn.wq)
-    out = _sdpa(q, layer.cross_k, layer.cross_v, None if memory_mask is None else memory_mask[:, None, :])
-    return attn.wo(out.reshape(B, T, -1))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One step of each model: new tokens in, their logits out
-
-
-def _grow_mask(cache: Cache, mask: Optional[torch.Tensor], B: int, T: int, device) -> Optional[torch.Tensor]:
-    if mask is None:
-        mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    if cache.key_mask is None and bool(mask.all()):
-        return None  # nothing padded so far: no mask at all
-    before = cache.key_mask if cache.key_mask is not None else torch.ones(B, cache.length, dtype=torch.bool,
-                                                                          device=device)
-    cache.key_mask = torch.cat([before, mask], dim=1)
-    return cache.key_mask
+    """An empty cache for a decoder-only LM (the encoder-decoder's comes from `encode`)."""
+    return model.new_cache()
 
 
 @torch.no_grad()
 def lm_step(model: DecoderLM, tokens: torch.Tensor, cache: Cache,
             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, T) new token ids (mask: False for left padding) -> (B, T, V) logits; the cache grows by T."""
-    B, T = tokens.shape
-    past = cache.length
-    x = embed(model.tok_embed, tokens, model.cfg, past)
-    rope = model.rotary(T, x.device, x.dtype, past) if model.rotary is not None else None
-    key_mask = _grow_mask(cache, mask, B, T, x.device)
-    for block, layer in zip(model.blocks, cache.layers):
-        x = x + self_attend(block.attn, block.attn_norm(x), rope, layer, key_mask, past)
-        x = x + block.mlp(block.mlp_norm(x))
-    cache.length += T
-    return model.lm_head(model.norm(x))
+    return model(tokens, mask=mask, cache=cache)
 
 
 @torch.no_grad()
 def encode(model: EncoderDecoder, src: torch.Tensor, src_mask: Optional[torch.Tensor]) -> Cache:
     """Run the encoder once; the returned cache carries its output for every decoder step."""
-    cache = new_cache(model)
-    cache.memory, cache.memory_mask = model.encode(src, src_mask), src_mask
-    return cache
+    return model.new_cache(model.encode(src, src_mask), src_mask)
 
 
 @torch.no_grad()
 def encdec_step(model: EncoderDecoder, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
     """(B, T) new target ids -> (B, T, V) logits; the decoder's self-attention cache grows by T."""
-    B, T = tokens.shape
-    past = cache.length
-    x = embed(model.target_table, tokens, model.cfg, past)
-    rope = model.rotary(T, x.device, x.dtype, past) if model.rotary is not None else None
-    for block, layer in zip(model.decoder, cache.layers):
-        x = x + self_attend(block.attn, block.attn_norm(x), rope, layer, cache.key_mask, past)
-        x = x + cross_attend(block.cross, block.cross_norm(x), layer, cache.memory, cache.memory_mask)
-        x = x + block.mlp(block.mlp_norm(x))
-    cache.length += T
-    return model.lm_head(model.decoder_norm(x))
+    return model.lm_head(model.decode(tokens, cache.memory, cache.memory_mask, cache=cache))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Notable:
   turns hidden states into a loss, so a tiled loss never has to see the full logits.
 - RoPE follows the Hugging Face Llama convention (rotate the two halves of each head), so Llama weights
   map onto `DecoderLM` by name alone (see `ctxtrain.model.hf`).
+- Decoding runs the same forward with a `Cache`: each attention keeps its keys and values (`AttentionCache`),
+  so one implementation of the maths serves training and incremental decoding (`ctxtrain.model.decode`).
 - Padding masks are boolean, True where a token is real.
 - Positions can start past 0 (`pos_offset`): a slice of a longer sequence (sequence parallelism) or the next
   tokens after a cache get the positions of their place in the whole sequence.
@@ -19,6 +21,7 @@ Notable:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -125,26 +128,41 @@ def attention_core(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v through SDPA.
 
-    q: (B, T, H, D); k, v: (B, S, KV, D) with H a multiple of KV (grouped-query heads).
+    q: (B, T, H, D); k, v: (B, S, KV, D) with H a multiple of KV (grouped-query heads). With S > T the queries
+    are the last T positions of the S (decoding after a cache): causal then aligns them at the end.
     key_mask: (B, S) bool, True for real keys. Returns (B, T, H, D).
     """
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    mask = None
-    if key_mask is not None:
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
-        if causal:
-            T, S = q.shape[-2], k.shape[-2]
-            mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-            causal = False
-    gqa = q.shape[1] != k.shape[1]
+    T, S = q.shape[-2], k.shape[-2]
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
+    if causal and (mask is not None or T != S):
+        if T > 1:  # one new query sees every key: nothing to hide
+            past = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+            mask = past if mask is None else mask & past
+        causal = False
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=gqa
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.transpose(1, 2)  # (B, T, H, D)
 
 
+@dataclass
+class AttentionCache:
+    """The keys and values that one attention keeps while decoding, (B, S, KV, D): self-attention's grow by each
+    step's tokens; cross-attention's are the encoder output's, computed at the first step and kept."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with projections; self-attention when `memory` is None, else cross-attention."""
+    """Multi-head attention with projections; self-attention when `memory` is None, else cross-attention.
+    With a cache (decoding) the new tokens' keys and values join the cached ones (self-attention), or the
+    cached keys and values of the memory are used (cross-attention)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
@@ -163,15 +181,25 @@ class Attention(nn.Module):
         rope: Optional[Rope] = None,
         key_mask: Optional[torch.Tensor] = None,
         memory: Optional[torch.Tensor] = None,
+        cache: Optional[AttentionCache] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        kv_input = x if memory is None else memory
-        S = kv_input.shape[1]
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.wk(kv_input).view(B, S, self.kv_heads, self.head_dim)  # (B, S, KV, D)
-        v = self.wv(kv_input).view(B, S, self.kv_heads, self.head_dim)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q = apply_rope(q, rope)
+        if memory is not None and cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v  # cross-attention while decoding: the memory's keys, computed once
+        else:
+            kv_input = x if memory is None else memory
+            S = kv_input.shape[1]
+            k = self.wk(kv_input).view(B, S, self.kv_heads, self.head_dim)  # (B, S, KV, D)
+            v = self.wv(kv_input).view(B, S, self.kv_heads, self.head_dim)
+            if rope is not None:
+                k = apply_rope(k, rope)
+            if cache is not None and memory is None and cache.k is not None:
+                k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)  # the past, then the new
+            if cache is not None:
+                cache.k, cache.v = k, v
         out = self.core(
             q, k, v, causal=self.causal, key_mask=key_mask, dropout=self.dropout if self.training else 0.0
         )
@@ -216,6 +244,15 @@ def make_mlp(cfg: ModelConfig) -> nn.Module:
 # Blocks: pre-norm residual sub-layers, x + f(norm(x))
 
 
+@dataclass
+class LayerCache:
+    """One block's decoding caches: its self-attention's and (decoder block of the encoder-decoder) its
+    cross-attention's."""
+
+    attn: AttentionCache = field(default_factory=AttentionCache)
+    cross: AttentionCache = field(default_factory=AttentionCache)
+
+
 class Block(nn.Module):
     """Self-attention then MLP. Causal in the decoder-only LM, bidirectional in the encoder."""
 
@@ -227,8 +264,9 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Optional[Rope], mask: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask))
+    def forward(self, x: torch.Tensor, rope: Optional[Rope], mask: Optional[torch.Tensor],
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask, cache=cache and cache.attn))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -252,9 +290,11 @@ class DecoderBlock(nn.Module):
         mask: Optional[torch.Tensor],
         memory: torch.Tensor,
         memory_mask: Optional[torch.Tensor],
+        cache: Optional[LayerCache] = None,
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask))
-        x = x + self.dropout(self.cross(self.cross_norm(x), key_mask=memory_mask, memory=memory))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask, cache=cache and cache.attn))
+        x = x + self.dropout(self.cross(self.cross_norm(x), key_mask=memory_mask, memory=memory,
+                                        cache=cache and cache.cross))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -285,6 +325,41 @@ def embed(table: nn.Embedding, tokens: torch.Tensor, cfg: ModelConfig, pos_offse
     return x
 
 
+@dataclass
+class Cache:
+    """A model's decoding state: each block's caches, the positions already seen, their key mask (False: left
+    padding; None while nothing is padded), and for the encoder-decoder the encoder's output and its mask."""
+
+    layers: list[LayerCache]
+    length: int = 0
+    key_mask: Optional[torch.Tensor] = None  # (B, length)
+    memory: Optional[torch.Tensor] = None  # (B, S, d)
+    memory_mask: Optional[torch.Tensor] = None  # (B, S)
+
+    def extend_mask(self, mask: Optional[torch.Tensor], tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """The key mask over the cached positions and the new tokens (mask: theirs, None when all are real)."""
+        if mask is None and self.key_mask is None:
+            return None  # nothing padded so far: no mask at all
+        B, T = tokens.shape
+        new = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        if self.key_mask is None and bool(new.all()):
+            return None
+        before = self.key_mask if self.key_mask is not None else torch.ones(B, self.length, dtype=torch.bool,
+                                                                            device=tokens.device)
+        self.key_mask = torch.cat([before, new], dim=1)
+        return self.key_mask
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep the batch rows `index` (in that order): beam search's reordering after each step."""
+        for layer in self.layers:
+            layer.attn.select(index)
+            layer.cross.select(index)
+        for name in ("key_mask", "memory", "memory_mask"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+
+
 class DecoderLM(nn.Module):
     """Decoder-only causal LM: embed -> causal blocks -> norm -> LM head."""
 
@@ -302,14 +377,22 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.tok_embed.weight
 
     def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                      pos_offset: int = 0) -> torch.Tensor:
-        """The trunk: (B, T) token ids at positions pos_offset.. -> (B, T, d) normalized hidden states."""
+                      pos_offset: int = 0, cache: Optional[Cache] = None) -> torch.Tensor:
+        """The trunk: (B, T) token ids at positions pos_offset.. -> (B, T, d) normalized hidden states. With a
+        cache (decoding) the tokens follow the cached ones: their positions, and attention over the cache too."""
+        if cache is not None:
+            pos_offset, mask = cache.length, cache.extend_mask(mask, tokens)
         x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg, pos_offset))
         T = tokens.shape[1]
         rope = self.rotary(T, x.device, x.dtype, pos_offset) if self.rotary is not None else None
-        for block in self.blocks:
-            x = block(x, rope, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += T
         return self.norm(x)
+
+    def new_cache(self) -> Cache:
+        return Cache([LayerCache() for _ in self.blocks])
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """LM head + mean cross-entropy; a tiled loss replaces this without touching the trunk."""
@@ -321,9 +404,10 @@ class DecoderLM(nn.Module):
         targets: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         pos_offset: int = 0,
+        cache: Optional[Cache] = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) without targets; the mean loss with them."""
-        hidden = self.hidden_states(tokens, mask, pos_offset)
+        hidden = self.hidden_states(tokens, mask, pos_offset, cache)
         if targets is None:
             return self.lm_head(hidden)
         return self.head_loss(hidden, targets)
@@ -353,8 +437,8 @@ class EncoderDecoder(nn.Module):
     def target_table(self) -> nn.Embedding:
         return self.tgt_tok_embed if self.tgt_tok_embed is not None else self.src_tok_embed
 
-    def _rope(self, x: torch.Tensor) -> Optional[Rope]:
-        return self.rotary(x.shape[1], x.device, x.dtype) if self.rotary is not None else None
+    def _rope(self, x: torch.Tensor, offset: int = 0) -> Optional[Rope]:
+        return self.rotary(x.shape[1], x.device, x.dtype, offset) if self.rotary is not None else None
 
     def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, S) source ids -> (B, S, d) memory."""
@@ -370,13 +454,24 @@ class EncoderDecoder(nn.Module):
         memory: torch.Tensor,
         src_mask: Optional[torch.Tensor] = None,
         tgt_mask: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
     ) -> torch.Tensor:
-        """(B, T) target ids (shifted right) + memory -> (B, T, d) normalized hidden states."""
-        x = self.embed_dropout(embed(self.target_table, tgt, self.cfg))
-        rope = self._rope(x)
-        for block in self.decoder:
-            x = block(x, rope, tgt_mask, memory, src_mask)
+        """(B, T) target ids (shifted right) + memory -> (B, T, d) normalized hidden states. With a cache
+        (decoding) the ids follow the cached ones, and the memory's keys and values are computed once."""
+        offset = 0
+        if cache is not None:
+            offset, tgt_mask = cache.length, cache.extend_mask(tgt_mask, tgt)
+        x = self.embed_dropout(embed(self.target_table, tgt, self.cfg, offset))
+        rope = self._rope(x, offset)
+        for i, block in enumerate(self.decoder):
+            x = block(x, rope, tgt_mask, memory, src_mask, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += tgt.shape[1]
         return self.decoder_norm(x)
+
+    def new_cache(self, memory: torch.Tensor, memory_mask: Optional[torch.Tensor]) -> Cache:
+        """The decoding cache for the encoder output `memory` (its mask: real source tokens)."""
+        return Cache([LayerCache() for _ in self.decoder], memory=memory, memory_mask=memory_mask)
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self.lm_head(hidden), targets)
