@@ -1,8 +1,8 @@
-"""Sharded checkpoints that describe themselves, a commit marker, retention, resume, export.
+"""Sharded checkpoints that describe themselves, a commit marker, retention, resume.
 
     RUN_DIR/checkpoints/step_000200/   DeepSpeed's per-rank files (one optimizer shard per rank under ZeRO)
-                        meta.json      step, tokens seen, loader cursor of every rank, RNG states, world size,
-                                       config (and its model hash), tracker run id
+                        meta.json      the TrainState of every rank (step, tokens, loader cursors, RNG states,
+                                       tracker run id ...), world size, config (and its model hash), manifest
                         COMMITTED      written last, once every rank has finished writing
     RUN_DIR/checkpoints/latest         name of the newest committed checkpoint, replaced atomically
 
@@ -27,11 +27,16 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ctxtrain.config import Config, diff_fields, section_hash
 from ctxtrain.errors import UserError
 from ctxtrain.rundir import RunDir, write_atomic
+from ctxtrain.state import meta_of
+
+if TYPE_CHECKING:
+    from ctxtrain.faults import Faults
+    from ctxtrain.state import TrainState
 
 STEP_DIR = re.compile(r"step_(\d{6,})$")
 COMMITTED = "COMMITTED"
@@ -274,10 +279,11 @@ def verify(storage, tag: str, share: Optional[tuple[int, int]] = (0, 1)) -> Opti
 
 
 class Target:
-    """A committed checkpoint chosen for resume: the storage that holds it and its tag."""
+    """A committed checkpoint chosen for resume: the storage that holds it and its tag. own: this run's (else
+    another run's, named by --resume PATH: this run then starts a trajectory of its own from it)."""
 
-    def __init__(self, storage, tag: str, notices: Optional[list[str]] = None):
-        self.storage, self.tag, self.notices = storage, tag, notices or []
+    def __init__(self, storage, tag: str, notices: Optional[list[str]] = None, own: bool = True):
+        self.storage, self.tag, self.notices, self.own = storage, tag, notices or [], own
 
     def describe(self) -> str:
         return self.storage.describe(self.tag)
@@ -293,10 +299,19 @@ def resume_target(cfg: Config, storage, launch_id: Optional[str] = None,
     """The checkpoint to resume from: the newest sound committed one (auto), none (never), or exactly the one
     named by --resume (a path, or a step_NNNNNN of this run) — except after a restart within one launch (Ray
     restarted the workers): then the newest sound committed checkpoint whatever the setting, since this launch
-    wrote it. A damaged checkpoint is passed over with a notice (auto) or refused (named).
+    wrote it. A damaged checkpoint is passed over with a notice (auto) or refused (named); one written for
+    another model or ZeRO stage is refused (`check_compatible`).
 
     share=(rank, world) splits the CRC reading across the ranks and agree (an all-gather) combines their
     verdicts, so that every rank makes the same choice."""
+    target = _choose(cfg, storage, launch_id, share, agree)
+    if target is not None:
+        check_compatible(target.storage.read_meta(target.tag), cfg, target.describe())
+    return target
+
+
+def _choose(cfg: Config, storage, launch_id: Optional[str], share: Optional[tuple[int, int]],
+            agree) -> Optional[Target]:
     setting = cfg.checkpoint.resume
     steps = committed_steps(storage)
     if setting not in ("auto", "never"):
@@ -331,6 +346,13 @@ def _launch_of(storage, step: int) -> Optional[str]:
         return None
 
 
+def _same_place(a, b) -> bool:
+    """Two storages name the same checkpoint root (a path given two ways, or the same URI)."""
+    if isinstance(a, LocalStorage) and isinstance(b, LocalStorage):
+        return a.root.resolve() == b.root.resolve()
+    return a.describe("") == b.describe("")
+
+
 def _named(setting: str, storage) -> Target:
     """The checkpoint that --resume names: a directory (this run's or another's) or a tag of this run."""
     path = Path(setting.rstrip("/"))
@@ -348,10 +370,10 @@ def _named(setting: str, storage) -> Target:
     if int(m.group(1)) not in committed_steps(where):
         raise UserError(f"--resume {setting}: {where.describe(path.name)} has no {COMMITTED} marker (an "
                         "interrupted save) or does not exist; pick a committed checkpoint")
-    return Target(where, path.name)
+    return Target(where, path.name, own=where is storage or _same_place(where, storage))
 
 
-def check_compatible(meta: dict, cfg: Config, world_size: int, where: str) -> None:
+def check_compatible(meta: dict, cfg: Config, where: str) -> None:
     """Refuse a checkpoint whose model or ZeRO stage differs, naming the fields (another world size is fine:
     `load` converts the checkpoint)."""
     theirs = (meta.get("config") or {}).get("model")
@@ -373,23 +395,6 @@ def retention(steps: list[int], keep_last: int, keep_every: int) -> list[int]:
     return [s for s in steps if s not in keep]
 
 
-def build_meta(cfg: Config, step: int, tokens: int, states: list[dict], tracker_run_id: Optional[str],
-               extra: dict) -> dict:
-    """meta.json: what a resume needs besides the DeepSpeed files; states are the per-rank cursors and RNGs."""
-    return {
-        "step": step,
-        "tokens": tokens,
-        "world_size": len(states),
-        "loader": [s["loader"] for s in states],
-        "rng": [s["rng"] for s in states],
-        "tracker_run_id": tracker_run_id,
-        "model_hash": section_hash(cfg.model),
-        "config": cfg.to_dict(),
-        "time": time.time(),
-        **extra,
-    }
-
-
 def rank_files(local_dir: Path, rank: int) -> list[str]:
     """The DeepSpeed files this rank wrote (rank 0 also owns the shared ones)."""
     names = []
@@ -407,15 +412,18 @@ def rank_files(local_dir: Path, rank: int) -> list[str]:
 # The save and load protocols (every rank calls them)
 
 
-def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, fault_hook=lambda: None) -> Optional[str]:
-    """Write one checkpoint: DeepSpeed shards from every rank, then meta.json, COMMITTED and latest from rank 0.
+def save(engine, storage, cfg: Config, state: TrainState, faults: Optional[Faults] = None) -> Optional[str]:
+    """Write the checkpoint of state.step: DeepSpeed shards from every rank, then meta.json (every rank's
+    state_dict(), the config, the files' manifest), COMMITTED and latest from rank 0.
 
-    rank_state (loader cursor, RNG) is gathered from every rank; make_meta(states) builds meta.json. A write
-    that fails (a full disk, a quota, an I/O error) on any rank leaves no trace: the partial directory is
-    removed and training goes on. Returns, on rank 0, why the checkpoint was not written (None: committed).
+    A write that fails (a full disk, a quota, an I/O error) on any rank leaves no trace: the partial directory is
+    removed, rank 0 prints one line, and training goes on. After a commit rank 0 applies the retention policy.
+    Returns, on rank 0, why the checkpoint was not written (None: committed). faults: a rehearsal may kill this
+    rank once its shard is written, before the commit.
     """
     from ctxtrain.engine import barrier, gather_objects
 
+    tag, rank = tag_of(state.step), state.rank
     if rank == 0:
         if any(tag_of(step) == tag for step, _ in storage.list_steps()):
             storage.remove(tag)  # a save of this step that a crash interrupted (or an older run's)
@@ -428,7 +436,8 @@ def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, faul
             raise
         error = f"rank {rank}: {_write_error(e, storage.local_root)}"
         barrier()  # DeepSpeed's closing barrier, where the ranks whose writes succeeded wait
-    fault_hook()  # rehearsal: a rank may die here, its shard written, nothing committed
+    if faults is not None:
+        faults.at_checkpoint(state.step)
     if error is None:
         try:
             names = rank_files(storage.local_root / tag, rank)
@@ -436,12 +445,13 @@ def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, faul
             storage.upload_rank_files(tag, names)
         except OSError as e:
             error = f"rank {rank}: {_write_error(e, storage.local_root)}"
-    states = gather_objects({**rank_state, "files": files, "error": error})  # also the barrier: all have written
+    states = gather_objects({"state": state.state_dict(), "files": files, "error": error})  # also the barrier
     errors = [s["error"] for s in states if s["error"]]
     if rank == 0:
         if not errors:
-            meta = make_meta(states)
-            meta["files"] = {name: entry for s in states for name, entry in s["files"].items()}
+            meta = {**meta_of([s["state"] for s in states]), "model_hash": section_hash(cfg.model),
+                    "config": cfg.to_dict(), "time": time.time(),
+                    "files": {name: entry for s in states for name, entry in s["files"].items()}}
             try:
                 storage.put_text(f"{tag}/{META}", json.dumps(meta, indent=1) + "\n")
                 storage.put_text(f"{tag}/{COMMITTED}", f"{time.time()}\n")
@@ -456,8 +466,14 @@ def save(engine, storage, tag: str, rank: int, rank_state: dict, make_meta, faul
                 pass  # informational only: resume lists the committed directories
     barrier()
     storage.drop_staged(tag)
-    if rank == 0 and errors:
-        return f"{errors[0]} writing {storage.describe(tag)}"
+    if rank != 0:
+        return None
+    if errors:
+        newest = committed_steps(storage)
+        print(f"ctxtrain: checkpoint {tag} not written ({errors[0]} writing {storage.describe(tag)}); the newest "
+              f"committed one is {tag_of(newest[-1]) if newest else 'none'}; training goes on", flush=True)
+        return errors[0]
+    apply_retention(storage, cfg)
     return None
 
 
@@ -484,17 +500,18 @@ def _write_error(e: Exception, where: Path) -> str:
 UNIVERSAL = "universal"  # inside a checkpoint directory: its conversion for other world sizes
 
 
-def load(engine, target: Target, cfg: Config, world_size: int, rank: int) -> dict:
-    """Check a verified committed checkpoint against this run, fetch it if remote, and load it into the engine.
+def load(engine, target: Target, cfg: Config, state: Optional[TrainState] = None) -> dict:
+    """Check a verified committed checkpoint against this run, fetch it if remote, load it into the engine and
+    hand its meta.json to the state (None: the weights and optimizer only); returns meta.json.
 
     Written by another number of workers under ZeRO 1-3, it is first converted into DeepSpeed's universal format
     (rank 0, once: the conversion is kept in the checkpoint's `universal/` folder and reused; the others wait),
     which loads on any number of workers with the fp32 master weights and Adam's moments and step."""
     from ctxtrain.engine import barrier, to_universal
 
-    storage, tag = target.storage, target.tag
+    storage, tag, rank, world_size = target.storage, target.tag, engine.dist.rank, engine.dist.world_size
     meta = storage.read_meta(tag)
-    check_compatible(meta, cfg, world_size, storage.describe(tag))
+    check_compatible(meta, cfg, storage.describe(tag))
     universal = meta["world_size"] != world_size and cfg.zero.stage > 0
     storage.fetch(tag, rank, every_rank=universal and rank == 0)
     try:
@@ -520,6 +537,14 @@ def load(engine, target: Target, cfg: Config, world_size: int, rank: int) -> dic
     barrier()  # every rank has read its files: a URI storage's local copy can go (the store keeps it)
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         storage.drop_staged(tag)
+    if state is not None:
+        state.load_state_dict(meta, origin=None if target.own else target.describe())
+    if rank == 0 and state is not None and meta["world_size"] != world_size:
+        before, now = meta.get("global_batch"), state.global_batch
+        print(f"ctxtrain: checkpoint {tag} was written by {meta['world_size']} workers, this run has {world_size}: "
+              f"{'converted to the universal format; ' if universal else ''}micro-batch {cfg.data.batch_size} x "
+              f"accumulation {cfg.train.grad_accum} per worker, global batch {now}"
+              + (f" (was {before}; set train.global_batch to keep it)" if before and before != now else ""), flush=True)
     return meta
 
 
@@ -544,101 +569,3 @@ def apply_retention(storage, cfg: Config) -> list[int]:
     for step in doomed:
         storage.remove(tag_of(step))
     return doomed
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Export
-
-
-def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> tuple[Config, object, str]:
-    """(the run's config, its checkpoint storage, the tag) of the committed checkpoint to export: the newest, or
-    --step, wherever the run stored its checkpoints (checkpoint.storage), verified against its manifest; a
-    damaged one is refused in one line that names the previous sound one."""
-    from ctxtrain.config import load_config
-
-    run = RunDir(run_dir)
-    if not run_dir.is_dir() or not run.is_run():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the train.run_dir of a run")
-    cfg = load_config(run.config)
-    cfg.train.run_dir = str(run_dir)  # the directory as given (the run may have been moved)
-    storage = open_storage(cfg)
-    steps = committed_steps(storage)
-    if not steps:
-        raise UserError(f"{storage.describe('')} holds no committed checkpoint; train until one is written "
-                        "(checkpoint.every)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise UserError(f"--step {step}: no committed checkpoint; committed steps: {', '.join(map(str, steps))}")
-    reason = verify(storage, tag_of(step))
-    if reason:
-        older = next((s for s in reversed(steps) if s < step and verify(storage, tag_of(s)) is None), None)
-        hint = f"export the previous sound one with --step {older}" if older else "no older committed one is sound"
-        raise UserError(f"checkpoint {storage.describe(tag_of(step))} is damaged ({reason}); {hint}")
-    return cfg, storage, tag_of(step)
-
-
-def consolidated(run_dir: Path, step: Optional[int] = None) -> tuple[Config, dict, dict]:
-    """(config, meta.json, fp32 weights) of a run's committed checkpoint (the newest, or `step`), verified, read
-    from wherever the run stored it (a URI's files are staged for the consolidation and dropped again)."""
-    from ctxtrain.engine import consolidate
-
-    cfg, storage, tag = resolve_export_checkpoint(run_dir, step)
-    meta = storage.read_meta(tag)
-    storage.fetch(tag, 0, every_rank=True)  # a URI storage: every rank's shard into the local staging
-    try:
-        state = consolidate(str(storage.local_root / tag))
-    finally:
-        storage.drop_staged(tag)
-    return cfg, meta, state
-
-
-def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, progress: bool = True) -> Path:
-    """Consolidate a committed checkpoint into OUT/model.safetensors + OUT/config.json (ctxtrain), and for a
-    Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
-    from safetensors.torch import save_file
-
-    from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
-    from ctxtrain.progress import bar as progress_bar
-
-    run_dir, out = Path(run_dir), Path(out)
-    bar = progress_bar(3, "export", "part", enabled=progress)
-    cfg, meta, state = consolidated(run_dir, step)
-    bar.update()
-    if cfg.model.tie_embeddings:
-        state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores a tensor once
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(meta["step"])})
-    data = Path(cfg.data.path)
-    try:
-        special = json.loads((data / "index.json").read_bytes()).get("special")
-    except (OSError, ValueError):
-        special = None
-    write_atomic(out / "config.json", json.dumps({"ctxtrain_model": cfg.to_dict()["model"], "step": meta["step"],
-                                                  "tokens": meta["tokens"],
-                                                  "data": {"special": special, "max_src_len": cfg.data.max_src_len,
-                                                           "max_tgt_len": cfg.data.max_tgt_len}},
-                                                 indent=1) + "\n")
-    if (data / "tokenizer.json").is_file():  # `ctxtrain translate/generate` read it from the export
-        shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
-    bar.update()
-    try:
-        check_llama_shaped(cfg.model)
-        llama = True
-    except ValueError:
-        llama = False
-    if llama:
-        hf = out / "hf"
-        hf.mkdir(exist_ok=True)
-        full = dict(state)
-        if cfg.model.tie_embeddings:
-            full["lm_head.weight"] = full["tok_embed.weight"]
-        hf_state = {k: v.contiguous() for k, v in to_llama_state_dict(full, cfg.model).items()}
-        save_file(hf_state, str(hf / "model.safetensors"), metadata={"format": "pt"})
-        write_atomic(hf / "config.json", json.dumps(llama_config_dict(cfg.model), indent=1) + "\n")
-        tokenizer = Path(cfg.data.path) / "tokenizer.json"
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, hf / "tokenizer.json")
-    bar.update()
-    bar.close()
-    return out

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ctxtrain.errors import PREEMPTED_EXIT, UserError
 from ctxtrain.rundir import RunDir
@@ -58,15 +58,13 @@ def _split_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
-def _not_built(verb: str) -> Callable[[argparse.Namespace, list[str]], int]:
-    def run(args: argparse.Namespace, overrides: list[str]) -> int:
-        raise UserError(f"`ctxtrain {verb}` is not built yet; see the README for what runs today")
-
-    return run
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Verbs
+
+
+def _no_overrides(verb: str, overrides: list[str]) -> None:
+    if overrides:
+        raise UserError(f"{verb} takes no config overrides (got {overrides[0]})")
 
 
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -78,8 +76,7 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise UserError(f"prepare takes no config overrides (got {overrides[0]})")
+    _no_overrides("prepare", overrides)
     from ctxtrain.data.prepare import PrepareOptions, prepare
 
     opts = PrepareOptions(**{k: v for k, v in vars(args).items() if k in PrepareOptions.__dataclass_fields__})
@@ -92,8 +89,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     from ctxtrain.data.bench import format_bench, run_bench
 
-    if overrides:
-        raise UserError(f"data bench takes no config overrides (got {overrides[0]})")
+    _no_overrides("data bench", overrides)
     result = run_bench(args.shards, args.seq_len, args.batch_size, args.workers, args.epochs, args.repeats)
     print(format_bench(result))
     return 0
@@ -228,18 +224,12 @@ def cmd_stop(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise UserError(f"export takes no config overrides (got {overrides[0]})")
-    from ctxtrain.checkpoint import export
+    _no_overrides("export", overrides)
+    from ctxtrain.export import export
 
     out = export(args.run_dir, args.out, step=args.step, progress=not args.no_progress)
     print(f"exported to {out}")
     return 0
-
-
-def _no_overrides(verb: str, overrides: list[str]) -> None:
-    if overrides:
-        raise UserError(f"{verb} takes no config overrides (got {overrides[0]})")
 
 
 def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -314,8 +304,7 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
-    if overrides:
-        raise UserError(f"report takes no config overrides (got {overrides[0]})")
+    _no_overrides("report", overrides)
     from ctxtrain.report import build_report, serve
 
     if args.serve:
@@ -456,13 +445,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="--serve: port on 127.0.0.1 (default 8050; 0: any free)")
     p.add_argument("--refresh", type=float, default=5.0, help="--serve: seconds between page reloads (default 5)")
     p.set_defaults(func=cmd_report)
-
-    for verb in VERBS:
-        if verb in sub.choices:
-            continue
-        p = sub.add_parser(verb, help=VERBS[verb] + " (not built yet)")
-        p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-        p.set_defaults(func=_not_built(verb))
     return parser
 
 

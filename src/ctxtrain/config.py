@@ -206,8 +206,9 @@ class MemoryConfig:
     the [tokens, vocab] logits exist one chunk at a time in forward and backward; same loss and gradients."""
 
     mlp_chunk: Optional[int] = None
-    """Tokens per chunk of every MLP (DeepSpeed's TiledMLP; 0 or null: not chunked). Chunked, the MLP's
-    [tokens, d_ff] activations exist one chunk at a time; same outputs and gradients, one more MLP forward."""
+    """Tokens per chunk of every MLP (0 or null: not chunked): the idea of DeepSpeed's TiledMLP, on torch's
+    checkpoint (ctxtrain.engine.memory). Chunked, the MLP's [tokens, d_ff] activations exist one chunk at a time;
+    same outputs and gradients, one more MLP forward."""
 
     margin: float = 0.05
     """Allocator margin of `ctxtrain plan`: this fraction is added to the predicted peak (fragmentation of the
@@ -360,8 +361,9 @@ class ClusterConfig:
     gauges (ray_ctxtrain_*); null: Ray picks a free one and the start line names it."""
 
     connect_timeout_s: float = 30.0
-    """Deadline for reaching a Ray cluster (--address) or forming the workers' process group; past it the run
-    ends with one line naming the address."""
+    """Deadline for reaching a Ray cluster (--address) and for a fresh head's job agent (`submit`); past it the
+    command ends with one line naming the address. The workers' process group waits longer: this or 300 s,
+    whichever is more, for its members and for every collective."""
 
     def __post_init__(self) -> None:
         if self.connect_timeout_s <= 0:

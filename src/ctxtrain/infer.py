@@ -46,12 +46,12 @@ def load_source(source: str | Path) -> Loaded:
 
     p = Path(source)
     if RunDir(p).is_run():
-        from ctxtrain.checkpoint import consolidated, tag_of
+        from ctxtrain.checkpoint import tag_of
+        from ctxtrain.export import consolidated
 
         cfg, meta, state = consolidated(p)
         model_cfg, data_path = cfg.model, Path(cfg.data.path)
-        index = _index(data_path)
-        special, max_src, seq_len = index["special"], cfg.data.max_src_len, cfg.data.seq_len
+        special, max_src, seq_len = _special(data_path), cfg.data.max_src_len, cfg.data.seq_len
         tokenizer = load_tokenizer(data_path / "tokenizer.json")
         where = f"{p} ({tag_of(meta['step'])})"
     elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():
@@ -82,12 +82,11 @@ def load_source(source: str | Path) -> Loaded:
     return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len)
 
 
-def _index(data_path: Path) -> dict:
-    try:
-        return json.loads((data_path / "index.json").read_bytes())
-    except (OSError, ValueError) as e:
-        raise UserError(f"data.path={data_path} of the run has no readable index.json ({e}); the tokenizer and "
-                        "special ids come from there") from None
+def _special(data_path: Path) -> dict:
+    """The special ids of the run's prepared data (its index.json)."""
+    from ctxtrain.data.dataset import Dataset
+
+    return Dataset(data_path).special
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +182,8 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> tuple[float, floa
 
 def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
     """(source ids, target ids) of the split, in shard order: the pairs training never saw (val)."""
-    from ctxtrain.data.loader import Dataset, iter_shard
+    from ctxtrain.data.dataset import Dataset
+    from ctxtrain.data.shards import iter_shard
 
     if loaded.data_path is None:
         raise UserError(f"{loaded.where} is an export folder; `eval` reads the held-out split of the run's data: "
@@ -224,7 +224,7 @@ class ValBleu:
 
         data_path = Path(cfg.data.path)
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.frame = Loaded(None, "encdec", load_tokenizer(data_path / "tokenizer.json"), _index(data_path)["special"],
+        self.frame = Loaded(None, "encdec", load_tokenizer(data_path / "tokenizer.json"), _special(data_path),
                             cfg.data.max_src_len, data_path, str(data_path))
         pairs = held_out_pairs(self.frame, "val", cfg.train.bleu_pairs)
         self.sources = [framed_source(self.frame, s) for s, _ in pairs[rank::world]]

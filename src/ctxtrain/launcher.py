@@ -36,7 +36,8 @@ from urllib.parse import urlparse
 
 from ctxtrain.config import Config, to_yaml
 from ctxtrain.errors import UserError
-from ctxtrain.rundir import RunDir, last_record
+from ctxtrain.rundir import RunDir, eta_seconds, last_record
+from ctxtrain.tracking import Tracker
 
 # Environment variables a job may need on the cluster. Never in a Ray runtime env (Ray 2.60 logs every
 # runtime env it creates, env_vars included, in the session's runtime_env_agent.log): a submitted job gets
@@ -75,14 +76,20 @@ def _absolute(cfg: Config) -> Config:
     return from_dict(d)
 
 
+def _shortfall(cfg: Config, workers: int, gpus: float, have: dict, where: str) -> list[str]:
+    """What `workers` workers of cluster.cpus_per_worker CPUs and `gpus` GPUs need beyond `have` (Ray's
+    resource names), one phrase each."""
+    need = {"CPU": workers * cfg.cluster.cpus_per_worker, "GPU": workers * gpus}
+    return [f"{need[k]:g} {k}s ({where} has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+
+
 def _check_fits_here(cfg: Config) -> None:
     """Embedded Ray has this machine's CPUs and GPUs; say so before starting it when the workers won't fit."""
     import torch
 
     have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
     gpus = cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None else (1.0 if have["GPU"] else 0.0)
-    need = {"CPU": cfg.cluster.workers * cfg.cluster.cpus_per_worker, "GPU": cfg.cluster.workers * gpus}
-    short = [f"{need[k]:g} {k}s (this machine has {have[k]:g})" for k in need if need[k] > have[k]]
+    short = _shortfall(cfg, cfg.cluster.workers, gpus, have, "this machine")
     if short:
         raise UserError(f"cluster.workers={cfg.cluster.workers} needs {' and '.join(short)}; lower cluster.workers "
                         "or cluster.cpus_per_worker/gpus_per_worker, or join a cluster with --address")
@@ -136,24 +143,29 @@ def deadline(seconds: float, what: str):
 
 
 def _worker_loop(config: dict) -> None:
-    """What each Ray Train worker runs: the per-worker entry point, unchanged."""
-    from ctxtrain import train
+    """What each Ray Train worker runs: the per-worker entry point, unchanged (rank 0 also sets Ray's gauges)."""
+    from ray.train import get_context
+
+    from ctxtrain import faults, train
     from ctxtrain.config import from_dict
 
     os.environ["CTXTRAIN_LAUNCH_ID"] = config["launch_id"]
     os.environ.update(config.get("secrets") or {})
     cfg = from_dict(config["cfg"])
-    _sigterm_preempts(train.request_preemption)
+    _sigterm_preempts(faults.request_preemption)
+    rank = get_context().get_world_rank()
+    job = os.environ.get("CTXTRAIN_JOB_ID") or f"launch-{config['launch_id']}"
+    gauges = (RayGauges(cfg.tracking.name or Path(cfg.train.run_dir).name, job, rank),) if rank == 0 else ()
     if config.get("loopback"):
-        import torch.distributed as dist
+        from ctxtrain.engine import leave_process_group
 
         _loopback_process_group(cfg)
         try:
-            result = train.run(cfg)
+            result = train.run(cfg, trackers=gauges)
         finally:
-            dist.destroy_process_group()
+            leave_process_group()
     else:
-        result = train.run(cfg)
+        result = train.run(cfg, trackers=gauges)
     if result.get("stop_reason") == "preempted" and result.get("sigterm"):
         # This worker was signalled (its node is going away): its checkpoint is committed; a failure makes Ray
         # restart the group (within cluster.max_failures), which resumes from that checkpoint.
@@ -185,14 +197,11 @@ def _loopback_process_group(cfg: Config) -> None:
     tcp://) makes torch's TCPStore listen on every interface; here rank 0 binds the store's socket to the
     loopback address itself, Ray Train's broadcast hands its port to the other ranks, and gloo's pairs use the
     loopback interface."""
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
     from ray.train import get_context
     from ray.train.collective import broadcast_from_rank_zero
 
-    from ctxtrain.local_launch import LOOPBACK_ENV
+    from ctxtrain.engine import join_loopback_group
+    from ctxtrain.processes import LOOPBACK_ENV
 
     ctx = get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -207,11 +216,43 @@ def _loopback_process_group(cfg: Config) -> None:
         listener.listen(128)
     port = broadcast_from_rank_zero(listener.getsockname()[1] if listener else None)
     os.environ["MASTER_PORT"] = str(port)  # DeepSpeed's CPU shared-memory comm names its buffers after it
-    timeout = timedelta(seconds=max(cfg.cluster.connect_timeout_s, 300))
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout,
-                          master_listen_fd=listener.detach() if listener else None)
-    backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    join_loopback_group(cfg, rank, world, port, listener.detach() if listener else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training metrics as Ray gauges (rank 0 of a Ray Train run)
+
+# metrics.jsonl name -> Ray gauge (Prometheus shows them as ray_<gauge>; cluster/grafana_ctxtrain.json plots them)
+RAY_GAUGES = {
+    "step": ("ctxtrain_step", "newest logged training step"),
+    "loss": ("ctxtrain_loss", "training loss (mean of the step's micro-batches)"),
+    "val_loss": ("ctxtrain_val_loss", "held-out loss at the newest evaluation"),
+    "val_bleu": ("ctxtrain_val_bleu", "held-out greedy BLEU at the newest score (translation)"),
+    "tokens_per_s": ("ctxtrain_tokens_per_s", "tokens per second, whole job"),
+    "mfu": ("ctxtrain_mfu", "model FLOPs utilisation, fraction of the accelerators' dense bf16 peak"),
+    "mem_bytes": ("ctxtrain_memory_bytes", "peak memory of rank 0 in the step (GPU allocation or RSS growth)"),
+    "data_wait_s": ("ctxtrain_data_wait_seconds", "seconds per step spent waiting for data"),
+    "step_time_s": ("ctxtrain_step_time_seconds", "seconds per training step"),
+    "restarts": ("ctxtrain_restarts", "restarts of the worker group in this run"),
+}
+
+
+class RayGauges(Tracker):
+    """Rank 0's metrics as Ray gauges (`ray.util.metrics`), labelled by run name, job id and rank: Ray's
+    metrics agent exports them to Prometheus beside Ray's own (the dashboard's Grafana panels read them)."""
+
+    def __init__(self, run_name: str, job_id: str, rank: int):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run_name, "job_id": job_id, "rank": str(rank)}
+        self.gauges = {key: Gauge(name, description=doc, tag_keys=("run", "job_id", "rank"))
+                       for key, (name, doc) in RAY_GAUGES.items()}
+
+    def log(self, metrics: dict, step: int) -> None:
+        for key, gauge in self.gauges.items():
+            value = step if key == "step" else metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                gauge.set(float(value), tags=self.tags)
 
 
 def _ray_storage(cfg: Config) -> str:
@@ -278,9 +319,7 @@ def train_on_ray(cfg: Config) -> int:
         c = cfg.cluster
         elastic = c.min_workers is not None and c.min_workers < c.workers
         fewest = c.min_workers if elastic else c.workers  # an elastic range starts on what it can place
-        need = {"CPU": fewest * c.cpus_per_worker, "GPU": fewest * gpus}
-        short = [f"{need[k]:g} {k}s (the cluster has {resources.get(k, 0):g})" for k in need
-                 if need[k] > resources.get(k, 0)]
+        short = _shortfall(cfg, fewest, gpus, resources, "the cluster")
         if short and not embedded:  # an autoscaling cluster may add the nodes; Ray Train waits for them
             print(f"ctxtrain: the Ray cluster has too few resources right now: {'; '.join(short)}; "
                   "training starts when its autoscaler adds nodes", flush=True)
@@ -489,9 +528,8 @@ def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dic
     last = last_record(run_dir) if run_dir else None
     if last is None:
         return None
-    eta = (max_steps - last["step"]) * last["step_time_s"] if max_steps else None
     return {"step": last["step"], "max_steps": max_steps, "loss": last["loss"], "tokens_per_s": last["tokens_per_s"],
-            "eta_s": eta}
+            "eta_s": eta_seconds(last, max_steps)}
 
 
 def job_logs(job_id: str, address: Optional[str], follow: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,23 +19,7 @@ from pathlib import Path
 
 from ctxtrain.config import Config
 from ctxtrain.errors import PREEMPTED_EXIT, UserError
-
-
-def _loopback_interface() -> dict[str, str]:
-    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
-    lo = next((n for n in ("lo", "lo0") if n in names), None)
-    return {"GLOO_SOCKET_IFNAME": lo} if lo else {}
-
-
-# The workers' process group: the store is a file (no socket); gloo's pairs bind to the loopback interface.
-LOOPBACK_ENV = _loopback_interface()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ctxtrain.processes import LOOPBACK_ENV, free_port
 
 
 def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None = None) -> int:

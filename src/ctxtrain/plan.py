@@ -355,10 +355,6 @@ class Plan:
         return ((device_bytes is None or self.device_peak <= device_bytes)
                 and (host_bytes is None or self.host_peak <= host_bytes))
 
-    @property
-    def total_peak(self) -> int:
-        return self.device_peak + self.host_peak
-
 
 def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
          checkpoint: Optional[str] = None) -> Plan:

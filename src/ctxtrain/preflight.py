@@ -77,6 +77,4 @@ def preflight(cfg: Config) -> None:
     if cfg.tracking.enabled and wandb_mode(cfg) == "online" and not logged_in():
         raise UserError("W&B mode is online but this machine has no W&B login; run `wandb login`, set "
                         "WANDB_API_KEY, or use --tracking.mode=offline (or WANDB_MODE=offline)")
-    target = ckpt.resume_target(cfg, ckpt.open_storage(cfg), share=None)  # sizes only; workers check CRCs
-    if target is not None:
-        ckpt.check_compatible(target.storage.read_meta(target.tag), cfg, cfg.cluster.workers, target.describe())
+    ckpt.resume_target(cfg, ckpt.open_storage(cfg), share=None)  # sizes only; workers check CRCs

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ctxtrain.rundir import last_record
+from ctxtrain.rundir import eta_seconds, last_record
 
 
 def want_bar() -> bool:
@@ -37,6 +38,16 @@ def bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
     cols, rows = _screen()
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, ncols=cols, nrows=rows, mininterval=0.5,
                 disable=not (enabled and sys.stderr.isatty()))
+
+
+def log_line(r: dict, max_steps: int, t_start: float) -> None:
+    """The plain line that rank 0 prints every train.log_every steps where no bar is drawn (`ctxtrain status`
+    reads a job's progress from these lines when it cannot see the run directory)."""
+    extra = f" val_loss={r['val_loss']:.4f}" if "val_loss" in r else ""
+    extra += f" val_bleu={r['val_bleu']:.2f}" if "val_bleu" in r else ""
+    print(f"step={r['step']}/{max_steps} loss={r['loss']:.4f}{extra} lr={r['lr']:.2e} "
+          f"tokens/s={r['tokens_per_s']:,.0f} elapsed={time.time() - t_start:,.0f}s "
+          f"eta={eta_seconds(r, max_steps):,.0f}s", flush=True)
 
 
 class ProgressBar:

@@ -48,12 +48,30 @@ class RunDir:
     def write_state(self, state: str, **fields) -> None:
         write_atomic(self.state, json.dumps({"state": state, "time": time.time(), **fields}) + "\n")
 
+    def mark_failed(self, error: BaseException) -> None:
+        """state.json says failed, with the error's first line, when this process's running run raised."""
+        state = self.read_state()
+        if state.get("pid") == os.getpid() and state.get("state") == "running":
+            first = str(error).splitlines()[0] if str(error) else ""
+            self.write_state("failed", error=f"{type(error).__name__}: {first}")
+
     def read_state(self) -> dict:
         try:
             state = json.loads(self.state.read_bytes())
         except (OSError, ValueError):
             return {}
         return state if isinstance(state, dict) else {}
+
+    def record_start(self, resumed_from: Optional[int], launch_id: Optional[str], fresh: bool) -> int:
+        """Append this start to starts.jsonl; returns the restart count: the starts of this run (worker groups
+        restarted by Ray, drivers re-run) since it last started fresh, minus one. A fresh start empties the file,
+        unless it is a restart within the launch that started fresh (Ray restarted its workers)."""
+        earlier = [json.loads(line) for line in self.starts.read_text().splitlines()] if self.starts.exists() else []
+        if fresh and not (launch_id and earlier and earlier[-1].get("launch_id") == launch_id):
+            earlier = []
+        line = {"time": time.time(), "resumed_from": resumed_from, "launch_id": launch_id}
+        write_atomic(self.starts, "".join(json.dumps(r) + "\n" for r in earlier + [line]))
+        return len(earlier)
 
     @property
     def tracker(self) -> Path:
@@ -133,6 +151,13 @@ def last_record(run_dir: str | Path) -> Optional[dict]:
     except OSError:
         return None
     return rows[-1] if rows else None
+
+
+def eta_seconds(record: dict, max_steps: Optional[int]) -> Optional[float]:
+    """Seconds to train.max_steps at the step time of a metrics record (None when either is unknown)."""
+    if not max_steps or record.get("step_time_s") is None:
+        return None
+    return max(0, max_steps - record["step"]) * record["step_time_s"]
 
 
 class MetricsWriter:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import yaml
 
 from ctxtrain.errors import UserError, interruptible
-from ctxtrain.rundir import RunDir, last_record
+from ctxtrain.rundir import RunDir, eta_seconds, last_record
 
 STALE_AFTER_S = 300.0
 COLUMNS = ("RUN", "STATE", "STEP", "LOSS", "TOKENS/S", "MFU", "ETA", "RESTARTS")
@@ -66,9 +66,7 @@ def run_row(path: str | Path, now: Optional[float] = None) -> dict:
         interval = 3 * float(last.get("step_time_s") or 0) * int(train.get("log_every") or 1)
         if now - touched > max(STALE_AFTER_S, interval):
             name = f"stale ({(now - touched) / 60:.0f} min silent)"
-    eta = None
-    if name == "running" and total and last.get("step_time_s") is not None:
-        eta = (total - last["step"]) * last["step_time_s"]
+    eta = eta_seconds(last, total) if name == "running" else None
     return {"run": str(path), "state": name, "step": last.get("step"), "max_steps": total, "loss": last.get("loss"),
             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"), "eta_s": eta,
             "restarts": last.get("restarts", 0)}

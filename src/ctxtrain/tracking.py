@@ -195,49 +195,6 @@ def event_steps(folder: Path) -> set[int]:
     return steps
 
 
-# metrics.jsonl name -> Ray gauge (Prometheus shows them as ray_<gauge>; cluster/grafana_ctxtrain.json plots them)
-RAY_GAUGES = {
-    "step": ("ctxtrain_step", "newest logged training step"),
-    "loss": ("ctxtrain_loss", "training loss (mean of the step's micro-batches)"),
-    "val_loss": ("ctxtrain_val_loss", "held-out loss at the newest evaluation"),
-    "val_bleu": ("ctxtrain_val_bleu", "held-out greedy BLEU at the newest score (translation)"),
-    "tokens_per_s": ("ctxtrain_tokens_per_s", "tokens per second, whole job"),
-    "mfu": ("ctxtrain_mfu", "model FLOPs utilisation, fraction of the accelerators' dense bf16 peak"),
-    "mem_bytes": ("ctxtrain_memory_bytes", "peak memory of rank 0 in the step (GPU allocation or RSS growth)"),
-    "data_wait_s": ("ctxtrain_data_wait_seconds", "seconds per step spent waiting for data"),
-    "step_time_s": ("ctxtrain_step_time_seconds", "seconds per training step"),
-    "restarts": ("ctxtrain_restarts", "restarts of the worker group in this run"),
-}
-
-
-class RayMetricsTracker(Tracker):
-    """Rank 0's metrics as Ray gauges (`ray.util.metrics`), labelled by run name, job id and rank: Ray's
-    metrics agent exports them to Prometheus beside Ray's own (the dashboard's Grafana panels read them)."""
-
-    def __init__(self, run_name: str, job_id: str, rank: int):
-        from ray.util.metrics import Gauge
-
-        self.tags = {"run": run_name, "job_id": job_id, "rank": str(rank)}
-        self.gauges = {key: Gauge(name, description=doc, tag_keys=("run", "job_id", "rank"))
-                       for key, (name, doc) in RAY_GAUGES.items()}
-
-    def log(self, metrics: dict, step: int) -> None:
-        for key, gauge in self.gauges.items():
-            value = step if key == "step" else metrics.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                gauge.set(float(value), tags=self.tags)
-
-
-def in_ray_worker() -> bool:
-    import sys
-
-    if "ray" not in sys.modules:  # the local launcher and torchrun never import Ray
-        return False
-    import ray
-
-    return ray.is_initialized()
-
-
 class Trackers(Tracker):
     """Several trackers behind the one interface: W&B and TensorBoard side by side."""
 
@@ -265,7 +222,9 @@ class Trackers(Tracker):
 
 
 def make_tracker(cfg: Config, rank: int, run_dir: Path, checkpoint_run_id: Optional[str],
-                 launch_id: Optional[str], resume_step: int = 0) -> Tracker:
+                 launch_id: Optional[str], resume_step: int = 0, extra: tuple[Tracker, ...] = ()) -> Tracker:
+    """Rank 0's trackers (W&B, TensorBoard, and `extra`: the launcher's, e.g. Ray's gauges); a no-op elsewhere.
+    resume_step: the last step of earlier starts that this start keeps (0: its files start afresh)."""
     if rank != 0:
         return Tracker()
     members: list[Tracker] = []
@@ -273,10 +232,15 @@ def make_tracker(cfg: Config, rank: int, run_dir: Path, checkpoint_run_id: Optio
         members.append(WandbTracker(cfg, choose_run_id(run_dir, checkpoint_run_id, launch_id), run_dir))
     if cfg.tracking.tensorboard:
         members.append(TensorBoardTracker(run_dir, resume_step))
-    if in_ray_worker():
-        job = os.environ.get("CTXTRAIN_JOB_ID") or f"launch-{launch_id or 'none'}"
-        members.append(RayMetricsTracker(cfg.tracking.name or Path(run_dir).name, job, rank))
-    return Trackers(members)
+    return Trackers(members + list(extra))
+
+
+def resend_lost_steps(tracker: Tracker, metrics_file) -> None:
+    """After a resume: the steps up to the checkpoint that the tracker lost with a killed process (W&B writes
+    asynchronously) are sent again from metrics.jsonl (a rundir.MetricsWriter's kept lines); the tracker skips
+    every step it already holds."""
+    for record in metrics_file.kept:
+        tracker.log(record, record["step"])
 
 
 # ---------------------------------------------------------------------------------------------------------

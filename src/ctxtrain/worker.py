@@ -7,29 +7,19 @@ committed, exits 75.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import json
 import os
-import signal
 import sys
 
 from ctxtrain.config import from_dict
 from ctxtrain.errors import PREEMPTED_EXIT, UserError
-
-
-def die_with_launcher() -> None:
-    """A worker dies with its launcher, even a SIGKILLed one: an orphaned worker would go on writing into the run
-    directory beside the run that a re-run driver starts (Linux: PR_SET_PDEATHSIG)."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    if str(os.getppid()) != os.environ.get("CTXTRAIN_LAUNCHER_PID", str(os.getppid())):
-        os._exit(1)  # the launcher died before the call
+from ctxtrain.processes import die_with_parent
 
 
 def main(argv: list[str]) -> int:
-    die_with_launcher()
+    # dies with its launcher, even a SIGKILLed one: an orphan would write into the run directory beside a re-run
+    die_with_parent(int(os.environ.get("CTXTRAIN_LAUNCHER_PID", os.getppid())))
     entry, cfg_path = argv
     module, func = entry.split(":")
     cfg = from_dict(json.loads(open(cfg_path).read()), cfg_path)

@@ -22,7 +22,7 @@ def engine_logits(cfg) -> None:
         engine = Engine(cfg, build_model(cfg.model), info)
         storage = ckpt.open_storage(cfg)
         target = ckpt.resume_target(cfg, storage)
-        ckpt.load(engine, target, cfg, info.world_size, info.rank)
+        ckpt.load(engine, target, cfg)
         engine.ds.eval()
         with torch.no_grad():
             logits = engine.ds(PROBE_TOKENS.to(info.device))

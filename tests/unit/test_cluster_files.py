@@ -147,7 +147,7 @@ def test_grafana_dashboard_plots_every_training_gauge_and_only_those():
     prefix), each filtered by the run and job variables, which are read from the step gauge's labels."""
     import re
 
-    from ctxtrain.tracking import RAY_GAUGES
+    from ctxtrain.launcher import RAY_GAUGES
 
     dash = json.loads((CLUSTER / "grafana_ctxtrain.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]

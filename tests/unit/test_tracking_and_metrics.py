@@ -75,7 +75,7 @@ from pathlib import Path
 from ctxtrain.config import load_config
 from ctxtrain.tracking import WandbTracker
 from ctxtrain.rundir import MetricsWriter
-from ctxtrain.train import resend_lost_steps
+from ctxtrain.tracking import resend_lost_steps
 run_dir = Path({str(tmp_path)!r})
 tracker = WandbTracker(load_config(None, ["--tracking.mode=offline"]), "runlost1", run_dir)
 assert tracker.last_step == 3, tracker.last_step

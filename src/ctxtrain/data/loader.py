@@ -1,4 +1,4 @@
-"""Streaming loader over WebDataset shards with an exact, re-splittable cursor (the only webdataset reader).
+"""Streaming loader over WebDataset shards with an exact, re-splittable cursor.
 
 How an epoch is laid out (all of it arithmetic on index.json, the same on every rank and worker):
 
@@ -25,11 +25,9 @@ not opened, so a resume seeks straight to its shard. Within a shard, tar members
 
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import signal
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -37,51 +35,16 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ctxtrain.data.dataset import DataError, Dataset, Shard
+from ctxtrain.data.shards import iter_shard
+from ctxtrain.processes import die_with_parent
 
 IGNORE_INDEX = -100  # the model's ignored target id (kept here to keep data free of model imports)
 # Tokens per DataLoader message (a chunk of micro-batches); CTXTRAIN_LOADER_CHUNK_TOKENS=1 makes every
 # micro-batch its own message, so that workers read just ahead of the trainer (fault rehearsals use it).
 CHUNK_TOKENS = int(os.environ.get("CTXTRAIN_LOADER_CHUNK_TOKENS", 1 << 18))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading one shard
-
-
-def decode_npy(data: bytes, dtype: np.dtype) -> np.ndarray:
-    """The array of a .npy member, without copying (the header is 10 or 12 bytes plus its dict)."""
-    if data[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy member")
-    if data[6] == 1:
-        start = 10 + int.from_bytes(data[8:10], "little")
-    else:
-        start = 12 + int.from_bytes(data[8:12], "little")
-    return np.frombuffer(data, dtype=dtype, offset=start)
-
-
-def iter_shard(shard: Shard, dtype: np.dtype, fields: tuple[str, ...]) -> Iterator[tuple[np.ndarray, ...]]:
-    """The samples of one shard in order, each a tuple of arrays (one per field); errors name the shard."""
-    try:
-        with open(shard.path, "rb") as fh:
-            key, parts = None, {}
-            for rec in wds.tariterators.tar_file_iterator(fh):
-                base, ext = rec["fname"].split(".", 1)
-                if base != key:
-                    if parts:
-                        yield tuple(parts[f] for f in fields)
-                    key, parts = base, {}
-                if ext in fields:
-                    parts[ext] = decode_npy(rec["data"], dtype)
-            if parts:
-                yield tuple(parts[f] for f in fields)
-    except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as e:
-        raise DataError(
-            f"shard {shard.path} is corrupt or unreadable ({str(e).split(' @ ')[0]}); re-run `ctxtrain prepare`"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,11 +277,7 @@ def _die_with_parent(_worker_id: int) -> None:
     It ignores SIGTERM: a scheduler that signals every process (Slurm, a container's stop) asks the trainer for
     a checkpoint at the next step, which needs its readers alive until then."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the trainer died before the call
-            os._exit(1)
+    die_with_parent()
 
 
 def _kill_trainer() -> None:

@@ -15,7 +15,6 @@ dataset is never left half-overwritten.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -28,10 +27,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from ctxtrain.data import corpora
+from ctxtrain.data.shards import ShardSet
 from ctxtrain.progress import bar as progress_bar
 from ctxtrain.data.tokenizer import EOS, file_sha256, lang_tag, load_tokenizer, train_bpe
 from ctxtrain.errors import UserError
@@ -47,57 +46,6 @@ def parse_size(text: str) -> int:
         raise UserError(f"--shard-size {text!r}: write a size such as 64MB, 512kB or 1GB")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
     return max(1, int(float(m.group(1)) * scale))
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-class _ShardSet:
-    """Writes `{split}-%06d.tar` shards of about target_bytes each and records what went into them."""
-
-    def __init__(self, out: Path, split: str, target_bytes: int):
-        self.out, self.split, self.target = out, split, target_bytes
-        self.shards: list[dict] = []
-        self._writer: Optional[wds.TarWriter] = None
-        self._fh = None
-        self._count = 0
-
-    def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._fh = open(self.out / name, "wb")
-        # Fixed mtime/user/mode: re-running prepare writes byte-identical tars.
-        self._writer = wds.TarWriter(self._fh, mtime=0, user="ctxtrain", group="ctxtrain", mode=0o444)
-        self.shards.append({"name": name, "docs": 0, "tokens": 0, "bytes": 0})
-
-    def write(self, sample: dict, tokens: int) -> None:
-        if self._writer is None:
-            self._open()
-        key = f"{self._count:09d}"
-        self._count += 1
-        self._writer.write({"__key__": key, **{k: npy_bytes(v) for k, v in sample.items()}})
-        rec = self.shards[-1]
-        rec["docs"] += 1
-        rec["tokens"] += tokens
-        if self._fh.tell() >= self.target:
-            self._close()
-
-    def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._fh.close()
-            self.shards[-1]["bytes"] = (self.out / self.shards[-1]["name"]).stat().st_size
-            self._writer = self._fh = None
-
-    def finish(self) -> dict:
-        self._close()
-        return {
-            "shards": self.shards,
-            "docs": sum(s["docs"] for s in self.shards),
-            "tokens": sum(s["tokens"] for s in self.shards),
-        }
 
 
 @dataclass
@@ -200,7 +148,7 @@ def prepare(opts: PrepareOptions) -> dict:
         dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
 
         every = _val_every(opts.val_fraction, n_units)
-        splits = {"train": _ShardSet(tmp, "train", target), "val": _ShardSet(tmp, "val", target)}
+        splits = {"train": ShardSet(tmp, "train", target), "val": ShardSet(tmp, "val", target)}
         bar = progress_bar(n_units, "prepare", "file" if task == "lm" else "pair", enabled=opts.progress)
         n_bytes = 0
         doc_index = 0
@@ -216,7 +164,7 @@ def prepare(opts: PrepareOptions) -> dict:
             seen.add(digest)
             return True
 
-        def split_of(i: int) -> _ShardSet:
+        def split_of(i: int) -> ShardSet:
             return splits["val"] if every and i % every == 0 else splits["train"]
 
         if task == "lm":

@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ctxtrain.config import Config, OptimConfig  # noqa: E402
-from ctxtrain.local_launch import free_port  # noqa: E402
+from ctxtrain.processes import free_port  # noqa: E402
 from ctxtrain.engine.sequence import (  # noqa: E402
     SequenceParallel,
     init_sequence_parallel,
@@ -77,6 +77,30 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def group_timeout(cfg: Config) -> timedelta:
+    """How long the workers' process group waits for its members to join, and for every collective: at least
+    300 s (a rank may convert a checkpoint or compile an op while the others wait), or cluster.connect_timeout_s
+    when that is longer."""
+    return timedelta(seconds=max(cfg.cluster.connect_timeout_s, 300))
+
+
+def join_loopback_group(cfg: Config, rank: int, world: int, port: int, listen_fd: Optional[int]) -> None:
+    """Form the workers' process group on 127.0.0.1 only: rank 0's store serves on the already bound and listening
+    socket listen_fd (torch's TCPStore would otherwise listen on every interface), the others connect to port;
+    gloo's pairs use the loopback interface (processes.LOOPBACK_ENV, set by the caller)."""
+    timeout = group_timeout(cfg)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout,
+                          master_listen_fd=listen_fd)
+    backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def leave_process_group() -> None:
+    """Destroy this process's group (the caller formed it, e.g. with join_loopback_group)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(cfg: Config) -> DistInfo:
     """Join the process group that the launcher (Ray Train, the local launcher, torchrun) set up, or make a
     one-process group; DeepSpeed then initializes on it."""
@@ -94,7 +118,7 @@ def init_distributed(cfg: Config) -> DistInfo:
         # The local launcher names a file store (no listening socket); a lone process needs no store at all;
         # torchrun and friends give MASTER_ADDR/PORT (env://).
         init = os.environ.get("CTXTRAIN_INIT_METHOD")
-        timeout = timedelta(seconds=max(cfg.cluster.connect_timeout_s, 300))  # also the collectives' deadline
+        timeout = group_timeout(cfg)
         if alone and not init:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
@@ -302,6 +326,23 @@ class Engine:
             from ctxtrain.errors import UserError
 
             raise UserError(f"checkpoint {root}/{tag} could not be loaded by DeepSpeed; pick another with --resume")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum t over every rank, in place (returns it)."""
+    dist.all_reduce(t)
+    return t
+
+
+def post_once(key: str, value: str) -> None:
+    """Put value under key in the process group's store unless a value is there already (the first post wins)."""
+    dist.distributed_c10d._get_default_store().compare_set(key, "", value)  # private: no public accessor
+
+
+def posted(key: str) -> Optional[str]:
+    """The value under key in the process group's store, or None (no wait: the store is only asked)."""
+    store = dist.distributed_c10d._get_default_store()
+    return store.get(key).decode() if store.check([key]) else None
 
 
 def mean_over_ranks(value, device: torch.device) -> float:

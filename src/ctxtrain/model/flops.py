@@ -85,3 +85,13 @@ def encdec_train_flops(cfg: ModelConfig, src_len: int, tgt_len: int) -> float:
     dense = 6.0 * (enc * src_len + dec * tgt_len)
     attn = 12.0 * cfg.encoder_layers * d * src_len**2 + cfg.n_layers * d * (6.0 * tgt_len**2 + 12.0 * tgt_len * src_len)
     return dense + attn
+
+
+def batch_train_flops(cfg: ModelConfig, batch: dict) -> float:
+    """Training FLOPs of one micro-batch as the loader gives it (translation: its padding included, as computed):
+    LM windows `tokens` (B, T + 1), or translation `src` (B, S) and `tgt` (B, T)."""
+    if "tokens" in batch:
+        B, T1 = batch["tokens"].shape
+        return lm_train_flops_per_token(cfg, T1 - 1) * B * (T1 - 1)
+    B, S = batch["src"].shape
+    return B * encdec_train_flops(cfg, S, batch["tgt"].shape[1])
