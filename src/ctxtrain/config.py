@@ -353,8 +353,9 @@ class ClusterConfig:
     dashboard_host: str = "127.0.0.1"
     """Interface for the embedded Ray dashboard and job server; 0.0.0.0 exposes them to the network."""
 
-    dashboard_port: int = 8265
-    """Port of the embedded Ray dashboard and job server."""
+    dashboard_port: Optional[int] = None
+    """Port of the embedded Ray dashboard and job server; null: 8265 when it is free, else any free port (another
+    embedded run on this machine holds it), named in the start line."""
 
     metrics_port: Optional[int] = None
     """Port of the embedded Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics), which carries the training

@@ -36,6 +36,7 @@ from urllib.parse import urlparse
 
 from ctxtrain.config import Config, to_yaml
 from ctxtrain.errors import UserError
+from ctxtrain.processes import free_port
 from ctxtrain.rundir import RunDir, eta_seconds, last_record
 from ctxtrain.tracking import Tracker
 
@@ -156,16 +157,20 @@ def _worker_loop(config: dict) -> None:
     rank = get_context().get_world_rank()
     job = os.environ.get("CTXTRAIN_JOB_ID") or f"launch-{config['launch_id']}"
     gauges = (RayGauges(cfg.tracking.name or Path(cfg.train.run_dir).name, job, rank),) if rank == 0 else ()
-    if config.get("loopback"):
-        from ctxtrain.engine import leave_process_group
+    try:
+        if config.get("loopback"):
+            from ctxtrain.engine import leave_process_group
 
-        _loopback_process_group(cfg)
-        try:
+            _loopback_process_group(cfg)
+            try:
+                result = train.run(cfg, trackers=gauges)
+            finally:
+                leave_process_group()
+        else:
             result = train.run(cfg, trackers=gauges)
-        finally:
-            leave_process_group()
-    else:
-        result = train.run(cfg, trackers=gauges)
+    except UserError as e:
+        _report_user_error(config["launch_id"], e)
+        raise
     if result.get("stop_reason") == "preempted" and result.get("sigterm"):
         # This worker was signalled (its node is going away): its checkpoint is committed; a failure makes Ray
         # restart the group (within cluster.max_failures), which resumes from that checkpoint.
@@ -270,44 +275,17 @@ def train_on_ray(cfg: Config) -> int:
         # 127.0.0.1 only.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
-    from ray.train import BackendConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     cfg = _absolute(cfg)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     embedded = not address
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    secrets = {k: os.environ[k] for k in SECRET_ENV if k in os.environ}
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train's print patch echoes every worker line twice
-    if embedded:
-        _check_fits_here(cfg)
-        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        # Token auth stays on for the embedded cluster; its notice about how to turn it off is noise here.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    else:
-        # Inside a submitted job the job's runtime env (shipped package) meets ours: merge them.
-        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-    on_sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        if embedded:
-            ctx = ray.init(address="local", include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
-                           dashboard_port=cfg.cluster.dashboard_port, _node_ip_address="127.0.0.1",
-                           _metrics_export_port=cfg.cluster.metrics_port,
-                           runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
-        else:
-            probe(address, cfg.cluster.connect_timeout_s)
-            with deadline(cfg.cluster.connect_timeout_s, f"joining the Ray cluster at {address}"):
-                ctx = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        where = address or "an embedded cluster"
-        raise UserError(redact(f"cannot start or reach Ray at {where} ({str(e).splitlines()[0][:300]}); "
-                               "check --address / RAY_ADDRESS")) from None
-    # ray.init replaces the SIGTERM handler (with sys.exit, and its core worker with a C-level one that
-    # aborts); the CLI's handler, an exception that unwinds and shuts Ray down in order, is put back.
-    if threading.current_thread() is threading.main_thread() and callable(on_sigterm):
-        signal.signal(signal.SIGTERM, on_sigterm)
+    # Ray Train's PreemptionWatcher actor reads node drains for ray.train.get_preemption_info(), which ctxtrain
+    # does not use (SIGTERM is its preemption signal); the actor's creation logs an error-level line in every run.
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ctx = _start_ray(cfg, address, env)
     try:
         dashboard = getattr(ctx, "dashboard_url", None)
         if dashboard:
@@ -331,36 +309,163 @@ def train_on_ray(cfg: Config) -> int:
               + (f"; metrics http://127.0.0.1:{_metrics_port()}/metrics" if embedded and _metrics_port() else ""),
               flush=True)
         launch_id = uuid.uuid4().hex[:12]
-        resources_per_worker = {"CPU": cfg.cluster.cpus_per_worker}
-        if gpus:
-            resources_per_worker["GPU"] = gpus
-        # Embedded: the workers form their process group on 127.0.0.1 (see _loopback_process_group), so Ray
-        # Train gets no torch backend; on a cluster its TorchConfig rendezvous spans the nodes.
-        trainer_cls, backend = ((DataParallelTrainer, {"backend_config": BackendConfig()}) if embedded else
-                                (TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if gpus else "gloo")}))
-        trainer = trainer_cls(
-            _worker_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded,
-                               "secrets": secrets},
-            **backend,
-            # An elastic range: Ray Train starts as many workers as it can place, and restarts the group with
-            # another size when workers are lost or resources appear; each start resumes on its own size.
-            scaling_config=ScalingConfig(num_workers=(c.min_workers, c.workers) if elastic else c.workers,
-                                         use_gpu=bool(gpus),
-                                         resources_per_worker=resources_per_worker,
-                                         placement_strategy=cfg.cluster.placement.upper()),
-            run_config=RunConfig(name="ray", storage_path=_ray_storage(cfg),
-                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                                 worker_runtime_env={"env_vars": {**env, "CTXTRAIN_LAUNCH_ID": launch_id}}),
-        )
-        try:
-            trainer.fit()
-        except Exception as e:  # TrainingFailedError and friends, after the failure policy gave up
-            raise UserError(redact(_failure_summary(cfg, e))) from None
+        errors = ray.remote(num_cpus=0)(ErrorSink).options(name=f"ctxtrain-errors-{launch_id}").remote()
+        _fit(_trainer(cfg, embedded, gpus, env, launch_id), errors, cfg)
         return 0
     finally:
         if embedded:
             ray.shutdown()
+
+
+def _start_ray(cfg: Config, address: Optional[str], env: dict):
+    """ray.init: an embedded cluster on this machine's loopback (on free ports: another user's embedded run may
+    hold Ray's defaults), or the cluster at `address`; one line when neither answers."""
+    import ray
+
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if not address:
+            _check_fits_here(cfg)
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            port = cfg.cluster.dashboard_port or _free_or(8265)
+            # Ray Train's own actors ask the state API for this cluster; with two embedded clusters on one machine
+            # its auto-detection finds both and fails: name ours.
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            # Token auth stays on for the embedded cluster; its notice about how to turn it off is noise here.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            with _dynamic_agent_port():
+                ctx = ray.init(address="local", include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
+                               dashboard_port=port, _node_ip_address="127.0.0.1",
+                               _metrics_export_port=cfg.cluster.metrics_port,
+                               runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
+        else:
+            # Inside a submitted job the job's runtime env (shipped package) meets ours: merge them.
+            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+            probe(address, cfg.cluster.connect_timeout_s)
+            with deadline(cfg.cluster.connect_timeout_s, f"joining the Ray cluster at {address}"):
+                ctx = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or "an embedded cluster"
+        raise UserError(redact(f"cannot start or reach Ray at {where} ({str(e).splitlines()[0][:300]}); "
+                               "check --address / RAY_ADDRESS, or cluster.dashboard_port")) from None
+    # ray.init replaces the SIGTERM handler (with sys.exit, and its core worker with a C-level one that
+    # aborts); the CLI's handler, an exception that unwinds and shuts Ray down in order, is put back.
+    if threading.current_thread() is threading.main_thread() and callable(on_sigterm):
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return ctx
+
+
+def _free_or(port: int) -> int:
+    """port when nothing listens on it here, else a free one."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
+@contextlib.contextmanager
+def _dynamic_agent_port():
+    """Embedded Ray's dashboard agent on a free port: ray.init offers no setting for it and Ray's default (52365)
+    is taken by another embedded run, or by a `ray start` head, on the same machine. Private: Ray 2.60's RayParams,
+    whose listen port 0 means "any free one"."""
+    from ray._private import parameter
+
+    original = parameter.RayParams
+
+    class RayParams(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = RayParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
+
+
+def _trainer(cfg: Config, embedded: bool, gpus: float, env: dict, launch_id: str):
+    """Ray Train's trainer whose workers run `_worker_loop`."""
+    from ray.train import BackendConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    c = cfg.cluster
+    elastic = c.min_workers is not None and c.min_workers < c.workers
+    resources_per_worker = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    secrets = {k: os.environ[k] for k in SECRET_ENV if k in os.environ}
+    # Embedded: the workers form their process group on 127.0.0.1 (see _loopback_process_group), so Ray Train gets
+    # no torch backend; on a cluster its TorchConfig rendezvous spans the nodes.
+    trainer_cls, backend = ((DataParallelTrainer, {"backend_config": BackendConfig()}) if embedded else
+                            (TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if gpus else "gloo")}))
+    return trainer_cls(
+        _worker_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded, "secrets": secrets},
+        **backend,
+        # An elastic range: Ray Train starts as many workers as it can place, and restarts the group with another
+        # size when workers are lost or resources appear; each start resumes on its own size.
+        scaling_config=ScalingConfig(num_workers=(c.min_workers, c.workers) if elastic else c.workers,
+                                     use_gpu=bool(gpus), resources_per_worker=resources_per_worker,
+                                     placement_strategy=c.placement.upper()),
+        run_config=RunConfig(name="ray", storage_path=_ray_storage(cfg),
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             worker_runtime_env={"env_vars": {**env, "CTXTRAIN_LAUNCH_ID": launch_id}}),
+    )
+
+
+class ErrorSink:
+    """A worker's bad input (a UserError: corrupt shard, ids past the vocabulary ...), told to the driver at once.
+    Retrying cannot mend it: the driver ends the run with the worker's one line instead of letting Ray restart the
+    group cluster.max_failures times, each restart printing a traceback."""
+
+    def __init__(self):
+        self.message: Optional[str] = None
+
+    def report(self, message: str) -> None:
+        if self.message is None:
+            self.message = message
+
+    def get(self) -> Optional[str]:
+        return self.message
+
+
+def _fit(trainer, errors, cfg: Config) -> None:
+    """trainer.fit() in a thread while this one watches the error sink: a worker's bad input ends the run with
+    its line (the workers are stopped with Ray); a failure Ray gave up on ends it with a summary."""
+    import ray
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001  (also what Ray raises when it is shut down under it)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ctxtrain-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        message = ray.get(errors.get.remote())
+        if message:
+            raise UserError(redact(message))
+    if "error" in outcome:  # TrainingFailedError and friends, after the failure policy gave up
+        raise UserError(redact(_failure_summary(cfg, outcome["error"]))) from None
+
+
+def _report_user_error(launch_id: str, error: UserError) -> None:
+    """In a worker: hand a bad input to the driver, which stops the run; wait to be stopped (a driver that never
+    stops it, after a minute: the error goes its ordinary way through Ray's failure policy)."""
+    import ray
+
+    try:
+        sink = ray.get_actor(f"ctxtrain-errors-{launch_id}")
+        ray.get(sink.report.remote(str(error)))
+    except Exception:  # noqa: BLE001  (no sink: Ray's failure policy reports it)
+        return
+    time.sleep(60)
 
 
 def _metrics_port() -> Optional[int]:

@@ -284,3 +284,38 @@ def test_training_gauges_reach_rays_prometheus_endpoint(stdlib_shards, tmp_path)
         proc.send_signal(signal.SIGTERM)  # a preemption: checkpoint, exit 75
         out, err = proc.communicate(timeout=180)
     assert f"metrics http://127.0.0.1:{port}/metrics" in out
+
+
+RAY_ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]|Traceback|\bERROR\b|Exception in thread")
+
+
+@pytest.mark.ray
+def test_a_second_embedded_run_starts_beside_the_first_and_nothing_wrong_prints_no_error(stdlib_shards, tmp_path):
+    """Two users' embedded runs on one machine: the second starts on free ports (its own dashboard port, its own
+    dashboard agent port: Ray's default 52365 stays free) and finishes; neither console shows an error-level line
+    (Ray's `E ...` log lines, a traceback) when nothing is wrong."""
+    base = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--data.path={stdlib_shards}",
+            *FAST, "--cluster.launcher=ray", "--cluster.workers=1", "--checkpoint.every=0", "--train.log_every=2"]
+    first = subprocess.Popen([*base, f"--train.run_dir={tmp_path / 'a'}", "--train.max_steps=100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not metrics(tmp_path / "a") and first.poll() is None:
+            time.sleep(1)
+        assert metrics(tmp_path / "a"), first.communicate(timeout=60)[0][-3000:]
+        second = subprocess.run([*base, f"--train.run_dir={tmp_path / 'b'}", "--train.max_steps=4"],
+                                capture_output=True, text=True, env=env(), timeout=300)
+        with socket.socket() as s:
+            agent_default_free = s.connect_ex(("127.0.0.1", 52365)) != 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out_first = first.communicate(timeout=180)[0]
+    out_second = second.stdout + second.stderr
+    assert second.returncode == 0, out_second[-3000:]
+    assert sorted(metrics(tmp_path / "b")) == [1, 2, 3, 4]
+    ports = [re.search(r"dashboard http://127.0.0.1:(\d+)", out).group(1) for out in (out_first, out_second)]
+    assert ports[0] != ports[1], ports
+    assert agent_default_free  # neither run took Ray's default agent port
+    for out in (out_first, out_second):
+        assert not [line for line in out.splitlines() if RAY_ERROR_LINE.search(line)], out[-3000:]
