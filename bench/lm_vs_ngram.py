@@ -99,12 +99,14 @@ def trained_windows(data: str, run_dir: Path) -> np.ndarray:
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     cursor = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())["loader"][0]
     d = cfg["data"]
-    loader = StreamingLoader(data, seq_len=d["seq_len"], batch_size=d["batch_size"], seed=cfg["train"]["seed"],
+    loader = StreamingLoader(data, seq_len=d["seq_len"], batch_size=d["batch_size"],
+                             seed=cfg["train"]["seed"],
                              shuffle_buffer=d["shuffle_buffer"])
     L = d["seq_len"]
     out = []
     for epoch in range(cursor["epoch"] + 1):
-        consumed = cursor["consumed"] if epoch == cursor["epoch"] else loader.batches_per_epoch() * loader.global_batch
+        consumed = (cursor["consumed"] if epoch == cursor["epoch"]
+                    else loader.batches_per_epoch() * loader.global_batch)
         if consumed == 0:
             continue
         units = loader.plan(epoch, 0).unit_of(np.arange(consumed))
@@ -166,8 +168,8 @@ def main(argv=None) -> int:
     val = stream(args.data, "val")
     windows, targets = window_targets(val, args.seq_len)
     u, v, w = windows[:, :-2].ravel(), windows[:, 1:-1].ravel(), targets.ravel()
-    print(f"data: {args.data}: val {len(val):,} tokens; scored {w.size:,} val targets in {len(windows)} windows "
-          f"of {args.seq_len + 1}")
+    print(f"data: {args.data}: val {len(val):,} tokens; scored {w.size:,} val targets in {len(windows)} "
+          f"windows of {args.seq_len + 1}")
     ppl = {}
     if args.run:
         seen = trained_windows(args.data, Path(args.run))
@@ -182,8 +184,8 @@ def main(argv=None) -> int:
     model = Trigram(train, vocab)
     lambdas = fit_lambdas(train, vocab)
     ppl["3-gram, whole train split"] = math.exp(model.nll(model.components(u, v, w), lambdas))
-    print(f"3-gram on the whole train split ({len(train):,} tokens), lambdas {tuple(round(x, 3) for x in lambdas)}: "
-          f"val ppl {ppl['3-gram, whole train split']:.2f}")
+    print(f"3-gram on the whole train split ({len(train):,} tokens), lambdas "
+          f"{tuple(round(x, 3) for x in lambdas)}: val ppl {ppl['3-gram, whole train split']:.2f}")
     if args.model:
         lm = math.exp(lm_nll(Path(args.model), windows))
         print(f"lm ({args.model}): val ppl {lm:.2f}")

@@ -1,9 +1,10 @@
-"""Long sequences on one device: ctxtrain's memory levers against Hugging Face Llama, measured in the same run.
+"""Long sequences on one device: ctxtrain's memory levers against Hugging Face Llama, measured in the same
+run.
 
-    python bench/longseq.py --cpu                                   # the README's CPU table (~30 min, 2 cores)
-    python bench/longseq.py --cpu --lengths 256,512 --arms plain,full+loss+mlp,hf    # CI's smoke run
-    python bench/longseq.py --cpu --sp 1,2,4                        # bytes per token per worker under sequence parallelism
-    python bench/longseq.py --gpu                                   # one GPU (needs transformers, liger-kernel)
+    python bench/longseq.py --cpu                        # the README's CPU table (~30 min, 2 cores)
+    python bench/longseq.py --cpu --lengths 256,512 --arms plain,full+loss+mlp,hf   # CI's smoke run
+    python bench/longseq.py --cpu --sp 1,2,4             # bytes per token per worker, sequence parallelism
+    python bench/longseq.py --gpu                        # one GPU (needs transformers, liger-kernel)
 
 --cpu: a Llama-shaped model (d 256, 4 layers, 4 heads, SwiGLU 704, vocab 32000, RoPE, RMSNorm), batch 1, fp32.
 Every (arm, length) runs in a fresh process: a 16-token step (so that the optimizer's state exists), then one
@@ -12,20 +13,22 @@ weights, gradients, optimizer state and the step's activations, as GNU `time -f 
 interpreter and its libraries. Arms:
   - ctxtrain with each lever combination, through its own engine (DeepSpeed ZeRO-0 on one rank, fused AdamW,
     `ctxtrain.engine.apply_levers` as `ctxtrain train` applies them);
-  - hf: `transformers.LlamaForCausalLM` with SDPA and `gradient_checkpointing_enable()`, the same shapes, fused
+  - hf: `transformers.LlamaForCausalLM` with SDPA and `gradient_checkpointing_enable()`, the same shapes,
+  fused
     AdamW, in a plain loop.
 Both processes give freed memory back to the OS the same way (`return_freed_host_memory`), so RSS follows live
-tensors in both. From the lengths: the slope in bytes per sequence token (least squares) and the intercept, and
-from those the longest length whose growth stays under --budget-gib (extrapolated: a CPU takes hours to run a
-200k-token step; the fit's largest residual is printed to show how straight the line is). Ratios against hf.
-With --sp 1,2,4 it runs `ctxtrain train` itself on sp workers instead (no lever, ZeRO-1, 2k-8k tokens) and
+tensors in both. From the lengths: the slope in bytes per sequence token (least squares) and the intercept,
+and from those the longest length whose growth stays under --budget-gib (extrapolated: a CPU takes hours to
+run a 200k-token step; the fit's largest residual is printed to show how straight the line is). Ratios against
+hf. With --sp 1,2,4 it runs `ctxtrain train` itself on sp workers instead (no lever, ZeRO-1, 2k-8k tokens) and
 reports one worker's bytes per token at each degree.
 
 --gpu: the ~1B model of configs/lm_1b.yaml in bf16 on one GPU: ctxtrain (full checkpointing, chunked loss and
 MLP, and offload at the longest lengths) against hf and hf + Liger (fused linear cross-entropy, RMSNorm, RoPE,
 SwiGLU), as ../shared/peers measured them: tokens/s, causal MFU (ctxtrain.model.flops, the same formula for
-every arm), peak GiB (max_memory_allocated) and out-of-memory, at 8k-512k and at the longest length the planner
-gives ctxtrain; each length is skipped when its step would not finish inside --budget-min. Writes JSON to $OUT.
+every arm), peak GiB (max_memory_allocated) and out-of-memory, at 8k-512k and at the longest length the
+planner gives ctxtrain; each length is skipped when its step would not finish inside --budget-min. Writes JSON
+to $OUT.
 """
 
 from __future__ import annotations
@@ -63,14 +66,18 @@ PEER = "hf"
 def ctxtrain_config(model: dict, seq_len: int, memory: dict, dtype: str, device: str):
     from ctxtrain.config import load_config
 
-    overrides = [f"--model.{k}={v}" for k, v in model.items()] + [f"--memory.{k}={v}" for k, v in memory.items()]
-    return load_config(CONFIG, overrides + [f"--data.seq_len={seq_len}", "--data.batch_size=1", "--zero.stage=0",
-                                            f"--train.dtype={dtype}", "--cluster.workers=1", f"--train.device={device}",
+    overrides = [f"--model.{k}={v}" for k, v in model.items()] + [f"--memory.{k}={v}" for k,
+                                                                  v in memory.items()]
+    return load_config(CONFIG, overrides + [f"--data.seq_len={seq_len}", "--data.batch_size=1",
+                                            "--zero.stage=0",
+                                            f"--train.dtype={dtype}", "--cluster.workers=1",
+                                            f"--train.device={device}",
                                             "--tracking.enabled=false"])
 
 
 def ctxtrain_stepper(cfg):
-    """A function that runs one ctxtrain training step on a given token batch (the engine `ctxtrain train` uses)."""
+    """A function that runs one ctxtrain training step on a given token batch (the engine `ctxtrain train`
+    uses)."""
     import torch
 
     from ctxtrain.engine import Engine, apply_levers, init_distributed
@@ -101,7 +108,8 @@ def hf_stepper(model: dict, dtype, device: str, liger: bool = False):
 
         apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=True)
-    cfg = LlamaConfig(vocab_size=model["vocab_size"], hidden_size=model["d_model"], intermediate_size=model["d_ff"],
+    cfg = LlamaConfig(vocab_size=model["vocab_size"], hidden_size=model["d_model"],
+                      intermediate_size=model["d_ff"],
                       num_hidden_layers=model["n_layers"], num_attention_heads=model["n_heads"],
                       num_key_value_heads=model["n_heads"], max_position_embeddings=1 << 22,
                       tie_word_embeddings=False, rope_theta=model.get("rope_theta", 10000.0))
@@ -146,7 +154,8 @@ def child(arm: str, seq_len: int) -> None:
     else:
         step, _ = ctxtrain_stepper(ctxtrain_config(CPU_MODEL, seq_len, ARMS[arm], "fp32", "cpu"))
     g = torch.Generator().manual_seed(1)
-    step(torch.randint(0, CPU_MODEL["vocab_size"], (1, 17), generator=g))  # the optimizer's state exists from here on
+    # the optimizer's state exists from here on
+    step(torch.randint(0, CPU_MODEL["vocab_size"], (1, 17), generator=g))
     tokens = torch.randint(0, CPU_MODEL["vocab_size"], (1, seq_len + 1), generator=g)
     t0 = time.perf_counter()
     loss = step(tokens)
@@ -161,7 +170,8 @@ def child(arm: str, seq_len: int) -> None:
 
 
 def fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
-    """Least squares growth = intercept + slope x length; returns (slope, intercept, largest relative residual)."""
+    """Least squares growth = intercept + slope x length; returns (slope, intercept, largest relative
+    residual)."""
     n = len(points)
     mx = sum(t for t, _ in points) / n
     my = sum(g for _, g in points) / n
@@ -179,14 +189,16 @@ def run_cpu(arms: list[str], lengths: list[int], budget_gib: float) -> dict:
     for arm in arms:
         for seq_len in lengths:
             port = str(29000 + (os.getpid() + len(rows)) % 2000)
-            proc = subprocess.run([sys.executable, __file__, "--child", arm, str(seq_len)], capture_output=True,
+            proc = subprocess.run([sys.executable, __file__, "--child", arm, str(seq_len)],
+                                  capture_output=True,
                                   text=True, env={**env, "MASTER_PORT": port})
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             if proc.returncode != 0 or not lines:
                 raise SystemExit(f"longseq: {arm} at {seq_len} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(lines[-1]))
             r = rows[-1]
-            print(f"  {arm:20} {seq_len:>7,} tokens: growth {r['growth'] / 2**20:8.1f} MiB, step {r['step_s']:6.1f} s",
+            print(f"  {arm:20} {seq_len:>7,} tokens: growth {r['growth'] / 2**20:8.1f} MiB, step "
+                  f"{r['step_s']:6.1f} s",
                   flush=True)
     budget = budget_gib * 2**30
     summary = {}
@@ -206,8 +218,8 @@ def print_cpu(result: dict) -> None:
     print(f"{'arm':20} {'bytes/token':>12} {'intercept':>12} {'fit resid.':>10} {'longest':>12}"
           + (f" {'bytes/token vs hf':>18} {'longest vs hf':>14}" if peer else ""))
     for arm, r in s.items():
-        line = (f"{arm:20} {r['bytes_per_token']:>12,.0f} {r['intercept'] / 2**20:>9,.0f} MiB {r['worst_residual']:>10.1%}"
-                f" {r['longest'] or 0:>12,}")
+        line = (f"{arm:20} {r['bytes_per_token']:>12,.0f} {r['intercept'] / 2**20:>9,.0f} MiB "
+                f"{r['worst_residual']:>10.1%} {r['longest'] or 0:>12,}")
         if peer:
             line += (f" {r['bytes_per_token'] / peer['bytes_per_token']:>18.3f}"
                      f" {(r['longest'] or 0) / max(peer['longest'] or 1, 1):>14.2f}")
@@ -215,12 +227,13 @@ def print_cpu(result: dict) -> None:
 
 
 def run_sp(sps: list[int], lengths: list[int], data: str) -> dict:
-    """Sequence parallelism on this CPU: `ctxtrain train` itself (local launcher, sp workers, ZeRO-1, two steps)
-    per degree and length; rank 0's peak RSS growth per worker. No lever, so that activations dominate at
-    lengths a CPU runs quickly (with the levers a worker's activations at 16k tokens are smaller than the
+    """Sequence parallelism on this CPU: `ctxtrain train` itself (local launcher, sp workers, ZeRO-1, two
+    steps) per degree and length; rank 0's peak RSS growth per worker. No lever, so that activations dominate
+    at lengths a CPU runs quickly (with the levers a worker's activations at 16k tokens are smaller than the
     constant terms and their run-to-run noise)."""
     rows = []
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
     memory = ARMS["plain"]
     for sp in sps:
@@ -229,8 +242,10 @@ def run_sp(sps: list[int], lengths: list[int], data: str) -> dict:
                 cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIG), f"--train.run_dir={run_dir}",
                        f"--data.path={data}", "--cluster.launcher=local", f"--cluster.workers={sp}",
                        f"--parallel.sp={sp}", f"--data.seq_len={seq_len}", "--data.batch_size=1",
-                       "--data.num_workers=0", "--train.max_steps=2", "--train.eval_every=0", "--train.eval_batches=1",
-                       "--checkpoint.every=0", "--tracking.enabled=false", "--zero.stage=1", "--train.dtype=fp32",
+                       "--data.num_workers=0", "--train.max_steps=2", "--train.eval_every=0",
+                       "--train.eval_batches=1",
+                       "--checkpoint.every=0", "--tracking.enabled=false", "--zero.stage=1",
+                       "--train.dtype=fp32",
                        *[f"--model.{k}={v}" for k, v in CPU_MODEL.items()],
                        *[f"--memory.{k}={v}" for k, v in memory.items()]]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -262,7 +277,8 @@ def print_sp(result: dict) -> None:
 
 
 def run_gpu(budget_min: float, lengths: list[int]) -> dict:
-    """The three arms on one GPU, ascending lengths until out of memory or out of time; one process per arm."""
+    """The three arms on one GPU, ascending lengths until out of memory or out of time; one process per
+    arm."""
     out_dir = Path(os.environ.get("OUT", tempfile.gettempdir()))
     results = {}
     t_end = time.time() + 60 * budget_min
@@ -288,7 +304,8 @@ def gpu_arm(arm: str, budget_min: float, lengths: list[int]) -> None:
     from ctxtrain.plan import GPU_RESERVED, longest_seq_len, plan
 
     lm = ctxtrain_config({}, 8192, {}, "bf16", "cuda")
-    model = {k: getattr(lm.model, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "rope_theta")}
+    model = {k: getattr(lm.model, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff",
+                                               "rope_theta")}
     mcfg = ModelConfig(**{k: v for k, v in model.items()})
     capacity = torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED
     peak_tflops = 989.0
@@ -345,13 +362,15 @@ def gpu_arm(arm: str, budget_min: float, lengths: list[int]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--cpu", action="store_true", help="peak memory per token on this CPU (the README's table)")
+    mode.add_argument("--cpu", action="store_true", help="peak memory per token on this CPU (the README's "
+                                                         "table)")
     mode.add_argument("--gpu", action="store_true", help="tokens/s, MFU and peak memory on one GPU")
     mode.add_argument("--child", nargs=2, metavar=("ARM", "SEQ_LEN"), help=argparse.SUPPRESS)
     mode.add_argument("--gpu-arm", metavar="ARM", help=argparse.SUPPRESS)
     p.add_argument("--lengths", help="comma-separated sequence lengths")
     p.add_argument("--arms", help=f"comma-separated arms (--cpu): {', '.join([*ARMS, PEER])}")
-    p.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the longest length (--cpu)")
+    p.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the longest length "
+                                                                 "(--cpu)")
     p.add_argument("--budget-min", type=float, default=11.0, help="time budget of the whole run (--gpu)")
     p.add_argument("--sp", help="with --cpu: sequence-parallel degrees to compare instead (e.g. 1,2,4)")
     p.add_argument("--data", default=str(REPO / "data" / "stdlib"), help="shards for --sp (ctxtrain prepare)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install with the test extras and run the whole test suite (what CI runs).
+# Install with the test extras, lint (ruff) and run the whole test suite (what CI runs).
 #   bash launch/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,11 @@ bash launch/install.sh dev
 . "${CTXTRAIN_VENV:-.venv}/bin/activate"
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+# Lint first (pyproject.toml's [tool.ruff]: the 110-column limit, pyflakes, sorted imports): seconds, not minutes
+if ! ruff check --quiet src tests bench; then
+  echo "test.sh: ruff check found the problems above (ruff check --fix src tests bench mends most)" >&2
+  exit 1
+fi
 set +e
 python -m pytest "$@"
 rc=$?

@@ -89,10 +89,10 @@ def en_fr_shards(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def encdec_run(tmp_path_factory, en_fr_shards):
-    """A small encoder-decoder (translate_tiny narrowed) trained 150 steps (~25 s) on the committed en->fr slice with
-    2 local workers, ZeRO-3, a checkpoint at the end: what translate/eval read (after 30 steps it still answers
-    every sentence with <eos>), and the reference curve's run (its first 30 losses). It scores val_bleu every 50
-    steps (32 pairs): the curve also shows that scoring leaves training alone."""
+    """A small encoder-decoder (translate_tiny narrowed) trained 150 steps (~25 s) on the committed en->fr
+    slice with 2 local workers, ZeRO-3, a checkpoint at the end: what translate/eval read (after 30 steps it
+    still answers every sentence with <eos>), and the reference curve's run (its first 30 losses). It scores
+    val_bleu every 50 steps (32 pairs): the curve also shows that scoring leaves training alone."""
     from tests.helpers import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "encdec"
@@ -100,7 +100,8 @@ def encdec_run(tmp_path_factory, en_fr_shards):
     return run_dir
 
 
-ENCDEC_SMALL = ["--train.max_steps=150", "--checkpoint.every=150", "--data.batch_size=16", "--model.d_model=64",
+ENCDEC_SMALL = ["--train.max_steps=150", "--checkpoint.every=150", "--data.batch_size=16",
+                "--model.d_model=64",
                 "--model.n_layers=2", "--model.d_ff=128", "--data.max_src_len=48", "--data.max_tgt_len=48",
                 "--model.vocab_size=4096", "--optim.lr=3e-3", "--optim.warmup_steps=10"]
 ENCDEC_BLEU = ["--train.bleu_every=50", "--train.bleu_pairs=32"]
@@ -109,8 +110,8 @@ ENCDEC_BLEU = ["--train.bleu_every=50", "--train.bleu_pairs=32"]
 @pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory, stdlib_shards):
     """The reference run: 20 uninterrupted ZeRO-3 steps of lm_tiny (narrowed) on 2 local workers, a checkpoint
-    every 5 (keeping the last 2 and every 10th), W&B (offline) and TensorBoard on as a user's run has them. Runs
-    with faults must reproduce its losses."""
+    every 5 (keeping the last 2 and every 10th), W&B (offline) and TensorBoard on as a user's run has them.
+    Runs with faults must reproduce its losses."""
     from tests.helpers import train
 
     run_dir = tmp_path_factory.mktemp("runs") / "zero3"

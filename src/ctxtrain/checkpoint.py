@@ -161,8 +161,9 @@ class UriStorage:
             fh.write(text.encode())
 
     def fetch(self, tag: str, rank: int, every_rank: bool = False) -> None:
-        """Download this rank's shard (every rank's, for a conversion) and the shared files into staging. Ranks
-        of one node share the staging directory, so each file lands under a temporary name and is renamed."""
+        """Download this rank's shard (every rank's, for a conversion) and the shared files into staging.
+        Ranks of one node share the staging directory, so each file lands under a temporary name and is
+        renamed."""
         import pyarrow.fs as pafs
 
         dest = self.local_root / tag
@@ -180,7 +181,8 @@ class UriStorage:
             os.replace(tmp, target)
 
     def share_universal(self, tag: str) -> None:
-        """Upload the checkpoint's universal conversion beside it, for the ranks of other nodes (and later runs)."""
+        """Upload the checkpoint's universal conversion beside it, for the ranks of other nodes (and later
+        runs)."""
         import pyarrow.fs as pafs
 
         if self.fs.get_file_info(self._path(f"{tag}/{UNIVERSAL}/{COMMITTED}")).type == pafs.FileType.File:
@@ -212,8 +214,8 @@ class UriStorage:
 
 
 def open_storage(cfg: Config) -> LocalStorage | UriStorage:
-    """The run's checkpoint storage: checkpoint.storage (a URI, staged in RUN_DIR/checkpoints; or a directory),
-    else RUN_DIR/checkpoints."""
+    """The run's checkpoint storage: checkpoint.storage (a URI, staged in RUN_DIR/checkpoints; or a
+    directory), else RUN_DIR/checkpoints."""
     run = RunDir(cfg.train.run_dir)
     root = run.checkpoint_root(cfg.checkpoint.storage)
     if isinstance(root, str):
@@ -269,7 +271,8 @@ def verify(storage, tag: str, share: Optional[tuple[int, int]] = (0, 1)) -> Opti
         if name not in present:
             return f"{name} is missing"
         if present[name] != want["size"]:
-            return f"{name} is {present[name]:,} bytes, the manifest says {want['size']:,} (truncated or overwritten)"
+            return (f"{name} is {present[name]:,} bytes, the manifest says {want['size']:,} (truncated or "
+                    "overwritten)")
     if share is not None and isinstance(storage, LocalStorage):
         rank, world = share
         for i, (name, want) in enumerate(sorted(files.items())):
@@ -320,7 +323,8 @@ def _choose(cfg: Config, storage, launch_id: Optional[str], share: Optional[tupl
             reason = _one_answer(verify(named.storage, named.tag, share), agree)
             if reason:
                 raise UserError(f"--resume {setting}: checkpoint {named.describe()} is damaged: {reason}; "
-                                "name another committed checkpoint, or omit --resume to take the newest sound one")
+                                "name another committed checkpoint, or omit --resume to take the newest "
+                                "sound one")
             return named
     elif setting == "never" and not (launch_id and steps and _launch_of(storage, steps[-1]) == launch_id):
         return None
@@ -358,8 +362,8 @@ def _named(setting: str, storage) -> Target:
     path = Path(setting.rstrip("/"))
     m = STEP_DIR.match(path.name)
     if not m:
-        raise UserError(f"--resume {setting}: not a checkpoint directory (step_NNNNNN); committed ones of this "
-                        f"run: {', '.join(tag_of(s) for s in committed_steps(storage)) or 'none'}")
+        raise UserError(f"--resume {setting}: not a checkpoint directory (step_NNNNNN); committed ones of "
+                        f"this run: {', '.join(tag_of(s) for s in committed_steps(storage)) or 'none'}")
     if len(path.parts) == 1 and "://" not in setting:  # a bare tag: this run's checkpoint of that step
         where = storage
     elif path.is_dir():
@@ -416,10 +420,10 @@ def save(engine, storage, cfg: Config, state: TrainState, faults: Optional[Fault
     """Write the checkpoint of state.step: DeepSpeed shards from every rank, then meta.json (every rank's
     state_dict(), the config, the files' manifest), COMMITTED and latest from rank 0.
 
-    A write that fails (a full disk, a quota, an I/O error) on any rank leaves no trace: the partial directory is
-    removed, rank 0 prints one line, and training goes on. After a commit rank 0 applies the retention policy.
-    Returns, on rank 0, why the checkpoint was not written (None: committed). faults: a rehearsal may kill this
-    rank once its shard is written, before the commit.
+    A write that fails (a full disk, a quota, an I/O error) on any rank leaves no trace: the partial directory
+    is removed, rank 0 prints one line, and training goes on. After a commit rank 0 applies the retention
+    policy. Returns, on rank 0, why the checkpoint was not written (None: committed). faults: a rehearsal may
+    kill this rank once its shard is written, before the commit.
     """
     from ctxtrain.engine import barrier, gather_objects
 
@@ -470,8 +474,9 @@ def save(engine, storage, cfg: Config, state: TrainState, faults: Optional[Fault
         return None
     if errors:
         newest = committed_steps(storage)
-        print(f"ctxtrain: checkpoint {tag} not written ({errors[0]} writing {storage.describe(tag)}); the newest "
-              f"committed one is {tag_of(newest[-1]) if newest else 'none'}; training goes on", flush=True)
+        print(f"ctxtrain: checkpoint {tag} not written ({errors[0]} writing {storage.describe(tag)}); the "
+              f"newest committed one is {tag_of(newest[-1]) if newest else 'none'}; training goes on",
+              flush=True)
         return errors[0]
     apply_retention(storage, cfg)
     return None
@@ -504,9 +509,10 @@ def load(engine, target: Target, cfg: Config, state: Optional[TrainState] = None
     """Check a verified committed checkpoint against this run, fetch it if remote, load it into the engine and
     hand its meta.json to the state (None: the weights and optimizer only); returns meta.json.
 
-    Written by another number of workers under ZeRO 1-3, it is first converted into DeepSpeed's universal format
-    (rank 0, once: the conversion is kept in the checkpoint's `universal/` folder and reused; the others wait),
-    which loads on any number of workers with the fp32 master weights and Adam's moments and step."""
+    Written by another number of workers under ZeRO 1-3, it is first converted into DeepSpeed's universal
+    format (rank 0, once: the conversion is kept in the checkpoint's `universal/` folder and reused; the
+    others wait), which loads on any number of workers with the fp32 master weights and Adam's moments and
+    step."""
     from ctxtrain.engine import barrier, to_universal
 
     storage, tag, rank, world_size = target.storage, target.tag, engine.dist.rank, engine.dist.world_size
@@ -532,8 +538,8 @@ def load(engine, target: Target, cfg: Config, state: Optional[TrainState] = None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError) as e:  # a damaged file
         raise UserError(f"checkpoint {storage.describe(tag)} could not be loaded"
                         f"{' on ' + str(world_size) + ' workers' if universal else ''} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
-                        "name an older committed one with --resume, or start fresh with --no-resume") from None
+                        f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); name an older "
+                        "committed one with --resume, or start fresh with --no-resume") from None
     barrier()  # every rank has read its files: a URI storage's local copy can go (the store keeps it)
     if int(os.environ.get("LOCAL_RANK", rank)) == 0:
         storage.drop_staged(tag)
@@ -541,16 +547,17 @@ def load(engine, target: Target, cfg: Config, state: Optional[TrainState] = None
         state.load_state_dict(meta, origin=None if target.own else target.describe())
     if rank == 0 and state is not None and meta["world_size"] != world_size:
         before, now = meta.get("global_batch"), state.global_batch
-        print(f"ctxtrain: checkpoint {tag} was written by {meta['world_size']} workers, this run has {world_size}: "
-              f"{'converted to the universal format; ' if universal else ''}micro-batch {cfg.data.batch_size} x "
-              f"accumulation {cfg.train.grad_accum} per worker, global batch {now}"
-              + (f" (was {before}; set train.global_batch to keep it)" if before and before != now else ""), flush=True)
+        print(f"ctxtrain: checkpoint {tag} was written by {meta['world_size']} workers, this run has "
+              f"{world_size}: {'converted to the universal format; ' if universal else ''}micro-batch "
+              f"{cfg.data.batch_size} x accumulation {cfg.train.grad_accum} per worker, global batch {now}"
+              + (f" (was {before}; set train.global_batch to keep it)" if before and before != now else ""),
+              flush=True)
     return meta
 
 
 def convert_once(storage, tag: str, convert) -> Path:
-    """The checkpoint's universal conversion: made once (into a temporary folder renamed into place, so that an
-    interrupted conversion is never taken for one) and then reused; with a URI storage also uploaded."""
+    """The checkpoint's universal conversion: made once (into a temporary folder renamed into place, so that
+    an interrupted conversion is never taken for one) and then reused; with a URI storage also uploaded."""
     out = storage.local_root / tag / UNIVERSAL
     if not (out / COMMITTED).is_file():
         tmp = storage.local_root / tag / f".{UNIVERSAL}.tmp-{os.getpid()}"

@@ -29,7 +29,8 @@ VERBS = {
     "export": "consolidate a run's ZeRO shards into safetensors (+ a Hugging Face Llama folder)",
     "submit": "submit a training job to a Ray cluster",
     "jobs": "list the jobs of a Ray cluster",
-    "status": "a job's state, step, loss, tokens/s and ETA; every job (or run: --runs DIR) in one table [--watch]",
+    "status": "a job's state, step, loss, tokens/s and ETA; every job (or run: --runs DIR) in one table "
+              "[--watch]",
     "logs": "print (or --follow) a job's logs",
     "stop": "stop a running job",
     "report": "write a self-contained HTML report of one or more runs",
@@ -54,7 +55,8 @@ def _split_overrides(extra: list[str]) -> list[str]:
         if "." in head and "=" in arg:
             overrides.append(arg)
         else:
-            raise UserError(f"unrecognized argument {arg!r}; config overrides are written --section.field=value")
+            raise UserError(f"unrecognized argument {arg!r}; config overrides are written "
+                            "--section.field=value")
     return overrides
 
 
@@ -150,8 +152,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from ctxtrain import checkpoint as ckpt
 
         steps = ckpt.committed_steps(ckpt.open_storage(cfg))
-        print(f"ctxtrain: preempted (SIGTERM); newest committed checkpoint {ckpt.tag_of(steps[-1]) if steps else 'none'}"
-              "; run the same command again to resume", file=sys.stderr, flush=True)
+        print("ctxtrain: preempted (SIGTERM); newest committed checkpoint "
+              f"{ckpt.tag_of(steps[-1]) if steps else 'none'}; run the same command again to resume",
+              file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     return code
 
@@ -172,7 +175,8 @@ def cmd_jobs(args: argparse.Namespace, overrides: list[str]) -> int:
     jobs = list_jobs(args.address)
     print(f"{'JOB':40} {'STATUS':10} {'STARTED':19} RUN DIR")
     for j in jobs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["start_time"] / 1000)) if j["start_time"] else "-"
+        started = time.strftime("%Y-%m-%d %H:%M:%S",
+                                time.localtime(j["start_time"] / 1000)) if j["start_time"] else "-"
         print(f"{j['job_id']:40} {j['status']:10} {started:19} {j['run_dir']}")
     return 0
 
@@ -194,7 +198,8 @@ def cmd_status(args: argparse.Namespace, overrides: list[str]) -> int:
         sys.stdout.write(render())
         return 0
     if args.runs or args.watch:
-        raise UserError(f"status {args.job}: --runs and --watch are for the table of every job or run; drop the job id")
+        raise UserError(f"status {args.job}: --runs and --watch are for the table of every job or run; drop "
+                        "the job id")
     from ctxtrain.launcher import job_status
 
     s = job_status(args.job, args.address)
@@ -251,7 +256,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.max_new < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("--max-new >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1 are required")
     loaded = infer.load_source(args.source)
-    print(infer.generate(loaded, args.prompt, args.max_new, args.temperature, args.top_k, args.top_p, args.seed))
+    print(infer.generate(loaded, args.prompt, args.max_new, args.temperature, args.top_k, args.top_p,
+                         args.seed))
     return 0
 
 
@@ -269,7 +275,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
               f"loss {r['loss']:.4f}, perplexity {r['ppl']:.2f}")
         return 0
     r = infer.evaluate_translation(loaded, args.split, args.beam, args.max_len, args.limit)
-    print(f"{args.split}: {r['pairs']:,} held-out pairs, {'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}")
+    print(f"{args.split}: {r['pairs']:,} held-out pairs, "
+          f"{'beam ' + str(args.beam) if args.beam > 1 else 'greedy'}")
     print(f"model           BLEU {r['bleu']:6.2f}  chrF {r['chrf']:6.2f}")
     print(f"copy the source BLEU {r['copy_bleu']:6.2f}  chrF {r['copy_chrf']:6.2f}")
     for src, hyp, ref in r["examples"]:
@@ -364,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=VERBS["train"],
                        description="Train a config: ctxtrain train configs/lm_tiny.yaml --cluster.workers=2")
     p.add_argument("config", help="experiment YAML")
-    p.add_argument("--resume", metavar="PATH", help="resume from this committed checkpoint (default: the newest)")
+    p.add_argument("--resume", metavar="PATH", help="resume from this committed checkpoint (default: the "
+                                                    "newest)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if the run dir has checkpoints")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else embedded Ray)")
     p.set_defaults(func=cmd_train)
@@ -410,31 +418,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML (resolved here, shipped with the job)")
     p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
     p.add_argument("--env", action="append", metavar="NAME", help="also pass this environment variable")
-    p.add_argument("--no-ship", action="store_true", help="use the cluster's installed ctxtrain, not this one")
+    p.add_argument("--no-ship", action="store_true", help="use the cluster's installed ctxtrain, not this "
+                                                          "one")
     p.set_defaults(func=cmd_submit)
     for verb, fn in (("jobs", cmd_jobs), ("status", cmd_status), ("logs", cmd_logs), ("stop", cmd_stop)):
         p = sub.add_parser(verb, help=VERBS[verb])
         if verb == "status":
-            p.add_argument("job", nargs="?", help="job id; none: every job of the cluster, or every run of --runs")
-            p.add_argument("--runs", metavar="DIR", help="every run directory under DIR instead of the cluster's jobs")
+            p.add_argument("job", nargs="?", help="job id; none: every job of the cluster, or every run of "
+                                                  "--runs")
+            p.add_argument("--runs", metavar="DIR", help="every run directory under DIR instead of the "
+                                                         "cluster's jobs")
             p.add_argument("--watch", action="store_true", help="refresh the table (in place in a terminal)")
             p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (--watch)")
         elif verb != "jobs":
             p.add_argument("job", help="job id (from `ctxtrain submit` or `ctxtrain jobs`)")
         if verb == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="keep printing as the job writes")
-        p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+        p.add_argument("--address", help="Ray job server, http://HEAD:8265 (default: "
+                                         "$RAY_API_SERVER_ADDRESS)")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("plan", help=VERBS["plan"],
-                       description="Predict one worker's peak memory before launch, and the longest sequence that "
-                                   "fits: ctxtrain plan configs/lm_1b.yaml --gpus 8 --gpu-mem 80. Exit status 0 "
-                                   "when it fits, 1 when it does not.")
+                       description="Predict one worker's peak memory before launch, and the longest sequence "
+                                   "that fits: ctxtrain plan configs/lm_1b.yaml --gpus 8 --gpu-mem 80. Exit "
+                                   "status 0 when it fits, 1 when it does not.")
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--gpus", type=int, help="GPU workers (default: cluster.workers; implies a GPU plan)")
-    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of one GPU (default: this machine's GPU)")
+    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of one GPU (default: this machine's "
+                                                                "GPU)")
     p.add_argument("--host-mem", type=float, metavar="GiB",
-                   help="host memory of one node for offloaded state (default: this machine's available memory)")
+                   help="host memory of one node for offloaded state (default: this machine's available "
+                        "memory)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("report", help=VERBS["report"])
@@ -442,24 +456,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--png", metavar="DIR", help="also write each plot as DIR/NAME.png")
     p.add_argument("--serve", action="store_true", help="serve it on 127.0.0.1, rebuilt as the runs go on")
-    p.add_argument("--port", type=int, default=8050, help="--serve: port on 127.0.0.1 (default 8050; 0: any free)")
-    p.add_argument("--refresh", type=float, default=5.0, help="--serve: seconds between page reloads (default 5)")
+    p.add_argument("--port", type=int, default=8050, help="--serve: port on 127.0.0.1 (default 8050; 0: any "
+                                                          "free)")
+    p.add_argument("--refresh", type=float, default=5.0, help="--serve: seconds between page reloads "
+                                                              "(default 5)")
     p.set_defaults(func=cmd_report)
     return parser
 
 
 _terminated = False
-_preemptible: Optional[tuple[Path, float]] = None  # (RUN_DIR/preempt.request, grace) while `train` has workers
+# (RUN_DIR/preempt.request, grace) while `train` has workers
+_preemptible: Optional[tuple[Path, float]] = None
 _preempting = False
 
 
 def _on_sigterm(signum, frame):
     """SIGTERM to `train` while its workers run: a preemption (Slurm's --signal, a Kubernetes eviction). The
-    workers are asked for a checkpoint at the next step boundary (RUN_DIR/preempt.request) and the run ends with
-    status 75; past cluster.preempt_grace_s, or on a second SIGTERM, it is terminated.
+    workers are asked for a checkpoint at the next step boundary (RUN_DIR/preempt.request) and the run ends
+    with status 75; past cluster.preempt_grace_s, or on a second SIGTERM, it is terminated.
 
     Otherwise SIGTERM unwinds every verb like Ctrl-C (workers stopped, Ray shut down in order). A
-    KeyboardInterrupt, because Ray's waits pass that one through and swallow other exceptions raised by handlers."""
+    KeyboardInterrupt, because Ray's waits pass that one through and swallow other exceptions raised by
+    handlers."""
     global _terminated, _preempting
     if _preemptible is not None and not _preempting:
         request, grace = _preemptible

@@ -48,8 +48,9 @@ class DataConfig:
     """DataLoader worker processes per rank; 0 reads in the training process itself."""
 
     shuffle_buffer: int = 1024
-    """Samples shuffled together in each block of the global order (deterministic from train.seed); 1 keeps stream order.
-    A reader holds its share of one block: about shuffle_buffer x (seq_len + 1) x 2 bytes / (ranks x workers)."""
+    """Samples shuffled together in each block of the global order (deterministic from train.seed); 1 keeps
+    stream order. A reader holds its share of one block: about shuffle_buffer x (seq_len + 1) x 2 bytes /
+    (ranks x workers)."""
 
     skip_corrupt: bool = False
     """Skip a missing or truncated shard (counted in the loader's stats) instead of stopping with an error."""
@@ -90,9 +91,9 @@ class TrainConfig:
 
     global_batch: Optional[int] = None
     """Samples per optimizer step over all workers, kept whatever the number of workers (an elastic range, a
-    resume on another count): the micro-batch (at most data.batch_size) and the accumulation are derived for the
-    workers that start, the largest micro-batch that splits it exactly. null: data.batch_size x train.grad_accum
-    x the data-parallel groups of cluster.workers."""
+    resume on another count): the micro-batch (at most data.batch_size) and the accumulation are derived for
+    the workers that start, the largest micro-batch that splits it exactly. null: data.batch_size x
+    train.grad_accum x the data-parallel groups of cluster.workers."""
 
     stop_at_step: Optional[int] = None
     """End cleanly with a checkpoint after this step; the schedule still follows max_steps."""
@@ -129,8 +130,9 @@ class TrainConfig:
         if self.global_batch is not None and self.global_batch < 1:
             raise ValueError(f"train.global_batch={self.global_batch}: must be a positive integer or null")
         if self.global_batch is not None and self.grad_accum != 1:
-            raise ValueError(f"train.global_batch={self.global_batch} and train.grad_accum={self.grad_accum}: the "
-                             "accumulation is derived from the global batch; set only one of them")
+            raise ValueError(f"train.global_batch={self.global_batch} and "
+                             f"train.grad_accum={self.grad_accum}: the accumulation is derived from the "
+                             "global batch; set only one of them")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every={self.eval_every}: must be 0 (off) or a positive integer")
         if self.bleu_every < 0:
@@ -202,13 +204,14 @@ class MemoryConfig:
     to host memory and brought back for the backward pass (pinned memory, copies on a side stream on GPU)."""
 
     loss_chunk: Optional[int] = None
-    """Tokens per chunk of the LM head + cross-entropy (0 or null: all tokens of a micro-batch at once). Chunked,
-    the [tokens, vocab] logits exist one chunk at a time in forward and backward; same loss and gradients."""
+    """Tokens per chunk of the LM head + cross-entropy (0 or null: all tokens of a micro-batch at once).
+    Chunked, the [tokens, vocab] logits exist one chunk at a time in forward and backward; same loss and
+    gradients."""
 
     mlp_chunk: Optional[int] = None
     """Tokens per chunk of every MLP (0 or null: not chunked): the idea of DeepSpeed's TiledMLP, on torch's
-    checkpoint (ctxtrain.engine.memory). Chunked, the MLP's [tokens, d_ff] activations exist one chunk at a time;
-    same outputs and gradients, one more MLP forward."""
+    checkpoint (ctxtrain.engine.memory). Chunked, the MLP's [tokens, d_ff] activations exist one chunk at a
+    time; same outputs and gradients, one more MLP forward."""
 
     margin: float = 0.05
     """Allocator margin of `ctxtrain plan`: this fraction is added to the predicted peak (fragmentation of the
@@ -221,11 +224,13 @@ class MemoryConfig:
         for name in ("loss_chunk", "mlp_chunk"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"memory.{name}={value}: must be a positive number of tokens, or 0/null (off)")
+                raise ValueError(f"memory.{name}={value}: must be a positive number of tokens, or 0/null "
+                                 "(off)")
             if value == 0:
                 setattr(self, name, None)
         if not 0 <= self.margin < 1:
-            raise ValueError(f"memory.margin={self.margin}: must lie in [0, 1) (a fraction of the predicted peak)")
+            raise ValueError(f"memory.margin={self.margin}: must lie in [0, 1) (a fraction of the predicted "
+                             "peak)")
 
 
 @dataclass
@@ -238,13 +243,15 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.sp < 1:
-            raise ValueError(f"parallel.sp={self.sp}: must be a positive integer (1: no sequence parallelism)")
+            raise ValueError(f"parallel.sp={self.sp}: must be a positive integer (1: no sequence "
+                             "parallelism)")
 
 
 @dataclass
 class ZeroConfig:
     stage: int = 1
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+
+    parameters)."""
 
     offload_optimizer: bool = False
     """Keep optimizer states (and the step) in CPU memory."""
@@ -276,7 +283,8 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of this (0: none)."""
 
     storage: Optional[str] = None
-    """Where checkpoints live: null for RUN_DIR/checkpoints, a shared path, or a URI (s3://, gs://, file://)."""
+    """Where checkpoints live: null for RUN_DIR/checkpoints, a shared path, or a URI (s3://, gs://,
+    file://)."""
 
     resume: str = "auto"
     """auto: resume from the newest committed checkpoint if any; never: start fresh; or a checkpoint path."""
@@ -321,11 +329,13 @@ class TrackingConfig:
 @dataclass
 class ClusterConfig:
     launcher: Literal["ray", "local"] = "ray"
-    """ray: Ray Train workers (embedded Ray, or the cluster at `address`); local: plain processes on this machine."""
+    """ray: Ray Train workers (embedded Ray, or the cluster at `address`); local: plain processes on this
+    machine."""
 
     workers: int = 1
-    """Training workers (ranks). A range MIN..MAX (YAML or command line) makes the run elastic: Ray starts as many
-    as it can place within it and, when a worker group restarts with another size, training resumes on that."""
+    """Training workers (ranks). A range MIN..MAX (YAML or command line) makes the run elastic: Ray starts as
+    many as it can place within it and, when a worker group restarts with another size, training resumes on
+    that."""
 
     min_workers: Optional[int] = None
     """Lower end of an elastic range (`workers: MIN..MAX` sets it); null: exactly `workers`."""
@@ -343,27 +353,28 @@ class ClusterConfig:
     """pack workers onto as few nodes as possible, or spread them one per node."""
 
     max_failures: int = 3
-    """Worker-group restarts Ray may do after a worker dies; each resumes from the newest committed checkpoint."""
+    """Worker-group restarts Ray may do after a worker dies; each resumes from the newest committed
+    checkpoint."""
 
     preempt_grace_s: float = 120.0
-    """SIGTERM to `ctxtrain train` (Slurm's --signal, a Kubernetes eviction) asks the workers for a checkpoint at
-    the next step boundary and an exit with status 75 ("resume me"); past this many seconds the driver stops them
-    without one. Give the scheduler's signal lead / grace period a little more than this."""
+    """SIGTERM to `ctxtrain train` (Slurm's --signal, a Kubernetes eviction) asks the workers for a checkpoint
+    at the next step boundary and an exit with status 75 ("resume me"); past this many seconds the driver
+    stops them without one. Give the scheduler's signal lead / grace period a little more than this."""
 
     dashboard_host: str = "127.0.0.1"
     """Interface for the embedded Ray dashboard and job server; 0.0.0.0 exposes them to the network."""
 
     dashboard_port: Optional[int] = None
-    """Port of the embedded Ray dashboard and job server; null: 8265 when it is free, else any free port (another
-    embedded run on this machine holds it), named in the start line."""
+    """Port of the embedded Ray dashboard and job server; null: 8265 when it is free, else any free port
+    (another embedded run on this machine holds it), named in the start line."""
 
     metrics_port: Optional[int] = None
-    """Port of the embedded Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics), which carries the training
-    gauges (ray_ctxtrain_*); null: Ray picks a free one and the start line names it."""
+    """Port of the embedded Ray's Prometheus endpoint (http://127.0.0.1:PORT/metrics), which carries the
+    training gauges (ray_ctxtrain_*); null: Ray picks a free one and the start line names it."""
 
     connect_timeout_s: float = 30.0
-    """Deadline for reaching a Ray cluster (--address) and for a fresh head's job agent (`submit`); past it the
-    command ends with one line naming the address. The workers' process group waits longer: this or 300 s,
+    """Deadline for reaching a Ray cluster (--address) and for a fresh head's job agent (`submit`); past it
+    the command ends with one line naming the address. The workers' process group waits longer: this or 300 s,
     whichever is more, for its members and for every collective."""
 
     def __post_init__(self) -> None:
@@ -393,12 +404,13 @@ class FaultConfig:
     """Step of the fault: during that step, or during the first checkpoint at or after it."""
 
     during: Literal["step", "checkpoint", "read"] = "step"
-    """step: die in the middle of a training step; checkpoint: die after writing this rank's shard, before the commit;
-    read: the rank's data-loader worker kills it while reading that step's batch (the step must lie in the epoch
-    that the run is reading when it starts)."""
+    """step: die in the middle of a training step; checkpoint: die after writing this rank's shard, before the
+    commit; read: the rank's data-loader worker kills it while reading that step's batch (the step must lie in
+    the epoch that the run is reading when it starts)."""
 
     repeat: int = 1
-    """Die again at each of the next repeat-1 steps (step, read), once each: consecutive kills, each resumed."""
+    """Die again at each of the next repeat-1 steps (step, read), once each: consecutive kills, each
+    resumed."""
 
 
 @dataclass
@@ -446,23 +458,26 @@ class Config:
                 raise ValueError(f"fault.at_step={f.at_step}: set a step >= 1 when fault.kill_rank is set")
             if not 0 <= f.kill_rank < self.cluster.workers:
                 raise ValueError(
-                    f"fault.kill_rank={f.kill_rank}: must lie in 0..cluster.workers-1={self.cluster.workers - 1}"
+                    f"fault.kill_rank={f.kill_rank}: must lie in "
+                    f"0..cluster.workers-1={self.cluster.workers - 1}"
                 )
         if f.repeat < 1 or (f.repeat > 1 and f.during == "checkpoint"):
             raise ValueError(f"fault.repeat={f.repeat}: must be 1, or more with fault.during=step or read")
 
     def _check_bleu(self) -> None:
         if self.train.bleu_every and self.model.kind != "encdec":
-            raise ValueError(f"train.bleu_every={self.train.bleu_every}: BLEU scores translations, and model.kind="
-                             f"{self.model.kind} does not translate; set train.bleu_every=0 (perplexity is val_ppl)")
+            raise ValueError(f"train.bleu_every={self.train.bleu_every}: BLEU scores translations, and "
+                             f"model.kind={self.model.kind} does not translate; set train.bleu_every=0 "
+                             "(perplexity is val_ppl)")
 
     def _check_sequence_parallel(self) -> None:
         sp = self.parallel.sp
         if sp == 1:
             return
         if self.model.kind != "lm":
-            raise ValueError(f"parallel.sp={sp}: sequence parallelism is for the decoder-only LM; translation pairs "
-                             f"(data.max_src_len={self.data.max_src_len}) are too short to split, use parallel.sp=1")
+            raise ValueError(f"parallel.sp={sp}: sequence parallelism is for the decoder-only LM; "
+                             f"translation pairs (data.max_src_len={self.data.max_src_len}) are too short to "
+                             "split, use parallel.sp=1")
         bad = [f"{name}={value}" for name, value in (("cluster.workers", self.cluster.workers),
                                                      ("model.n_heads", self.model.n_heads),
                                                      ("model.n_kv_heads", self.model.kv_heads),
@@ -474,8 +489,9 @@ class Config:
     def _check_batch_split(self) -> None:
         c = self.cluster
         if c.min_workers is not None and c.min_workers < c.workers and self.parallel.sp > 1:
-            raise ValueError(f"cluster.workers={c.min_workers}..{c.workers} with parallel.sp={self.parallel.sp}: an "
-                             "elastic range is for data parallelism only; give a fixed cluster.workers")
+            raise ValueError(f"cluster.workers={c.min_workers}..{c.workers} with "
+                             f"parallel.sp={self.parallel.sp}: an elastic range is for data parallelism "
+                             "only; give a fixed cluster.workers")
         for n in range(c.min_workers or c.workers, c.workers + 1):
             batch_split(self, n)
 
@@ -503,13 +519,13 @@ def batch_split(cfg: Config, workers: int) -> tuple[int, int]:
     what = (f"train.global_batch={total}" if cfg.train.global_batch else
             f"the global batch {total} (data.batch_size x train.grad_accum x {cfg.cluster.workers} workers)")
     raise ValueError(f"{what} does not split exactly over {workers} workers in micro-batches of at most "
-                     f"data.batch_size={cfg.data.batch_size}; set a train.global_batch that every worker count of "
-                     "cluster.workers divides")
+                     f"data.batch_size={cfg.data.batch_size}; set a train.global_batch that every worker "
+                     "count of cluster.workers divides")
 
 
 def for_workers(cfg: Config, workers: int) -> Config:
-    """The config a worker trains with on `workers` workers: micro-batch and accumulation from batch_split (the
-    rest, train.global_batch included, as given)."""
+    """The config a worker trains with on `workers` workers: micro-batch and accumulation from batch_split
+    (the rest, train.global_batch included, as given)."""
     micro, accum = batch_split(cfg, workers)
     if (micro, accum) == (cfg.data.batch_size, cfg.train.grad_accum):
         return cfg
@@ -552,7 +568,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         raise bad
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",")
+                                                                                 if v]
         if not isinstance(value, list):
             raise bad
         return [_coerce(v, typing.get_args(tp)[0], name) for v in value]
@@ -596,7 +613,8 @@ WORKER_RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields in {source}, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields in {source}, got "
+                          f"{data!r}")
     if cls is ClusterConfig and isinstance(data.get("workers"), str) and WORKER_RANGE.match(data["workers"]):
         lo, hi = WORKER_RANGE.match(data["workers"]).groups()  # an elastic range MIN..MAX
         data = {**data, "workers": int(hi), "min_workers": int(lo)}
@@ -619,7 +637,8 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 
 
 def migrate(data: dict, source: str) -> list[str]:
-    """Rewrite, in place, fields that an earlier version named otherwise; returns one deprecation line for each.
+    """Rewrite, in place, fields that an earlier version named otherwise; returns one deprecation line for
+    each.
 
     train.activation_checkpointing (bool) became memory.checkpoint (none | full | selective | offload)."""
     train = data.get("train")
@@ -633,8 +652,8 @@ def migrate(data: dict, source: str) -> list[str]:
         return []  # _build names the bad section
     given = memory.get("checkpoint")
     if old and given not in (None, "full"):
-        raise ConfigError(f"train.activation_checkpointing=true contradicts memory.checkpoint={given} in {source}; "
-                          "drop the deprecated train.activation_checkpointing")
+        raise ConfigError(f"train.activation_checkpointing=true contradicts memory.checkpoint={given} in "
+                          f"{source}; drop the deprecated train.activation_checkpointing")
     if old:
         memory["checkpoint"] = "full"
     return [f"train.activation_checkpointing is deprecated (in {source}); write memory.checkpoint="
@@ -683,7 +702,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         except OSError as e:
-            raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); check its permissions") from None
+            raise ConfigError(f"config file {path} cannot be read ({e.strerror or e}); check its "
+                              "permissions") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -1,10 +1,11 @@
-"""A run's checkpoint as one set of weights: consolidation of the ZeRO shards (for `translate`, `generate`, `eval`)
-and `ctxtrain export`'s folders.
+"""A run's checkpoint as one set of weights: consolidation of the ZeRO shards (for `translate`, `generate`,
+`eval`) and `ctxtrain export`'s folders.
 
     ctxtrain export runs/lm_tiny --out runs/lm_tiny/export [--step N]
 
-OUT/model.safetensors + OUT/config.json (+ tokenizer.json) are ctxtrain's own; for a Llama-shaped LM OUT/hf/ is a
-Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the engine's logits.
+OUT/model.safetensors + OUT/config.json (+ tokenizer.json) are ctxtrain's own; for a Llama-shaped LM OUT/hf/
+is a Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the engine's
+logits.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ctxtrain.rundir import RunDir, write_atomic
 
 
 def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> tuple[Config, object, str]:
-    """(the run's config, its checkpoint storage, the tag) of the committed checkpoint to export: the newest, or
-    --step, wherever the run stored its checkpoints (checkpoint.storage), verified against its manifest; a
+    """(the run's config, its checkpoint storage, the tag) of the committed checkpoint to export: the newest,
+    or --step, wherever the run stored its checkpoints (checkpoint.storage), verified against its manifest; a
     damaged one is refused in one line that names the previous sound one."""
     from ctxtrain.config import load_config
 
@@ -40,18 +41,21 @@ def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> tuple[Confi
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise UserError(f"--step {step}: no committed checkpoint; committed steps: {', '.join(map(str, steps))}")
+        raise UserError(f"--step {step}: no committed checkpoint; committed steps: "
+                        f"{', '.join(map(str, steps))}")
     reason = verify(storage, tag_of(step))
     if reason:
         older = next((s for s in reversed(steps) if s < step and verify(storage, tag_of(s)) is None), None)
-        hint = f"export the previous sound one with --step {older}" if older else "no older committed one is sound"
+        hint = (f"export the previous sound one with --step {older}" if older
+                else "no older committed one is sound")
         raise UserError(f"checkpoint {storage.describe(tag_of(step))} is damaged ({reason}); {hint}")
     return cfg, storage, tag_of(step)
 
 
 def consolidated(run_dir: Path, step: Optional[int] = None) -> tuple[Config, dict, dict]:
-    """(config, meta.json, fp32 weights) of a run's committed checkpoint (the newest, or `step`), verified, read
-    from wherever the run stored it (a URI's files are staged for the consolidation and dropped again)."""
+    """(config, meta.json, fp32 weights) of a run's committed checkpoint (the newest, or `step`), verified,
+    read from wherever the run stored it (a URI's files are staged for the consolidation and dropped
+    again)."""
     from ctxtrain.engine import consolidate
 
     cfg, storage, tag = resolve_export_checkpoint(run_dir, step)
@@ -85,9 +89,11 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
         special = Dataset(data).special
     except DataError:  # the run's data is not here: an export without special ids
         special = None
-    write_atomic(out / "config.json", json.dumps({"ctxtrain_model": cfg.to_dict()["model"], "step": meta["step"],
+    write_atomic(out / "config.json", json.dumps({"ctxtrain_model": cfg.to_dict()["model"],
+                                                  "step": meta["step"],
                                                   "tokens": meta["tokens"],
-                                                  "data": {"special": special, "max_src_len": cfg.data.max_src_len,
+                                                  "data": {"special": special,
+                                                           "max_src_len": cfg.data.max_src_len,
                                                            "max_tgt_len": cfg.data.max_tgt_len}},
                                                  indent=1) + "\n")
     if (data / "tokenizer.json").is_file():  # `ctxtrain translate/generate` read it from the export

@@ -1,5 +1,5 @@
-"""What ends a worker on purpose: preemption (SIGTERM: stop at a step boundary with a checkpoint) and rehearsed
-failures (the `fault` section: a rank SIGKILLs itself at a chosen moment).
+"""What ends a worker on purpose: preemption (SIGTERM: stop at a step boundary with a checkpoint) and
+rehearsed failures (the `fault` section: a rank SIGKILLs itself at a chosen moment).
 
     ctxtrain train configs/lm_tiny.yaml --fault.kill_rank=1 --fault.at_step=7 --fault.during=checkpoint
 """
@@ -30,13 +30,14 @@ def forget_preemption() -> None:
 
 
 class Preemption:
-    """SIGTERM to a worker (a spot reclaim, Slurm's --signal, a Kubernetes eviction), or RUN_DIR/preempt.request
-    written by a signalled driver, ends the run at a step boundary with a checkpoint, every rank at the same step.
+    """SIGTERM to a worker (a spot reclaim, Slurm's --signal, a Kubernetes eviction), or
+    RUN_DIR/preempt.request written by a signalled driver, ends the run at a step boundary with a checkpoint,
+    every rank at the same step.
 
     The rank that learns of it posts "stop after step s + 1" (s: the step it has just finished) in the process
-    group's store; the first post wins. Every rank reads the store after each step. A rank that finishes step s + 1
-    has exchanged gradients with the poster during that step, so it has seen the post: the ranks agree without a
-    collective of their own, and without a host sync per step."""
+    group's store; the first post wins. Every rank reads the store after each step. A rank that finishes step
+    s + 1 has exchanged gradients with the poster during that step, so it has seen the post: the ranks agree
+    without a collective of their own, and without a host sync per step."""
 
     KEY = "ctxtrain/preempt_after"
 
@@ -65,8 +66,8 @@ class Preemption:
 
 class Faults:
     """The `fault` section for this rank: SIGKILL itself once at fault.at_step (and the next repeat-1 steps)
-    during a step, at the first checkpoint at or after it, or from its data loader's worker while that reads the
-    step's batch. A marker in the run directory makes each fault happen once, across restarts."""
+    during a step, at the first checkpoint at or after it, or from its data loader's worker while that reads
+    the step's batch. A marker in the run directory makes each fault happen once, across restarts."""
 
     def __init__(self, cfg: Config, rank: int):
         self.f, self.rank, self.run = cfg.fault, rank, RunDir(cfg.train.run_dir)
@@ -77,19 +78,21 @@ class Faults:
         self._maybe_die(step, "step")
 
     def at_checkpoint(self, step: int) -> None:
-        """After this rank wrote its shard of the checkpoint of `step`, before the commit (fault.during=checkpoint)."""
+        """After this rank wrote its shard of the checkpoint of `step`, before the commit
+        (fault.during=checkpoint)."""
         self._maybe_die(step, "checkpoint")
 
     def arm_read(self, step: int, loader) -> None:
         """fault.during=read: the loader's worker SIGKILLs this rank while it reads the batch of fault.at_step
-        (then of the next steps, one per start, with fault.repeat); `step` is the last step already trained."""
+        (then of the next steps, one per start, with fault.repeat); `step` is the last step already
+        trained."""
         f = self.f
         if f.kill_rank != self.rank or f.during != "read":
             return
         for target in range(max(f.at_step, step + 1), f.at_step + f.repeat):
             if self._claim(target):
-                print(f"ctxtrain: fault injection: rank {self.rank} will be killed by its data loader while it reads "
-                      f"the batch of step {target}", flush=True)
+                print(f"ctxtrain: fault injection: rank {self.rank} will be killed by its data loader while "
+                      f"it reads the batch of step {target}", flush=True)
                 loader.kill_at = (target - 1 - step) * self.grad_accum
                 return
 
@@ -101,7 +104,8 @@ class Faults:
             return
         if not self._claim(step if during == "step" else f.at_step):
             return
-        print(f"ctxtrain: fault injection: rank {self.rank} kills itself at step {step} during {during}", flush=True)
+        print(f"ctxtrain: fault injection: rank {self.rank} kills itself at step {step} during {during}",
+              flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _claim(self, step: int) -> bool:

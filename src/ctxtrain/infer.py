@@ -69,15 +69,16 @@ def load_source(source: str | Path) -> Loaded:
         data_path, where, seq_len = None, str(p), None
     else:
         raise UserError(f"{p} is neither a run directory (no config.yaml) nor an export folder (no "
-                        "model.safetensors + config.json); pass a train.run_dir or the --out of `ctxtrain export`")
+                        "model.safetensors + config.json); pass a train.run_dir or the --out of `ctxtrain "
+                        "export`")
     model = build_model(model_cfg)
     if model_cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("tok_embed.weight", state.get("src_tok_embed.weight")))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model_cfg.tie_embeddings]
     if missing or unexpected:
-        raise UserError(f"{where}: the weights do not fit the model config (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); re-run `ctxtrain export`")
+        raise UserError(f"{where}: the weights do not fit the model config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); re-run `ctxtrain export`")
     model.eval()
     return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len)
 
@@ -128,8 +129,8 @@ def translate_ids(loaded: Loaded, sources: list[list[int]], beam: int, max_len: 
 
 def translate_lines(loaded: Loaded, lines: list[str], beam: int = 1, max_len: int = 128) -> list[str]:
     if loaded.kind != "encdec":
-        raise UserError(f"{loaded.where} is a language model (model.kind=lm); `translate` needs an encoder-decoder "
-                        "run; use `ctxtrain generate` for an LM")
+        raise UserError(f"{loaded.where} is a language model (model.kind=lm); `translate` needs an "
+                        "encoder-decoder run; use `ctxtrain generate` for an LM")
     ids = translate_ids(loaded, [source_ids(loaded, line) for line in lines], beam, max_len)
     return [loaded.tokenizer.decode(t) for t in ids]
 
@@ -139,8 +140,8 @@ def read_lines(path: str) -> list[str]:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--input {path}: cannot be read as UTF-8 text ({e}); pass a text file, one sentence a "
-                        "line, or - for stdin") from None
+        raise UserError(f"--input {path}: cannot be read as UTF-8 text ({e}); pass a text file, one sentence "
+                        "a line, or - for stdin") from None
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise UserError(f"--input {path}: no sentence to translate (empty); pass one sentence a line")
@@ -156,7 +157,8 @@ def generate(loaded: Loaded, prompt: str, max_new: int = 64, temperature: float 
     from ctxtrain.model.decode import greedy, sample
 
     if loaded.kind != "lm":
-        raise UserError(f"{loaded.where} is an encoder-decoder; `generate` needs an LM run; use `ctxtrain translate`")
+        raise UserError(f"{loaded.where} is an encoder-decoder; `generate` needs an LM run; use `ctxtrain "
+                        "translate`")
     ids = loaded.tokenizer.encode(prompt).ids or [loaded.special["eos"]]
     tokens = torch.tensor([ids], dtype=torch.long)
     eos = loaded.special["eos"]
@@ -180,14 +182,15 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> tuple[float, floa
             sacrebleu.corpus_chrf(hypotheses, [references]).score)
 
 
-def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> list[tuple[list[int], list[int]]]:
+def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> list[tuple[list[int],
+                                                                                          list[int]]]:
     """(source ids, target ids) of the split, in shard order: the pairs training never saw (val)."""
     from ctxtrain.data.dataset import Dataset
     from ctxtrain.data.shards import iter_shard
 
     if loaded.data_path is None:
-        raise UserError(f"{loaded.where} is an export folder; `eval` reads the held-out split of the run's data: "
-                        "pass the run directory")
+        raise UserError(f"{loaded.where} is an export folder; `eval` reads the held-out split of the run's "
+                        "data: pass the run directory")
     ds = Dataset(loaded.data_path)
     shards = ds.shards(split)
     if not shards:
@@ -215,9 +218,9 @@ def evaluate_translation(loaded: Loaded, split: str = "val", beam: int = 1, max_
 
 
 class ValBleu:
-    """train.bleu_every: greedy BLEU and chrF of the first train.bleu_pairs held-out pairs during training. Every
-    data-parallel rank decodes its share (pairs i, i + world, ...) with a plain copy of the full weights (outside
-    DeepSpeed's hooks), and rank 0 scores the gathered translations in the split's order."""
+    """train.bleu_every: greedy BLEU and chrF of the first train.bleu_pairs held-out pairs during training.
+    Every data-parallel rank decodes its share (pairs i, i + world, ...) with a plain copy of the full weights
+    (outside DeepSpeed's hooks), and rank 0 scores the gathered translations in the split's order."""
 
     def __init__(self, cfg, rank: int, world: int):
         from ctxtrain.data.tokenizer import load_tokenizer
@@ -241,7 +244,8 @@ class ValBleu:
         model.load_state_dict(weights, strict=False)
         model.to(device).eval()
         mine = [] if not self.sources else translate_ids(
-            Loaded(model, "encdec", self.frame.tokenizer, self.frame.special, self.frame.max_src_len, None, ""),
+            Loaded(model, "encdec", self.frame.tokenizer, self.frame.special, self.frame.max_src_len, None,
+                   ""),
             self.sources, 1, self.cfg.data.max_tgt_len)
         shares = gather([self.frame.tokenizer.decode(t) for t in mine])
         if self.rank != 0 or not self.count:
@@ -253,8 +257,8 @@ class ValBleu:
 
 def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = None,
                 limit: Optional[int] = None) -> dict:
-    """Mean token loss and perplexity on the split's first `limit` windows (all of them: None) of seq_len tokens
-    (default: the run's data.seq_len), read in order as the training's evaluation reads them."""
+    """Mean token loss and perplexity on the split's first `limit` windows (all of them: None) of seq_len
+    tokens (default: the run's data.seq_len), read in order as the training's evaluation reads them."""
     from ctxtrain.data.loader import StreamingLoader
 
     if loaded.data_path is None:
@@ -273,8 +277,8 @@ def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = Non
             if limit is not None and windows >= limit:
                 break
     if not n:
-        raise UserError(f"the {split} split of {loaded.data_path} holds no window of {seq_len} tokens; pass a "
-                        "smaller --seq-len")
+        raise UserError(f"the {split} split of {loaded.data_path} holds no window of {seq_len} tokens; pass "
+                        "a smaller --seq-len")
     return {"windows": windows, "seq_len": seq_len, "tokens": n, "loss": total / n,
             "ppl": math.exp(min(total / n, 50.0))}
 

@@ -49,7 +49,8 @@ SECRET_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"
               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 # Passed to every worker (not secrets): how DeepSpeed and torch behave there.
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "WANDB_SILENT", "PYTHONPATH",
-              "CTXTRAIN_PROGRESS", "CTXTRAIN_MEMORY_CHECKED", "CTXTRAIN_LOADER_CHUNK_TOKENS", "CTXTRAIN_JOB_ID")
+              "CTXTRAIN_PROGRESS", "CTXTRAIN_MEMORY_CHECKED", "CTXTRAIN_LOADER_CHUNK_TOKENS",
+              "CTXTRAIN_JOB_ID")
 
 
 def redact(text: str) -> str:
@@ -89,11 +90,13 @@ def _check_fits_here(cfg: Config) -> None:
     import torch
 
     have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-    gpus = cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None else (1.0 if have["GPU"] else 0.0)
+    gpus = cfg.cluster.gpus_per_worker if cfg.cluster.gpus_per_worker is not None else (1.0 if have["GPU"]
+                                                                                        else 0.0)
     short = _shortfall(cfg, cfg.cluster.workers, gpus, have, "this machine")
     if short:
-        raise UserError(f"cluster.workers={cfg.cluster.workers} needs {' and '.join(short)}; lower cluster.workers "
-                        "or cluster.cpus_per_worker/gpus_per_worker, or join a cluster with --address")
+        raise UserError(f"cluster.workers={cfg.cluster.workers} needs {' and '.join(short)}; lower "
+                        "cluster.workers or cluster.cpus_per_worker/gpus_per_worker, or join a cluster with "
+                        "--address")
 
 
 def probe(address: str, timeout_s: float) -> None:
@@ -113,8 +116,8 @@ def probe(address: str, timeout_s: float) -> None:
         with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
             pass
     except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address} ({host}:{port}: {e.strerror or e}); check "
-                        "--address / RAY_ADDRESS and that the head runs (`ray status` on it)") from None
+        raise UserError(f"cannot reach the Ray cluster at {address} ({host}:{port}: {e.strerror or e}); "
+                        "check --address / RAY_ADDRESS and that the head runs (`ray status` on it)") from None
 
 
 class _Late(BaseException):
@@ -136,15 +139,16 @@ def deadline(seconds: float, what: str):
     try:
         yield
     except _Late:
-        raise UserError(f"{what}: no answer after {seconds:g} s (cluster.connect_timeout_s); check the address "
-                        "and that the cluster is up") from None
+        raise UserError(f"{what}: no answer after {seconds:g} s (cluster.connect_timeout_s); check the "
+                        "address and that the cluster is up") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
 def _worker_loop(config: dict) -> None:
-    """What each Ray Train worker runs: the per-worker entry point, unchanged (rank 0 also sets Ray's gauges)."""
+    """What each Ray Train worker runs: the per-worker entry point, unchanged (rank 0 also sets Ray's
+    gauges)."""
     from ray.train import get_context
 
     from ctxtrain import faults, train
@@ -180,7 +184,8 @@ def _worker_loop(config: dict) -> None:
 def _sigterm_preempts(request) -> None:
     """In a Ray Train worker the training function runs in a thread; SIGTERM reaches Ray's handler in the main
     thread, which ends the process through `raise_sys_exit_with_custom_error_message`. Route that SIGTERM to
-    `request` (a preemption: checkpoint at the next step boundary) instead; other exits go through unchanged."""
+    `request` (a preemption: checkpoint at the next step boundary) instead; other exits go through
+    unchanged."""
     import ray._private.worker as ray_worker
 
     original = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
@@ -227,7 +232,8 @@ def _loopback_process_group(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Training metrics as Ray gauges (rank 0 of a Ray Train run)
 
-# metrics.jsonl name -> Ray gauge (Prometheus shows them as ray_<gauge>; cluster/grafana_ctxtrain.json plots them)
+# metrics.jsonl name -> Ray gauge (Prometheus shows them as ray_<gauge>; cluster/grafana_ctxtrain.json plots
+# them)
 RAY_GAUGES = {
     "step": ("ctxtrain_step", "newest logged training step"),
     "loss": ("ctxtrain_loss", "training loss (mean of the step's micro-batches)"),
@@ -235,7 +241,8 @@ RAY_GAUGES = {
     "val_bleu": ("ctxtrain_val_bleu", "held-out greedy BLEU at the newest score (translation)"),
     "tokens_per_s": ("ctxtrain_tokens_per_s", "tokens per second, whole job"),
     "mfu": ("ctxtrain_mfu", "model FLOPs utilisation, fraction of the accelerators' dense bf16 peak"),
-    "mem_bytes": ("ctxtrain_memory_bytes", "peak memory of rank 0 in the step (GPU allocation or RSS growth)"),
+    "mem_bytes": ("ctxtrain_memory_bytes", "peak memory of rank 0 in the step (GPU allocation or RSS "
+                                           "growth)"),
     "data_wait_s": ("ctxtrain_data_wait_seconds", "seconds per step spent waiting for data"),
     "step_time_s": ("ctxtrain_step_time_seconds", "seconds per training step"),
     "restarts": ("ctxtrain_restarts", "restarts of the worker group in this run"),
@@ -261,8 +268,8 @@ class RayGauges(Tracker):
 
 
 def _ray_storage(cfg: Config) -> str:
-    """Where Ray Train keeps its own run state (RunConfig name "ray"): beside the checkpoints in a URI storage,
-    else RUN_DIR/ray."""
+    """Where Ray Train keeps its own run state (RunConfig name "ray"): beside the checkpoints in a URI
+    storage, else RUN_DIR/ray."""
     root = RunDir(cfg.train.run_dir).checkpoint_root(cfg.checkpoint.storage)
     return root if isinstance(root, str) else cfg.train.run_dir
 
@@ -280,10 +287,12 @@ def train_on_ray(cfg: Config) -> int:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     embedded = not address
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"))
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                                       "0.5"))
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"  # Ray Train's print patch echoes every worker line twice
-    # Ray Train's PreemptionWatcher actor reads node drains for ray.train.get_preemption_info(), which ctxtrain
-    # does not use (SIGTERM is its preemption signal); the actor's creation logs an error-level line in every run.
+    # Ray Train's PreemptionWatcher actor reads node drains for ray.train.get_preemption_info(), which
+    # ctxtrain does not use (SIGTERM is its preemption signal); the actor's creation logs an error-level line
+    # in every run.
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ctx = _start_ray(cfg, address, env)
     try:
@@ -306,7 +315,8 @@ def train_on_ray(cfg: Config) -> int:
               f"({cfg.cluster.cpus_per_worker:g} CPU, {gpus:g} GPU), "
               f"placement {cfg.cluster.placement}, max_failures {cfg.cluster.max_failures}"
               + (f"; dashboard {dashboard}" if dashboard else "")
-              + (f"; metrics http://127.0.0.1:{_metrics_port()}/metrics" if embedded and _metrics_port() else ""),
+              + (f"; metrics http://127.0.0.1:{_metrics_port()}/metrics" if embedded and _metrics_port()
+                 else ""),
               flush=True)
         launch_id = uuid.uuid4().hex[:12]
         errors = ray.remote(num_cpus=0)(ErrorSink).options(name=f"ctxtrain-errors-{launch_id}").remote()
@@ -318,8 +328,8 @@ def train_on_ray(cfg: Config) -> int:
 
 
 def _start_ray(cfg: Config, address: Optional[str], env: dict):
-    """ray.init: an embedded cluster on this machine's loopback (on free ports: another user's embedded run may
-    hold Ray's defaults), or the cluster at `address`; one line when neither answers."""
+    """ray.init: an embedded cluster on this machine's loopback (on free ports: another user's embedded run
+    may hold Ray's defaults), or the cluster at `address`; one line when neither answers."""
     import ray
 
     on_sigterm = signal.getsignal(signal.SIGTERM)
@@ -328,13 +338,15 @@ def _start_ray(cfg: Config, address: Optional[str], env: dict):
             _check_fits_here(cfg)
             env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             port = cfg.cluster.dashboard_port or _free_or(8265)
-            # Ray Train's own actors ask the state API for this cluster; with two embedded clusters on one machine
-            # its auto-detection finds both and fails: name ours.
+            # Ray Train's own actors ask the state API for this cluster; with two embedded clusters on one
+            # machine its auto-detection finds both and fails: name ours.
             env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             # Token auth stays on for the embedded cluster; its notice about how to turn it off is noise here.
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+            token_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+            token_notice.setLevel(logging.ERROR)
             with _dynamic_agent_port():
-                ctx = ray.init(address="local", include_dashboard=True, dashboard_host=cfg.cluster.dashboard_host,
+                ctx = ray.init(address="local", include_dashboard=True,
+                               dashboard_host=cfg.cluster.dashboard_host,
                                dashboard_port=port, _node_ip_address="127.0.0.1",
                                _metrics_export_port=cfg.cluster.metrics_port,
                                runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=True)
@@ -367,9 +379,9 @@ def _free_or(port: int) -> int:
 
 @contextlib.contextmanager
 def _dynamic_agent_port():
-    """Embedded Ray's dashboard agent on a free port: ray.init offers no setting for it and Ray's default (52365)
-    is taken by another embedded run, or by a `ray start` head, on the same machine. Private: Ray 2.60's RayParams,
-    whose listen port 0 means "any free one"."""
+    """Embedded Ray's dashboard agent on a free port: ray.init offers no setting for it and Ray's default
+    (52365) is taken by another embedded run, or by a `ray start` head, on the same machine. Private: Ray
+    2.60's RayParams, whose listen port 0 means "any free one"."""
     from ray._private import parameter
 
     original = parameter.RayParams
@@ -396,16 +408,17 @@ def _trainer(cfg: Config, embedded: bool, gpus: float, env: dict, launch_id: str
     elastic = c.min_workers is not None and c.min_workers < c.workers
     resources_per_worker = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     secrets = {k: os.environ[k] for k in SECRET_ENV if k in os.environ}
-    # Embedded: the workers form their process group on 127.0.0.1 (see _loopback_process_group), so Ray Train gets
-    # no torch backend; on a cluster its TorchConfig rendezvous spans the nodes.
+    # Embedded: the workers form their process group on 127.0.0.1 (see _loopback_process_group), so Ray Train
+    # gets no torch backend; on a cluster its TorchConfig rendezvous spans the nodes.
     trainer_cls, backend = ((DataParallelTrainer, {"backend_config": BackendConfig()}) if embedded else
                             (TorchTrainer, {"torch_config": TorchConfig(backend="nccl" if gpus else "gloo")}))
     return trainer_cls(
         _worker_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded, "secrets": secrets},
+        train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded,
+                           "secrets": secrets},
         **backend,
-        # An elastic range: Ray Train starts as many workers as it can place, and restarts the group with another
-        # size when workers are lost or resources appear; each start resumes on its own size.
+        # An elastic range: Ray Train starts as many workers as it can place, and restarts the group with
+        # another size when workers are lost or resources appear; each start resumes on its own size.
         scaling_config=ScalingConfig(num_workers=(c.min_workers, c.workers) if elastic else c.workers,
                                      use_gpu=bool(gpus), resources_per_worker=resources_per_worker,
                                      placement_strategy=c.placement.upper()),
@@ -416,9 +429,9 @@ def _trainer(cfg: Config, embedded: bool, gpus: float, env: dict, launch_id: str
 
 
 class ErrorSink:
-    """A worker's bad input (a UserError: corrupt shard, ids past the vocabulary ...), told to the driver at once.
-    Retrying cannot mend it: the driver ends the run with the worker's one line instead of letting Ray restart the
-    group cluster.max_failures times, each restart printing a traceback."""
+    """A worker's bad input (a UserError: corrupt shard, ids past the vocabulary ...), told to the driver at
+    once. Retrying cannot mend it: the driver ends the run with the worker's one line instead of letting Ray
+    restart the group cluster.max_failures times, each restart printing a traceback."""
 
     def __init__(self):
         self.message: Optional[str] = None
@@ -456,8 +469,8 @@ def _fit(trainer, errors, cfg: Config) -> None:
 
 
 def _report_user_error(launch_id: str, error: UserError) -> None:
-    """In a worker: hand a bad input to the driver, which stops the run; wait to be stopped (a driver that never
-    stops it, after a minute: the error goes its ordinary way through Ray's failure policy)."""
+    """In a worker: hand a bad input to the driver, which stops the run; wait to be stopped (a driver that
+    never stops it, after a minute: the error goes its ordinary way through Ray's failure policy)."""
     import ray
 
     try:
@@ -481,7 +494,8 @@ def _failure_summary(cfg: Config, error: Exception) -> str:
     first = next(iter(failures.values()), error)
     text = str(first).strip().splitlines()
     user = [line for line in text if "UserError:" in line or "DataError:" in line or "ConfigError:" in line]
-    detail = (user[-1].split("Error:", 1)[1].strip() if user else (text[-1] if text else type(error).__name__))
+    detail = (user[-1].split("Error:",
+                             1)[1].strip() if user else (text[-1] if text else type(error).__name__))
     return (f"training failed after {cfg.cluster.max_failures} restarts: {detail[:400]}; "
             f"see the worker logs above and {cfg.train.run_dir}")
 
@@ -515,14 +529,16 @@ def _client(address: Optional[str]):
             pass
     except OSError as e:
         raise UserError(f"cannot reach the Ray job server at {url} ({e.strerror or e}); start the head with "
-                        "`ray start --head` (dashboard on port 8265) or pass --address http://HEAD:8265") from None
+                        "`ray start --head` (dashboard on port 8265) or pass --address "
+                        "http://HEAD:8265") from None
     try:
         return JobSubmissionClient(url), url
     except Exception as e:  # ConnectionError, RuntimeError from a non-Ray server
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "authentication" in str(e).lower() or "401" in str(e) or "403" in str(e):
-            raise UserError(f"the Ray job server at {url} wants an auth token ({first}); export RAY_AUTH_TOKEN "
-                            "(or copy the head's ~/.ray/auth_token) and RAY_AUTH_MODE=token") from None
+            raise UserError(f"the Ray job server at {url} wants an auth token ({first}); export "
+                            "RAY_AUTH_TOKEN (or copy the head's ~/.ray/auth_token) and "
+                            "RAY_AUTH_MODE=token") from None
         raise UserError(f"{url} does not answer as a Ray job server ({first}); check --address") from None
 
 
@@ -532,7 +548,8 @@ def _job_call(fn, job_id: str, url: str):
     except RuntimeError as e:
         msg = str(e)
         if "does not exist" in msg or "404" in msg:
-            raise UserError(f"no job {job_id} at {url}; list them with `ctxtrain jobs --address {url}`") from None
+            raise UserError(f"no job {job_id} at {url}; list them with "
+                            f"`ctxtrain jobs --address {url}`") from None
         raise UserError(f"the job server at {url} refused: {msg.splitlines()[0]}") from None
 
 
@@ -580,7 +597,8 @@ def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_packa
     deadline_s = time.time() + cfg.cluster.connect_timeout_s
     while True:
         try:
-            job_id = client.submit_job(entrypoint="python -m ctxtrain train config.yaml", runtime_env=runtime_env,
+            job_id = client.submit_job(entrypoint="python -m ctxtrain train config.yaml",
+                                       runtime_env=runtime_env,
                                        metadata=metadata, submission_id=submission_id)
             break
         except RuntimeError as e:
@@ -588,8 +606,8 @@ def submit(cfg: Config, address: Optional[str], env_names: list[str], ship_packa
                 raise
             if time.time() > deadline_s:
                 raise UserError(f"the Ray job server at {url} has no job agent ready after "
-                                f"{cfg.cluster.connect_timeout_s:g} s; wait until the head is up and submit again, "
-                                "or raise cluster.connect_timeout_s") from None
+                                f"{cfg.cluster.connect_timeout_s:g} s; wait until the head is up and submit "
+                                "again, or raise cluster.connect_timeout_s") from None
             time.sleep(2)
     if env:
         print(f"passed from the environment: {', '.join(sorted(env))}", file=sys.stderr)
@@ -614,9 +632,11 @@ def job_status(job_id: str, address: Optional[str]) -> dict:
     sees the run dir, else from its log lines)."""
     client, url = _client(address)
     info = _job_call(lambda: client.get_job_info(job_id), job_id, url)
-    out = {"job_id": job_id, "status": str(info.status.value), "message": info.message or "", "dashboard": url,
+    out = {"job_id": job_id, "status": str(info.status.value), "message": info.message or "",
+           "dashboard": url,
            "run_dir": (info.metadata or {}).get("ctxtrain_run_dir")}
-    latest = _latest_from_run_dir(out["run_dir"], int((info.metadata or {}).get("ctxtrain_max_steps", 0) or 0))
+    latest = _latest_from_run_dir(out["run_dir"], int((info.metadata or {}).get("ctxtrain_max_steps",
+                                                                                0) or 0))
     if latest is None:
         logs = _job_call(lambda: client.get_job_logs(job_id), job_id, url)
         matches = _LOG_LINE.findall(logs)
@@ -633,7 +653,8 @@ def _latest_from_run_dir(run_dir: Optional[str], max_steps: int) -> Optional[dic
     last = last_record(run_dir) if run_dir else None
     if last is None:
         return None
-    return {"step": last["step"], "max_steps": max_steps, "loss": last["loss"], "tokens_per_s": last["tokens_per_s"],
+    return {"step": last["step"], "max_steps": max_steps, "loss": last["loss"],
+            "tokens_per_s": last["tokens_per_s"],
             "eta_s": eta_seconds(last, max_steps)}
 
 

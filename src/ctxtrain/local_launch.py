@@ -2,8 +2,9 @@
 
 Starts `cluster.workers` processes of `python -m ctxtrain.worker`, each with RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT set (as torchrun does), so the per-worker entry point is the same function Ray
-calls. Their process group meets in a file store and gloo talks over the loopback interface: nothing the
-local launcher starts listens on a network interface. If one worker fails the others are stopped; a worker's one-line error is printed once.
+calls. Their process group meets in a file store and gloo talks over the loopback interface: nothing the local
+launcher starts listens on a network interface. If one worker fails the others are stopped; a worker's
+one-line error is printed once.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None =
                    "CTXTRAIN_LAUNCH_ID": launch_id, "CTXTRAIN_LAUNCHER_PID": str(os.getpid())}
             # A session of their own: Ctrl-C reaches the launcher only, which stops the workers (no rank's
             # KeyboardInterrupt traceback after the one-line message).
-            procs.append(subprocess.Popen([sys.executable, "-m", "ctxtrain.worker", entry, str(cfg_path)], env=env,
+            procs.append(subprocess.Popen([sys.executable, "-m", "ctxtrain.worker", entry, str(cfg_path)],
+                                          env=env,
                                           start_new_session=True))
         try:
             return _wait(procs, Path(tmp))
@@ -50,8 +52,8 @@ def launch(cfg: Config, entry: str = "ctxtrain.train:run", workers: int | None =
 
 
 def _wait(procs: list[subprocess.Popen], tmp: Path) -> int:
-    """0 when every worker finished; 75 when they stopped on a preemption (SIGTERM) with a checkpoint; else the
-    first failure, the others stopped."""
+    """0 when every worker finished; 75 when they stopped on a preemption (SIGTERM) with a checkpoint; else
+    the first failure, the others stopped."""
     while True:
         codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, PREEMPTED_EXIT)]
@@ -63,7 +65,8 @@ def _wait(procs: list[subprocess.Popen], tmp: Path) -> int:
                 raise UserError(errors[0].read_text().strip())
             rank, code = failed[0]
             reason = f"signal {-code}" if code < 0 else f"exit status {code}"
-            print(f"ctxtrain: worker {rank} failed ({reason}); the other workers were stopped", file=sys.stderr)
+            print(f"ctxtrain: worker {rank} failed ({reason}); the other workers were stopped",
+                  file=sys.stderr)
             return 1
         if all(c in (0, PREEMPTED_EXIT) for c in codes):
             return PREEMPTED_EXIT if PREEMPTED_EXIT in codes else 0

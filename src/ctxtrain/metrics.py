@@ -43,7 +43,8 @@ def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> Opti
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak: Optional[float]) -> Optional[float]:
+def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int,
+        peak: Optional[float]) -> Optional[float]:
     if peak is None or tokens_per_s <= 0:
         return None
     return flops_per_token * tokens_per_s / (n_devices * peak)
@@ -66,8 +67,8 @@ def peak_rss_bytes() -> int:
 def memory(device: torch.device, rss_baseline: int = 0) -> dict:
     """mem_bytes (peak GPU allocation since the last reset, or process RSS on CPU) and the details.
 
-    mem_peak_bytes is what `ctxtrain plan` predicts: on GPU the peak allocation of the step; on CPU the peak RSS
-    growth of the process over rss_baseline (its RSS before the model was built)."""
+    mem_peak_bytes is what `ctxtrain plan` predicts: on GPU the peak allocation of the step; on CPU the peak
+    RSS growth of the process over rss_baseline (its RSS before the model was built)."""
     if device.type == "cuda":
         out = {
             "mem_bytes": torch.cuda.max_memory_allocated(device),

@@ -1,4 +1,5 @@
-"""The memory planner: what one training worker holds at its peak, from the config alone, before anything starts.
+"""The memory planner: what one training worker holds at its peak, from the config alone, before anything
+starts.
 
     ctxtrain plan configs/lm_1b.yaml --gpus 8 --gpu-mem 141 --data.seq_len=131072
 
@@ -8,8 +9,9 @@ model's own ops (tests/unit/test_plan.py checks them against what autograd saves
 follow DeepSpeed's ZeRO partitioning, and one stated margin (`memory.margin`) covers the allocator.
 
 Notation: P parameters, N ranks (ZeRO partitions over all of them), n = batch x seq_len / sp tokens of one
-micro-batch on one rank (sp: the sequence-parallel degree), d width, F MLP width, V vocabulary, L layers, H heads
-(KV key/value heads), s bytes of an activation element (2 bf16, 4 fp32), w bytes of a working parameter (= s).
+micro-batch on one rank (sp: the sequence-parallel degree), d width, F MLP width, V vocabulary, L layers, H
+heads (KV key/value heads), s bytes of an activation element (2 bf16, 4 fp32), w bytes of a working parameter
+(= s).
 
 The peak of a step is
     parameters + gradients + optimizer state (on the device unless offloaded) + communication buckets
@@ -45,7 +47,8 @@ bf16) still make messages large enough to run the interconnect at full bandwidth
 
 @dataclass(frozen=True)
 class Shape:
-    """The numbers the formulas read, taken from a config (and a sequence length, to solve for the longest)."""
+    """The numbers the formulas read, taken from a config (and a sequence length, to solve for the
+    longest)."""
 
     model: ModelConfig
     batch: int
@@ -66,8 +69,8 @@ class Shape:
 
     @property
     def tokens(self) -> int:
-        """n: target tokens of one micro-batch on one rank (the decoder's, for an encoder-decoder): a sequence-
-        parallel rank holds seq_len / sp of every window."""
+        """n: target tokens of one micro-batch on one rank (the decoder's, for an encoder-decoder): a
+        sequence- parallel rank holds seq_len / sp of every window."""
         return self.batch * self.seq_len // self.sp
 
     @property
@@ -85,7 +88,8 @@ def shape_of(cfg: Config, world: int, device: str, seq_len: Optional[int] = None
                  s=2 if cfg.train.dtype == "bf16" else 4, stage=cfg.zero.stage, world=world,
                  offload_optimizer=cfg.zero.offload_optimizer, offload_params=cfg.zero.offload_params,
                  overlap_comm=cfg.zero.overlap_comm, checkpoint=checkpoint or cfg.memory.checkpoint,
-                 loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout, device=device,
+                 loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout,
+                 device=device,
                  sp=cfg.parallel.sp)
 
 
@@ -112,8 +116,8 @@ def _largest_module(m: ModelConfig) -> int:
 
 def parameters(sh: Shape) -> tuple[int, int]:
     """Working weights (device, host). ZeRO 0-2 keep all P at w bytes on every rank; ZeRO-3 keeps 1/N of them,
-    plus the gathered working set: the module being computed and the one prefetched (twice the largest module);
-    with zero.offload_params the 1/N share lives in host memory."""
+    plus the gathered working set: the module being computed and the one prefetched (twice the largest
+    module); with zero.offload_params the 1/N share lives in host memory."""
     P, w = param_count(sh.model), sh.s
     if sh.stage < 3:
         return P * w, 0
@@ -123,10 +127,10 @@ def parameters(sh: Shape) -> tuple[int, int]:
 
 
 def gradients(sh: Shape) -> tuple[int, int]:
-    """Gradients (device, host). ZeRO 0-1: every parameter's gradient at w bytes (ZeRO-1 partitions them only at
-    the step). ZeRO-2/3: this rank's 1/N partition (w bytes); ZeRO-3 also holds a module's whole gradient until
-    it is reduced into the partitions (two of the largest module's in flight). With optimizer offload the
-    partition's gradient is copied to host memory as float32 for the step."""
+    """Gradients (device, host). ZeRO 0-1: every parameter's gradient at w bytes (ZeRO-1 partitions them only
+    at the step). ZeRO-2/3: this rank's 1/N partition (w bytes); ZeRO-3 also holds a module's whole gradient
+    until it is reduced into the partitions (two of the largest module's in flight). With optimizer offload
+    the partition's gradient is copied to host memory as float32 for the step."""
     P, w, N = param_count(sh.model), sh.s, sh.world
     device = P * w if sh.stage <= 1 else math.ceil(P / N) * w
     if sh.stage == 3:
@@ -136,9 +140,9 @@ def gradients(sh: Shape) -> tuple[int, int]:
 
 
 def optimizer_state(sh: Shape) -> tuple[int, int]:
-    """AdamW's state (device, host): two float32 moments per parameter, plus DeepSpeed's float32 master copy of
-    the weights under ZeRO 1-3 (it keeps one even in fp32 training) and under bf16 without ZeRO. ZeRO 1-3 hold
-    1/N of it per rank; zero.offload_optimizer puts it in host memory."""
+    """AdamW's state (device, host): two float32 moments per parameter, plus DeepSpeed's float32 master copy
+    of the weights under ZeRO 1-3 (it keeps one even in fp32 training) and under bf16 without ZeRO. ZeRO 1-3
+    hold 1/N of it per rank; zero.offload_optimizer puts it in host memory."""
     P, N = param_count(sh.model), sh.world
     if sh.stage == 0:
         per_param = 8 + (4 if sh.s == 2 else 0)
@@ -201,16 +205,17 @@ def mlp_kept(m: ModelConfig, s: int, dropout: float) -> int:
 
 def residual_dropout_kept(m: ModelConfig, s: int, dropout: float, sublayers: int) -> int:
     """Dropout on the residual branches keeps a mask and its output per sub-layer (nothing when dropout is 0).
-    Approximate: the kernels differ in the masks they keep (within 5% of a block on CPU, tests/unit/test_plan.py);
-    dropout belongs to the short translation sequences, not to the long ones the planner is for."""
+    Approximate: the kernels differ in the masks they keep (within 5% of a block on CPU,
+    tests/unit/test_plan.py); dropout belongs to the short translation sequences, not to the long ones the
+    planner is for."""
     return 0 if dropout <= 0 else sublayers * m.d_model * (1 + s)
 
 
 def block_kept(sh: Shape, decoder: bool = False) -> int:
     """Bytes per token that one block keeps with no checkpointing: two (three in the decoder of an
     encoder-decoder) pre-norms with their outputs, self-attention, cross-attention's queries and outputs (its
-    keys and values over the source are in `cross_kv_kept`), and the MLP. The block's input is the first norm's
-    kept input; the residual sum after attention is the next norm's."""
+    keys and values over the source are in `cross_kv_kept`), and the MLP. The block's input is the first
+    norm's kept input; the residual sum after attention is the next norm's."""
     m, s = sh.model, sh.s
     norms = 3 if decoder else 2
     kept = norms * (norm_kept(m, s) + s * m.d_model) + attention_kept(m, s) + mlp_kept(m, s, sh.dropout)
@@ -272,7 +277,8 @@ def kept_between_passes(sh: Shape, tokens: int, decoder: bool) -> int:
 def checkpointed_activations(sh: Shape) -> tuple[int, int]:
     """Every block's kept activations (device, host), plus what the trunk's ends keep: the final norm, the
     encoder's output (read by every decoder layer) and RoPE's cos/sin table. With `offload` on a GPU the block
-    inputs are in host memory and at most two are on the device at once (one in use, one brought back early)."""
+    inputs are in host memory and at most two are on the device at once (one in use, one brought back
+    early)."""
     m, s = sh.model, sh.s
     kept = sum(kept_between_passes(sh, t, dec) for t, dec in _layers(sh))
     ends = norm_kept(m, s) * sh.tokens + s * m.d_model * sh.src_tokens
@@ -307,16 +313,17 @@ def peak_layer(sh: Shape) -> int:
 
 
 def all_to_all_buffers(sh: Shape) -> int:
-    """Sequence parallelism: while one attention runs (or is recomputed), each of q, k, v and its output passes
-    through DeepSpeed's all-to-all as a contiguous copy, the exchanged tensor and its reshaped result: about
-    three copies of q (n x d x s) in flight besides the kept ones. Nothing without sequence parallelism."""
+    """Sequence parallelism: while one attention runs (or is recomputed), each of q, k, v and its output
+    passes through DeepSpeed's all-to-all as a contiguous copy, the exchanged tensor and its reshaped result:
+    about three copies of q (n x d x s) in flight besides the kept ones. Nothing without sequence
+    parallelism."""
     return 0 if sh.sp == 1 else 3 * sh.s * sh.model.d_model * sh.tokens
 
 
 def loss_buffer(sh: Shape) -> int:
-    """The LM head and the loss at the end of the forward pass, besides the head's input (n x d x s). Plain: the
-    [n, V] logits, log-softmax's float32 output and the backward's two float32 [n, V] gradients (bf16 adds the
-    logits' bf16 copy and the gradient's cast): 3 x 4 (fp32) or 14 (bf16) bytes per logit. Chunked
+    """The LM head and the loss at the end of the forward pass, besides the head's input (n x d x s). Plain:
+    the [n, V] logits, log-softmax's float32 output and the backward's two float32 [n, V] gradients (bf16 adds
+    the logits' bf16 copy and the gradient's cast): 3 x 4 (fp32) or 14 (bf16) bytes per logit. Chunked
     (memory.loss_chunk = c): a chunk's float32 logits and logsumexp's temporary (8 bytes per logit of c
     tokens), plus the gradients kept for the backward pass: the hidden states' (n x d x s) and the head's,
     accumulated in float32 (V x d x 4; in bf16 each chunk's share is formed in bf16 and cast before it is
@@ -358,7 +365,8 @@ class Plan:
 
 def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
          checkpoint: Optional[str] = None) -> Plan:
-    """One worker's memory for this config on `world` workers; seq_len and checkpoint override the config's."""
+    """One worker's memory for this config on `world` workers; seq_len and checkpoint override the
+    config's."""
     sh = shape_of(cfg, world, device, seq_len, checkpoint)
     (p_dev, p_host), (g_dev, g_host), (o_dev, o_host) = parameters(sh), gradients(sh), optimizer_state(sh)
     a_dev, a_host = checkpointed_activations(sh)
@@ -366,13 +374,16 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
     scores = max(math_attention_scores(sh, dec) for _, dec in _layers(sh))
     step = optimizer_step_transients(sh)
     terms = [
-        Term("parameters", p_dev, p_host, f"{param_count(sh.model) / 1e6:,.1f}M, ZeRO-{sh.stage} over {world}"),
+        Term("parameters", p_dev, p_host, f"{param_count(sh.model) / 1e6:,.1f}M, ZeRO-{sh.stage} over "
+                                          f"{world}"),
         Term("gradients", g_dev, g_host),
-        Term("optimizer state", o_dev, o_host, "AdamW moments + fp32 master" + (" (offloaded)" if o_host else "")),
+        Term("optimizer state", o_dev, o_host,
+             "AdamW moments + fp32 master" + (" (offloaded)" if o_host else "")),
         Term("communication buckets", communication_buckets(sh)),
         Term("checkpointed activations", a_dev, a_host, f"memory.checkpoint={sh.checkpoint}"),
         Term("peak layer working set", layer, 0, "recompute + gradients of one block"),
-        Term("loss buffer", loss, 0, f"chunk {sh.loss_chunk} tokens" if sh.loss_chunk else "whole [n, V] logits"),
+        Term("loss buffer", loss, 0, f"chunk {sh.loss_chunk} tokens" if sh.loss_chunk else "whole [n, V] "
+                                                                                           "logits"),
         Term("attention workspace", scores, 0, "math kernel's scores, largest layer (in the layer terms)"
              if scores else "flash/cuDNN tiles: the log-sum-exp, in the layer terms"),
         Term("all-to-all buffers", a2a, 0, f"sequence parallel over {sh.sp}" if a2a else "parallel.sp=1"),
@@ -453,7 +464,8 @@ def lever_that_fits(cfg: Config, world: int, device: str, device_bytes: float,
 
 def check_fits(cfg: Config, world: int, device: str, device_bytes: float, host_bytes: Optional[float],
                where: str) -> Plan:
-    """Refuse, in one line, a config predicted not to fit (unless memory.force); returns its plan otherwise."""
+    """Refuse, in one line, a config predicted not to fit (unless memory.force); returns its plan
+    otherwise."""
     from ctxtrain.errors import UserError
 
     p = plan(cfg, world, device)
@@ -465,9 +477,9 @@ def check_fits(cfg: Config, world: int, device: str, device_bytes: float, host_b
     fix = (f"{found[0]} would make it fit (predicted {fmt_bytes(found[1].device_peak)})" if found
            else "no memory lever makes it fit; shorten data.seq_len (see `ctxtrain plan`) or add workers")
     what = "host memory" if over_host else where
-    raise UserError(f"data.seq_len={cfg.data.seq_len} x data.batch_size={cfg.data.batch_size} is predicted not to "
-                    f"fit: {fmt_bytes(need)} per worker against {fmt_bytes(have)} of {what}; {fix}, or "
-                    "--memory.force=true runs it anyway")
+    raise UserError(f"data.seq_len={cfg.data.seq_len} x data.batch_size={cfg.data.batch_size} is predicted "
+                    f"not to fit: {fmt_bytes(need)} per worker against {fmt_bytes(have)} of {what}; {fix}, "
+                    "or --memory.force=true runs it anyway")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -528,21 +540,24 @@ def fmt_bytes(n: float) -> str:
 
 
 def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes: Optional[float]) -> str:
-    """The table `ctxtrain plan` prints: the terms per worker, the peaks, the verdict and the longest lengths."""
+    """The table `ctxtrain plan` prints: the terms per worker, the peaks, the verdict and the longest
+    lengths."""
     sh = p.shape
     where = "GPU" if sh.device == "cuda" else "CPU: device memory is host memory, the peak is RSS growth"
     tokens = f"{sh.batch} x {sh.seq_len} tokens" + (f" (source {sh.src_len})" if sh.src_len else "")
     split = f" split over sp={sh.sp} workers" if sh.sp > 1 else ""
-    lines = [f"one worker of {sh.world}: {tokens}{split}, {'bf16' if sh.s == 2 else 'fp32'}, ZeRO-{sh.stage}, "
-             f"memory.checkpoint={sh.checkpoint}, loss_chunk={sh.loss_chunk}, mlp_chunk={sh.mlp_chunk} ({where})",
+    lines = [f"one worker of {sh.world}: {tokens}{split}, {'bf16' if sh.s == 2 else 'fp32'}, "
+             f"ZeRO-{sh.stage}, memory.checkpoint={sh.checkpoint}, loss_chunk={sh.loss_chunk}, "
+             f"mlp_chunk={sh.mlp_chunk} ({where})",
              "",
              f"{'term':28} {'device':>12} {'host':>12}  note"]
     for t in p.terms:
-        lines.append(f"{t.name:28} {fmt_bytes(t.device):>12} {fmt_bytes(t.host) if t.host else '-':>12}  {t.note}")
+        lines.append(f"{t.name:28} {fmt_bytes(t.device):>12} {fmt_bytes(t.host) if t.host else '-':>12}  "
+                     f"{t.note}")
     lines.append(f"{'predicted peak':28} {fmt_bytes(p.device_peak):>12} "
                  f"{fmt_bytes(p.host_peak) if p.host_peak else '-':>12}")
-    show = (lambda b: f"{fmt_bytes(b):>12}" if b else f"{'?':>12}")
-    lines.append(f"{'available':28} {show(device_bytes)} {show(host_bytes)}")
+    device_text, host_text = (f"{fmt_bytes(b) if b else '?':>12}" for b in (device_bytes, host_bytes))
+    lines.append(f"{'available':28} {device_text} {host_text}")
     if device_bytes is None:
         lines.append("verdict: unknown (give --gpu-mem)")
         return "\n".join(lines)

@@ -1,8 +1,8 @@
 """What a launcher checks before it starts workers (and a worker again where no launcher could): the data, the
 memory the planner predicts, the W&B login, the checkpoint to resume from. One line each, exit status 2.
 
-No torch, deepspeed or webdataset here: `ctxtrain train` runs these in its driver before any worker starts, and
-importing those (~4 s on 2 CPU cores) is the workers' business.
+No torch, deepspeed or webdataset here: `ctxtrain train` runs these in its driver before any worker starts,
+and importing those (~4 s on 2 CPU cores) is the workers' business.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def check_data(cfg: Config) -> Dataset:
     ds = Dataset(cfg.data.path)
     want = "lm" if cfg.model.kind == "lm" else "translation"
     if ds.task != want:
-        raise UserError(f"data.path={cfg.data.path} holds {ds.task} data but model.kind={cfg.model.kind} needs "
-                        f"{want} data; point data.path at a {want} dataset")
+        raise UserError(f"data.path={cfg.data.path} holds {ds.task} data but model.kind={cfg.model.kind} "
+                        f"needs {want} data; point data.path at a {want} dataset")
     if ds.vocab_size > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer of {cfg.data.path} has "
                         f"{ds.vocab_size} ids; set model.vocab_size >= {ds.vocab_size}")
@@ -49,7 +49,8 @@ def check_memory(cfg: Config, world: int, device: Optional["torch.device"] = Non
     if cfg.memory.force:
         return
     if device is None:
-        kind, device_bytes, host_bytes = available_here(cfg.cluster.workers, want_gpu=cfg.cluster.gpus_per_worker != 0)
+        kind, device_bytes, host_bytes = available_here(cfg.cluster.workers,
+                                                        want_gpu=cfg.cluster.gpus_per_worker != 0)
         where = ("GPU memory" if kind == "cuda"
                  else f"this machine's available memory shared by {cfg.cluster.workers} workers")
     else:
@@ -59,7 +60,8 @@ def check_memory(cfg: Config, world: int, device: Optional["torch.device"] = Non
         if kind == "cuda":
             import torch
 
-            device_bytes, where = torch.cuda.mem_get_info(device)[0] - GPU_RESERVED, f"free memory of {device}"
+            device_bytes = torch.cuda.mem_get_info(device)[0] - GPU_RESERVED
+            where = f"free memory of {device}"
         else:
             device_bytes, host_bytes = host_bytes, None
             where = f"this node's available memory shared by {local} workers"
@@ -67,7 +69,8 @@ def check_memory(cfg: Config, world: int, device: Optional["torch.device"] = Non
 
 
 def preflight(cfg: Config) -> None:
-    """What a launcher checks before it starts workers: data, memory, W&B login, the checkpoint to resume from."""
+    """What a launcher checks before it starts workers: data, memory, W&B login, the checkpoint to resume
+    from."""
     check_data(cfg)
     if runs_here(cfg):
         check_memory(cfg, cfg.cluster.workers)

@@ -35,9 +35,9 @@ def free_port() -> int:
 
 def die_with_parent(parent_pid: Optional[int] = None) -> None:
     """Have the kernel SIGKILL this process when its parent dies, even a SIGKILLed parent (Linux's
-    PR_SET_PDEATHSIG): an orphaned worker would go on writing into a run directory, or hold a dead rank's sockets
-    open so that Ray notices the death only after minutes of timeouts. A parent that died before the call (this
-    process is no longer parent_pid's child, or was handed to init) means exiting now."""
+    PR_SET_PDEATHSIG): an orphaned worker would go on writing into a run directory, or hold a dead rank's
+    sockets open so that Ray notices the death only after minutes of timeouts. A parent that died before the
+    call (this process is no longer parent_pid's child, or was handed to init) means exiting now."""
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -24,8 +24,8 @@ def want_bar() -> bool:
 
 
 def _screen() -> tuple[int, int]:
-    """The terminal's (columns, rows); 100 x 24 where it reports 0 (a fresh pseudo-terminal does, and tqdm then
-    computes -1 rows and draws nothing)."""
+    """The terminal's (columns, rows); 100 x 24 where it reports 0 (a fresh pseudo-terminal does, and tqdm
+    then computes -1 rows and draws nothing)."""
     try:
         size = os.get_terminal_size(sys.stderr.fileno())
         return size.columns or 100, size.lines or 24

@@ -46,8 +46,8 @@ def load_run(path: str | Path) -> Run:
         raise UserError(f"{p} has no metrics.jsonl; pass the train.run_dir of a run")
     rows = read_metrics(run.metrics)  # torn, non-UTF-8 or non-record lines are skipped
     if not rows:
-        raise UserError(f"{run.metrics} holds no step records (empty, or every line damaged); pass a run that has "
-                        "trained at least one step")
+        raise UserError(f"{run.metrics} holds no step records (empty, or every line damaged); pass a run "
+                        "that has trained at least one step")
     config_text = _text(run.config, "(no config.yaml)")
     tracker = (_json(run.tracker) or {}).get("run_id")
     restarts = max((r.get("restarts") or 0 for r in rows), default=0)
@@ -55,8 +55,9 @@ def load_run(path: str | Path) -> Run:
 
 
 def _checkpoints(run_dir: Path) -> list[dict]:
-    """The run's checkpoints wherever it stored them (checkpoint.storage of its config.yaml; RUN_DIR/checkpoints
-    when the config cannot be read), each with its meta.json's facts or a note that meta.json is damaged."""
+    """The run's checkpoints wherever it stored them (checkpoint.storage of its config.yaml;
+    RUN_DIR/checkpoints when the config cannot be read), each with its meta.json's facts or a note that
+    meta.json is damaged."""
     from ctxtrain.checkpoint import LocalStorage, open_storage, tag_of
     from ctxtrain.config import load_config
 
@@ -146,7 +147,8 @@ def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
             drawn += line(run.series("loss"), f"{run.name} loss")
             x, y = run.series("val_loss")
             if x:
-                ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.name} val loss",
+                ax.plot(x, y, color=color, linestyle="--", marker="o", markersize=4, label=f"{run.name} val "
+                                                                                           "loss",
                         gid=f"r{i}-{key}-val")
                 drawn += 1
         elif key == "lr":
@@ -181,7 +183,8 @@ def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
     return fig, drawn, hover
 
 
-def _line(ax, series, color, label, style="-", hover: Optional[_Hover] = None, gid: str = "", unit: str = "") -> int:
+def _line(ax, series, color, label, style="-", hover: Optional[_Hover] = None, gid: str = "",
+          unit: str = "") -> int:
     x, y = series
     if not x:
         return 0
@@ -228,14 +231,17 @@ def _add_titles(svg: str, gid: str, titles: list[str]) -> str:
 
 
 CSS = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px; color: #222; background: #fff; }
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px; color: #222;
+       background: #fff; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; }
-table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { background: #f4f4f4; } td.name, th.name { text-align: left; }
 div.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(540px, 1fr)); gap: 10px 18px; }
 figure.plot { margin: 0; min-width: 0; } figure.plot svg { width: 100%; height: auto; display: block; }
 figure.plot use:hover { fill-opacity: 1 !important; stroke-opacity: 1 !important; }
-div.selector { margin: 6px 0 10px; font-size: 13px; } div.selector label { margin-right: 14px; cursor: pointer; }
+div.selector { margin: 6px 0 10px; font-size: 13px; }
+div.selector label { margin-right: 14px; cursor: pointer; }
 input.run { display: none; }
 pre { background: #f7f7f7; padding: 8px; font-size: 12px; max-height: 420px; overflow: auto; }
 .swatch { display: inline-block; width: 12px; height: 12px; margin-right: 6px; vertical-align: middle; }
@@ -253,7 +259,8 @@ def build_report(run_dirs: list[str], out: str, png_dir: Optional[str] = None) -
         raise UserError("report needs at least one RUN_DIR")
     out_path = Path(out)
     if out_path.is_dir():
-        raise UserError(f"--out {out} is a directory; name the HTML file to write, e.g. --out {out_path / 'report.html'}")
+        raise UserError(f"--out {out} is a directory; name the HTML file to write, e.g. --out "
+                        f"{out_path / 'report.html'}")
     for where in (out_path.parent, Path(png_dir) if png_dir else None):
         if where is not None and where.exists() and not where.is_dir():
             raise UserError(f"{where} is a file, not a directory; choose another --out/--png")
@@ -281,15 +288,17 @@ def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Option
              f"<p>{len(runs)} run(s), written {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
 
     parts.append("<h2>Runs</h2><table id='runs'><tr><th class='name'>run</th><th>steps</th><th>loss</th>"
-                 "<th>val loss</th><th>val ppl</th><th>val BLEU</th><th>tokens</th><th>tokens/s</th><th>MFU</th><th>restarts</th>"
-                 "<th class='name'>W&amp;B run</th></tr>")
+                 "<th>val loss</th><th>val ppl</th><th>val "
+                 "BLEU</th><th>tokens</th><th>tokens/s</th><th>MFU</th><th>restarts</th><th "
+                 "class='name'>W&amp;B run</th></tr>")
     for i, run in enumerate(runs):
         last = run.rows[-1] if run.rows else {}
         val = next((r for r in reversed(run.rows) if r.get("val_loss") is not None), {})
         scored = next((r for r in reversed(run.rows) if r.get("val_bleu") is not None), {})
         parts.append(
             f"<tr><td class='name'><span class='swatch' style='background:{COLORS[i % len(COLORS)]}'></span>"
-            f"{html.escape(run.name)}</td><td>{_fmt(last.get('step'))}</td><td>{_fmt(last.get('loss'), '.4f')}</td>"
+            f"{html.escape(run.name)}</td><td>{_fmt(last.get('step'))}</td>"
+            f"<td>{_fmt(last.get('loss'), '.4f')}</td>"
             f"<td>{_fmt(val.get('val_loss'), '.4f')}</td><td>{_fmt(val.get('val_ppl'), '.2f')}</td>"
             f"<td>{_fmt(scored.get('val_bleu'), '.2f')}</td>"
             f"<td>{_fmt(last.get('tokens'), ',')}</td><td>{_fmt(last.get('tokens_per_s'), ',.0f')}</td>"
@@ -300,18 +309,22 @@ def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Option
     parts.append("<h2>Plots</h2>")
     if png_dir:
         Path(png_dir).mkdir(parents=True, exist_ok=True)
-    if len(runs) > 1:  # a run selector without script: a checkbox per run hides that run's lines (CSS :checked)
+    # a run selector without script: a checkbox per run hides that run's lines (CSS :checked)
+    if len(runs) > 1:
         parts.append("<style>" + "".join(
             f"#show-r{i}:not(:checked) ~ div.plots g[id^='r{i}-'] {{ display: none; }} "
             f"#show-r{i}:not(:checked) ~ div.selector label[for='show-r{i}'] {{ opacity: 0.35; "
             "text-decoration: line-through; }" for i in range(len(runs)))
             + "</style>")
-        parts.append("".join(f"<input type='checkbox' class='run' id='show-r{i}' checked>" for i in range(len(runs))))
+        parts.append("".join(f"<input type='checkbox' class='run' id='show-r{i}' checked>"
+                             for i in range(len(runs))))
         parts.append("<div class='selector'>runs shown: " + "".join(
-            f"<label for='show-r{i}'><span class='swatch' style='background:{COLORS[i % len(COLORS)]}'></span>"
-            f"{html.escape(run.name)}</label>" for i, run in enumerate(runs)) + "</div>")
+            f"<label for='show-r{i}'><span class='swatch' "
+            f"style='background:{COLORS[i % len(COLORS)]}'></span>{html.escape(run.name)}</label>" for i,
+                                                                    run in enumerate(runs)) + "</div>")
     parts.append("<div class='plots'>")
-    plots = PLOTS + ([BLEU_PLOT] if any(r.get("val_bleu") is not None for run in runs for r in run.rows) else [])
+    plots = PLOTS + ([BLEU_PLOT] if any(r.get("val_bleu") is not None for run in runs for r in run.rows)
+                     else [])
     for key, title, ylabel in plots:
         fig, _, hover = _figure(key, title, ylabel, runs)
         parts.append(f"<figure class='plot' id='plot-{key}'>{_svg(fig, hover)}</figure>")
@@ -322,8 +335,8 @@ def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Option
 
     for run in runs:
         parts.append(f"<h2>{html.escape(run.name)}</h2><p>{html.escape(str(run.path.resolve()))}</p>")
-        parts.append("<table class='checkpoints'><tr><th class='name'>checkpoint</th><th>committed</th><th>size</th>"
-                     "<th>tokens</th><th>ranks</th><th class='name'>written</th></tr>")
+        parts.append("<table class='checkpoints'><tr><th class='name'>checkpoint</th><th>committed</th>"
+                     "<th>size</th><th>tokens</th><th>ranks</th><th class='name'>written</th></tr>")
         for c in run.checkpoints:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"])) if c["time"] else "–"
             parts.append(f"<tr><td class='name'>{c['name']}</td><td>{'yes' if c['committed'] else 'NO'}</td>"
@@ -332,23 +345,24 @@ def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Option
         if not run.checkpoints:
             parts.append("<tr><td class='name' colspan='6'>no checkpoints</td></tr>")
         parts.append("</table>")
-        parts.append(f"<details open><summary>config.yaml</summary><pre>{html.escape(run.config_text)}</pre></details>")
+        parts.append("<details open><summary>config.yaml</summary>"
+                     f"<pre>{html.escape(run.config_text)}</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def serve(run_dirs: list[str], port: int, refresh_s: float) -> int:
     """`report --serve`: the report on http://127.0.0.1:PORT/ (this machine only; an SSH tunnel brings it
-    elsewhere), rebuilt when a run's metrics.jsonl or state changes, the page reloading itself every refresh_s.
-    Ctrl-C (SIGINT) stops it."""
+    elsewhere), rebuilt when a run's metrics.jsonl or state changes, the page reloading itself every
+    refresh_s. Ctrl-C (SIGINT) stops it."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     if not run_dirs:
         raise UserError("report needs at least one RUN_DIR")
     if not 0 <= port <= 65535 or refresh_s <= 0:
-        raise UserError(f"--port {port} --refresh {refresh_s:g}: the port must lie in 0..65535 (0: any free one) "
-                        "and the refresh be a positive number of seconds")
+        raise UserError(f"--port {port} --refresh {refresh_s:g}: the port must lie in 0..65535 (0: any free "
+                        "one) and the refresh be a positive number of seconds")
     def fingerprint():
         out = []
         for d in run_dirs:
@@ -398,8 +412,8 @@ def serve(run_dirs: list[str], port: int, refresh_s: float) -> int:
         raise UserError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); pick another "
                         "port, or 0 for any free one") from None
     interruptible()
-    print(f"serving the report of {len(run_dirs)} run(s) on http://127.0.0.1:{server.server_port}/ (rebuilt when "
-          f"metrics.jsonl grows, the page reloads every {refresh_s:g} s); Ctrl-C stops", flush=True)
+    print(f"serving the report of {len(run_dirs)} run(s) on http://127.0.0.1:{server.server_port}/ (rebuilt "
+          f"when metrics.jsonl grows, the page reloads every {refresh_s:g} s); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml         the resolved config           RUN_DIR/metrics.jsonl   one JSON line per step
     RUN_DIR/starts.jsonl        one line per (re)start        RUN_DIR/tracker.json    the W&B run id
-    RUN_DIR/ds_config.json      the generated DeepSpeed config RUN_DIR/state.json      running/finished/stopped/failed
+    RUN_DIR/ds_config.json      the DeepSpeed config          RUN_DIR/state.json      running/finished/...
     RUN_DIR/wandb/              W&B's files                   RUN_DIR/tensorboard/    TensorBoard event files
     RUN_DIR/checkpoints/        checkpoints (checkpoint.py), or their local staging when
                                 checkpoint.storage is a URI; `checkpoint_root` says where they live
@@ -64,9 +64,10 @@ class RunDir:
 
     def record_start(self, resumed_from: Optional[int], launch_id: Optional[str], fresh: bool) -> int:
         """Append this start to starts.jsonl; returns the restart count: the starts of this run (worker groups
-        restarted by Ray, drivers re-run) since it last started fresh, minus one. A fresh start empties the file,
-        unless it is a restart within the launch that started fresh (Ray restarted its workers)."""
-        earlier = [json.loads(line) for line in self.starts.read_text().splitlines()] if self.starts.exists() else []
+        restarted by Ray, drivers re-run) since it last started fresh, minus one. A fresh start empties the
+        file, unless it is a restart within the launch that started fresh (Ray restarted its workers)."""
+        earlier = [json.loads(line)
+                   for line in self.starts.read_text().splitlines()] if self.starts.exists() else []
         if fresh and not (launch_id and earlier and earlier[-1].get("launch_id") == launch_id):
             earlier = []
         line = {"time": time.time(), "resumed_from": resumed_from, "launch_id": launch_id}
@@ -127,8 +128,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The step records of a metrics.jsonl, in order. A line torn by a crash, a line that is not UTF-8 or not a
-    JSON object with an integer step (damage, or an edit) is skipped: readers never fail on the file's content."""
+    """The step records of a metrics.jsonl, in order. A line torn by a crash, a line that is not UTF-8 or not
+    a JSON object with an integer step (damage, or an edit) is skipped: readers never fail on the file's
+    content."""
     try:
         data = Path(path).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -145,7 +147,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def last_record(run_dir: str | Path) -> Optional[dict]:
-    """The newest complete line of RUN_DIR/metrics.jsonl (a line being written, or torn by a crash, is skipped)."""
+    """The newest complete line of RUN_DIR/metrics.jsonl (a line being written, or torn by a crash, is
+    skipped)."""
     try:
         rows = read_metrics(RunDir(run_dir).metrics)
     except OSError:

@@ -3,15 +3,15 @@
 
     step, tokens      optimizer steps done, training tokens seen
     restarts          starts of this run since it last started fresh, minus one (RUN_DIR/starts.jsonl)
-    launch_id         the `ctxtrain train` that started these workers: Ray's restarts within it resume its newest
-                      checkpoint whatever --resume said
+    launch_id         the `ctxtrain train` that started these workers: Ray's restarts within it resume its
+                      newest checkpoint whatever --resume said
     tracker_run_id    the W&B run of this trajectory
     origin            another run's checkpoint that this trajectory started from (--resume PATH), or None
     loader, rng       this rank's data cursor and RNG states: per rank in meta.json
 
-`checkpoint.save` gathers every rank's `state_dict()` into meta.json (`meta_of`), `checkpoint.load` hands meta.json
-back to `load_state_dict`; the DeepSpeed files hold the weights and the optimizer. The engine's weights are not
-in here: DeepSpeed owns them.
+`checkpoint.save` gathers every rank's `state_dict()` into meta.json (`meta_of`), `checkpoint.load` hands
+meta.json back to `load_state_dict`; the DeepSpeed files hold the weights and the optimizer. The engine's
+weights are not in here: DeepSpeed owns them.
 """
 
 from __future__ import annotations
@@ -38,17 +38,21 @@ class TrainState:
         self.origin: Optional[str] = None
         self.stop_reason: Optional[str] = None
         self.global_batch = global_batch
-        self.kept_through = 0  # the steps of earlier starts this trajectory keeps (metrics.jsonl, W&B, TensorBoard)
+        # the steps of earlier starts this trajectory keeps (metrics.jsonl, W&B, TensorBoard)
+        self.kept_through = 0
 
     def state_dict(self) -> dict:
         """This rank's part of a checkpoint's meta.json."""
-        return {"step": self.step, "tokens": self.tokens, "restarts": self.restarts, "launch_id": self.launch_id,
+        return {"step": self.step, "tokens": self.tokens, "restarts": self.restarts,
+                "launch_id": self.launch_id,
                 "tracker_run_id": self.tracker_run_id, "origin": self.origin, "stop_reason": self.stop_reason,
-                "global_batch": self.global_batch, "loader": self.loader.state_dict(), "rng": rng_state(self.device)}
+                "global_batch": self.global_batch, "loader": self.loader.state_dict(),
+                "rng": rng_state(self.device)}
 
     def load_state_dict(self, meta: dict, origin: Optional[str] = None) -> None:
-        """Continue from a checkpoint's meta.json. origin: where that checkpoint lives when it is another run's;
-        this run then starts a trajectory of its own (a new tracker run), else it continues the checkpoint's.
+        """Continue from a checkpoint's meta.json. origin: where that checkpoint lives when it is another
+        run's; this run then starts a trajectory of its own (a new tracker run), else it continues the
+        checkpoint's.
 
         Every rank's cursor is the same global position, so any rank's serves on another world size; the RNG
         states are restored where the world size is the same (elsewhere a rank has no predecessor)."""
@@ -57,7 +61,8 @@ class TrainState:
         if meta["world_size"] == self.world:
             set_rng_state(meta["rng"][self.rank], self.device)
         if origin is None:  # continuing: the steps up to the checkpoint are this trajectory's
-            self.tracker_run_id, self.origin, self.kept_through = meta.get("tracker_run_id"), meta.get("origin"), self.step
+            self.tracker_run_id, self.origin = meta.get("tracker_run_id"), meta.get("origin")
+            self.kept_through = self.step
         else:  # another run's steps are not: this run's files start after the checkpoint
             self.tracker_run_id, self.origin, self.kept_through = None, origin, 0
 

@@ -62,12 +62,14 @@ def run_row(path: str | Path, now: Optional[float] = None) -> dict:
     if name == "stopped" and state.get("reason"):
         name = f"stopped ({state['reason']})"
     if name == "running":
-        touched = max((p.stat().st_mtime for p in (run.metrics, run.state, run.starts) if p.exists()), default=0.0)
+        touched = max((p.stat().st_mtime for p in (run.metrics, run.state, run.starts) if p.exists()),
+                      default=0.0)
         interval = 3 * float(last.get("step_time_s") or 0) * int(train.get("log_every") or 1)
         if now - touched > max(STALE_AFTER_S, interval):
             name = f"stale ({(now - touched) / 60:.0f} min silent)"
     eta = eta_seconds(last, total) if name == "running" else None
-    return {"run": str(path), "state": name, "step": last.get("step"), "max_steps": total, "loss": last.get("loss"),
+    return {"run": str(path), "state": name, "step": last.get("step"), "max_steps": total,
+            "loss": last.get("loss"),
             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"), "eta_s": eta,
             "restarts": last.get("restarts", 0)}
 
@@ -134,7 +136,8 @@ def watch(render: Callable[[], str], interval: float, out=None) -> int:
             text = render()
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             if tty:
-                out.write("\x1b[H\x1b[2J" + f"ctxtrain status  {stamp}  (every {interval:g} s, Ctrl-C to stop)\n\n"
+                out.write("\x1b[H\x1b[2J" + f"ctxtrain status  {stamp}  (every {interval:g} s, Ctrl-C to "
+                                            "stop)\n\n"
                           + text)
             else:
                 out.write(f"-- {stamp}\n{text}")

@@ -1,4 +1,5 @@
-"""Tracking behind a small interface (`log`, `log_config`, `summary`, `finish`): W&B and TensorBoard, only here.
+"""Tracking behind a small interface (`log`, `log_config`, `summary`, `finish`): W&B and TensorBoard, only
+here.
 
 Rank 0 creates the W&B run; every other rank gets the no-op `Tracker`. The mode: `WANDB_MODE` when set,
 else `tracking.mode`; `auto` means online when this machine is logged in (`wandb login`, i.e. ~/.netrc) or
@@ -115,8 +116,8 @@ def new_run_id() -> str:
 
 
 def choose_run_id(run_dir: Path, from_checkpoint: Optional[str], launch_id: Optional[str]) -> str:
-    """The W&B run id of this start: the checkpoint's; else this launch's earlier start's (a restart before the
-    first checkpoint); else a new one. Recorded in RUN_DIR/tracker.json."""
+    """The W&B run id of this start: the checkpoint's; else this launch's earlier start's (a restart before
+    the first checkpoint); else a new one. Recorded in RUN_DIR/tracker.json."""
     path = RunDir(run_dir).tracker
     try:
         known = json.loads(path.read_bytes())
@@ -134,11 +135,12 @@ def choose_run_id(run_dir: Path, from_checkpoint: Optional[str], launch_id: Opti
 
 
 class TensorBoardTracker(Tracker):
-    """RUN_DIR/tensorboard/: every numeric metric of metrics.jsonl as a scalar under its own name (tensorboardX's
-    writer), and the resolved config as text. One events file per start. A resumed start writes TensorBoard's
-    purge marker at the step after its checkpoint, so what a killed start wrote past the checkpoint (recomputed
-    now) is dropped by every TensorBoard reader; steps up to the checkpoint that the earlier files hold are not
-    written again, and those they lost are sent again from metrics.jsonl like W&B's."""
+    """RUN_DIR/tensorboard/: every numeric metric of metrics.jsonl as a scalar under its own name
+    (tensorboardX's writer), and the resolved config as text. One events file per start. A resumed start
+    writes TensorBoard's purge marker at the step after its checkpoint, so what a killed start wrote past the
+    checkpoint (recomputed now) is dropped by every TensorBoard reader; steps up to the checkpoint that the
+    earlier files hold are not written again, and those they lost are sent again from metrics.jsonl like
+    W&B's."""
 
     def __init__(self, run_dir: Path, resume_step: int):
         from tensorboardX import SummaryWriter
@@ -223,8 +225,9 @@ class Trackers(Tracker):
 
 def make_tracker(cfg: Config, rank: int, run_dir: Path, checkpoint_run_id: Optional[str],
                  launch_id: Optional[str], resume_step: int = 0, extra: tuple[Tracker, ...] = ()) -> Tracker:
-    """Rank 0's trackers (W&B, TensorBoard, and `extra`: the launcher's, e.g. Ray's gauges); a no-op elsewhere.
-    resume_step: the last step of earlier starts that this start keeps (0: its files start afresh)."""
+    """Rank 0's trackers (W&B, TensorBoard, and `extra`: the launcher's, e.g. Ray's gauges); a no-op
+    elsewhere. resume_step: the last step of earlier starts that this start keeps (0: its files start
+    afresh)."""
     if rank != 0:
         return Tracker()
     members: list[Tracker] = []
@@ -266,7 +269,8 @@ def read_records(path: Path) -> Iterator[object]:
             continue
         checksum, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         chunk = data[pos + 7 : pos + 7 + length]
-        if kind == 0 or len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
+        if kind == 0 or len(chunk) < length or zlib.crc32(chunk,
+                                                          zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != checksum:
             return
         pos += 7 + length
         if kind == _FULL:

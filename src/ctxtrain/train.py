@@ -2,11 +2,11 @@
 
     ctxtrain train configs/lm_tiny.yaml --cluster.workers=2
 
-`run(cfg)` builds the pieces (process group, model, DeepSpeed engine, loader, checkpoint storage), resumes from
-the newest committed checkpoint if there is one, and loops: fetch micro-batches, `Engine.train_step`, and every
-`train.log_every` steps the metrics, evaluation, checkpoints and stop conditions. The schedule is a pure function
-of the step and the data order a pure function of the cursor; the cursor, the step and the rest of what a resume
-needs are the `TrainState` that checkpoints carry: a resumed run continues bit for bit.
+`run(cfg)` builds the pieces (process group, model, DeepSpeed engine, loader, checkpoint storage), resumes
+from the newest committed checkpoint if there is one, and loops: fetch micro-batches, `Engine.train_step`, and
+every `train.log_every` steps the metrics, evaluation, checkpoints and stop conditions. The schedule is a pure
+function of the step and the data order a pure function of the cursor; the cursor, the step and the rest of
+what a resume needs are the `TrainState` that checkpoints carry: a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +26,16 @@ from ctxtrain import checkpoint as ckpt
 from ctxtrain import metrics as M
 from ctxtrain.config import Config, for_workers, global_batch, to_yaml
 from ctxtrain.data.loader import StreamingLoader
-from ctxtrain.engine import (Engine, all_reduce_sum, apply_levers, gather_objects, init_distributed, lr_at,
-                             mean_over_ranks, shutdown)
+from ctxtrain.engine import (
+    Engine,
+    all_reduce_sum,
+    apply_levers,
+    gather_objects,
+    init_distributed,
+    lr_at,
+    mean_over_ranks,
+    shutdown,
+)
 from ctxtrain.engine.memory import return_freed_host_memory
 from ctxtrain.errors import UserError
 from ctxtrain.faults import Faults, Preemption, forget_preemption, request_preemption
@@ -41,22 +49,25 @@ from ctxtrain.tracking import Tracker, make_tracker, resend_lost_steps
 
 
 class PendingSteps:
-    """The steps since the last log line. A step's loss and gradient norm stay device tensors; `flush` reads all
-    of them with one collective and one transfer (the only host sync of the interval), so the device is never
-    waited on per step. Step time and tokens/s are the interval's averages: without a sync per step, the host's
-    clock per step would measure how far it ran ahead, not the step."""
+    """The steps since the last log line. A step's loss and gradient norm stay device tensors; `flush` reads
+    all of them with one collective and one transfer (the only host sync of the interval), so the device is
+    never waited on per step. Step time and tokens/s are the interval's averages: without a sync per step, the
+    host's clock per step would measure how far it ran ahead, not the step."""
 
     def __init__(self, device: torch.device, groups: int):
         self.device, self.groups = device, groups  # data-parallel groups: an sp group's loss shares add up
         self.steps: list[dict] = []
         self.t0 = time.perf_counter()
 
-    def add(self, step: int, loss, grad_norm, tokens: int, flops: float, data_wait: float, memory: dict) -> None:
-        self.steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": tokens, "flops": flops,
+    def add(self, step: int, loss, grad_norm, tokens: int, flops: float, data_wait: float,
+            memory: dict) -> None:
+        self.steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                           "flops": flops,
                            "data_wait_s": data_wait, "memory": memory})
 
     def flush(self, timed_out: bool) -> tuple[list[dict], bool]:
-        """Records of the pending steps (losses averaged over ranks, tokens summed) and whether any rank timed out."""
+        """Records of the pending steps (losses averaged over ranks, tokens summed) and whether any rank timed
+        out."""
         n, f64 = len(self.steps), torch.float64
         local = torch.stack([torch.stack([p["loss"].to(f64), torch.tensor(float(p["tokens"]), dtype=f64,
                                                                           device=self.device)])
@@ -65,7 +76,8 @@ class PendingSteps:
         summed = all_reduce_sum(local).tolist()
         norms = [p["grad_norm"] for p in self.steps]  # global already (DeepSpeed reduces it)
         if any(isinstance(g, torch.Tensor) for g in norms):
-            norms = torch.stack([torch.as_tensor(float("nan") if g is None else g, dtype=f64, device=self.device)
+            norms = torch.stack([torch.as_tensor(float("nan") if g is None else g, dtype=f64,
+                                                 device=self.device)
                                  for g in norms]).tolist()
             norms = [None if g != g else g for g in norms]
         step_time = (time.perf_counter() - self.t0) / n
@@ -88,12 +100,14 @@ def _loader(cfg: Config, rank: int, world: int, split: str) -> StreamingLoader:
     train = split == "train"
     return StreamingLoader(d.path, split=split, seq_len=d.seq_len, batch_size=d.batch_size, rank=rank,
                            world_size=world, num_workers=d.num_workers if train else 0, seed=cfg.train.seed,
-                           shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train, skip_corrupt=d.skip_corrupt,
+                           shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train,
+                           skip_corrupt=d.skip_corrupt,
                            max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len)
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
-    """Mean loss over the first train.eval_batches micro-batches of the val split on every data-parallel rank."""
+    """Mean loss over the first train.eval_batches micro-batches of the val split on every data-parallel
+    rank."""
     info = engine.dist
     losses = []
     for i, batch in enumerate(_loader(cfg, info.dp_rank, info.dp_size, "val")):
@@ -102,7 +116,8 @@ def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
         losses.append(engine.eval_loss(batch))
     if not losses:
         return None
-    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device) * info.sp_size  # a group's shares add up
+    # a group's shares add up
+    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device) * info.sp_size
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
@@ -111,8 +126,8 @@ def run(cfg: Config, trackers: tuple[Tracker, ...] = ()) -> dict:
     trackers: the launcher's own, beside W&B and TensorBoard (rank 0's Ray gauges)."""
     info = init_distributed(cfg)
     forget_preemption()
-    # A local or torchrun worker runs this in its main thread; a Ray Train worker in a thread of its own, where
-    # the launcher routes Ray's SIGTERM handling to request_preemption instead.
+    # A local or torchrun worker runs this in its main thread; a Ray Train worker in a thread of its own,
+    # where the launcher routes Ray's SIGTERM handling to request_preemption instead.
     previous = (signal.signal(signal.SIGTERM, request_preemption)
                 if threading.current_thread() is threading.main_thread() else None)
     try:
@@ -138,8 +153,8 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     check_data(cfg)
     if os.environ.get("CTXTRAIN_MEMORY_CHECKED") != "1":
         check_memory(cfg, world, device)
-    # The checkpoint is chosen (and verified) before anything in the run directory is written: a refused resume
-    # leaves the run as it was.
+    # The checkpoint is chosen (and verified) before anything in the run directory is written: a refused
+    # resume leaves the run as it was.
     storage = ckpt.open_storage(cfg)
     launch_id = os.environ.get("CTXTRAIN_LAUNCH_ID")
     target = ckpt.resume_target(cfg, storage, launch_id, share=(rank, world), agree=gather_objects)
@@ -147,7 +162,8 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     if rank == 0:
         run.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run.config, to_yaml(given))
-    import torch._dynamo  # noqa: F401  (torch.optim loads it on first use: ~70 MB of code, not of training state)
+    # noqa: F401  (torch.optim loads it on first use: ~70 MB of code, not of training state)
+    import torch._dynamo
 
     return_freed_host_memory()
     memory = {"rss_before": M.rss_bytes(),  # CPU: the planner predicts the peak RSS growth over this
@@ -159,7 +175,8 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     if rank == 0:
         write_atomic(run.ds_config, json.dumps(engine.config, indent=1) + "\n")
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
-    state = TrainState(_loader(cfg, info.dp_rank, info.dp_size, "train"),  # one cursor per data-parallel group
+    # one cursor per data-parallel group
+    state = TrainState(_loader(cfg, info.dp_rank, info.dp_size, "train"),
                        device, rank, world, launch_id, global_batch(given))
     if target is not None:
         ckpt.load(engine, target, cfg, state)
@@ -168,11 +185,13 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
 
 
 def _open_records(cfg: Config, info, state: TrainState, target, storage, trackers) -> tuple[Tracker, object]:
-    """Rank 0's records of this start: the trackers, metrics.jsonl, starts.jsonl, state.json and the start line."""
+    """Rank 0's records of this start: the trackers, metrics.jsonl, starts.jsonl, state.json and the start
+    line."""
     if info.rank != 0:
         return Tracker(), None
     run = RunDir(cfg.train.run_dir)
-    tracker = make_tracker(cfg, 0, run.path, state.tracker_run_id, state.launch_id, state.kept_through, trackers)
+    tracker = make_tracker(cfg, 0, run.path, state.tracker_run_id, state.launch_id, state.kept_through,
+                           trackers)
     state.tracker_run_id = tracker.run_id
     tracker.log_config({**cfg.to_dict(), **({"resumed_from": state.origin} if state.origin else {})})
     metrics_file = MetricsWriter(run.path, state.kept_through)
@@ -186,8 +205,8 @@ def _open_records(cfg: Config, info, state: TrainState, target, storage, tracker
     resumed_from = target and (target.tag if target.storage is storage else target.describe())
     kind = "LM" if cfg.model.kind == "lm" else "encoder-decoder"
     layout = f" ({info.dp_size} data-parallel x sp {info.sp_size})" if info.sp_size > 1 else ""
-    print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {info.world_size} workers{layout} on "
-          f"{info.device.type}, ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run.path}"
+    print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {info.world_size} workers{layout} "
+          f"on {info.device.type}, ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run.path}"
           + (f", resumed from {resumed_from}" if target else "")
           + (f", W&B run {tracker.run_id} ({tracker.mode})" if tracker.run_id else ""), flush=True)
     return tracker, metrics_file
@@ -218,7 +237,8 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
         loss, grad_norm = engine.train_step(micro, lr_at(step, cfg.optim, t.max_steps))
         sp = info.sp_size  # each rank of a sequence-parallel group computes its 1/sp of the window
         pending.add(step, loss, grad_norm, sum(int(b["n_tokens"]) for b in micro) // sp,
-                    sum(batch_train_flops(cfg.model, b) for b in micro) / sp, watch.pop("data"), M.memory(device, memory["rss_before"]))
+                    sum(batch_train_flops(cfg.model, b) for b in micro) / sp, watch.pop("data"),
+                    M.memory(device, memory["rss_before"]))
         state.step = step
         if t.stop_at_step == step:
             state.stop_reason = "stop_at_step"
@@ -238,7 +258,8 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
             state.tokens += record.pop("_global_tokens")
             record.update(tokens=state.tokens, lr=lr_at(record["step"], cfg.optim, t.max_steps),
                           epoch=state.loader.epoch, data_skipped_shards=state.loader.stats["skipped_shards"],
-                          restarts=state.restarts, mfu=M.mfu(record.pop("_flops_per_token"), record["tokens_per_s"],
+                          restarts=state.restarts, mfu=M.mfu(record.pop("_flops_per_token"),
+                                                             record["tokens_per_s"],
                                                              info.world_size, peak))
         if first_line:
             records[0]["mem_predicted_bytes"], first_line = memory["predicted"], False

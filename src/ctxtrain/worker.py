@@ -1,4 +1,5 @@
-"""Entry of one worker process started by the local launcher: `python -m ctxtrain.worker MODULE:FUNC CONFIG.json`.
+"""Entry of one worker process started by the local launcher: `python -m ctxtrain.worker MODULE:FUNC
+CONFIG.json`.
 
 It calls FUNC(cfg) — `ctxtrain.train:run` for training, the same function Ray Train calls. A UserError goes
 to $CTXTRAIN_ERROR_FILE (the launcher prints it once) and exits 2; a run preempted by SIGTERM, its checkpoint
@@ -18,7 +19,8 @@ from ctxtrain.processes import die_with_parent
 
 
 def main(argv: list[str]) -> int:
-    # dies with its launcher, even a SIGKILLed one: an orphan would write into the run directory beside a re-run
+    # dies with its launcher, even a SIGKILLed one: an orphan would write into the run directory beside a
+    # re-run
     die_with_parent(int(os.environ.get("CTXTRAIN_LAUNCHER_PID", os.getppid())))
     entry, cfg_path = argv
     module, func = entry.split(":")
@@ -41,8 +43,8 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     code = main(sys.argv[1:])
     # What this worker wrote is committed and closed, its process group destroyed, its DataLoader workers die
-    # with it (PR_SET_PDEATHSIG). Python's own teardown would now garbage-collect torch's and DeepSpeed's objects
-    # one by one: ~2 s at the end of every run on 2 CPU cores, for memory the exit frees anyway.
+    # with it (PR_SET_PDEATHSIG). Python's own teardown would now garbage-collect torch's and DeepSpeed's
+    # objects one by one: ~2 s at the end of every run on 2 CPU cores, for memory the exit frees anyway.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

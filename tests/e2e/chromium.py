@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars"]
 
 
 def find_binary() -> Optional[str]:
@@ -46,7 +47,8 @@ class Chromium:
         os.close(w_out)
         self._buf, self._id, self._session = b"", 0, None
         page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
-        self._session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self._session = self.call("Target.attachToTarget", targetId=page["targetId"],
+                                  flatten=True)["sessionId"]
 
     def call(self, method: str, **params) -> dict:
         self._id += 1

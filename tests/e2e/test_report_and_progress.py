@@ -30,7 +30,8 @@ def second_run(tmp_path_factory, stdlib_shards):
     return run_dir
 
 
-@pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (launch/install.sh dev installs it)")
+@pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (launch/install.sh dev "
+                                            "installs it)")
 def test_report_renders_plots_in_headless_chromium(zero3_run, second_run, tmp_path):
     from PIL import Image
 
@@ -51,7 +52,8 @@ def test_report_renders_plots_in_headless_chromium(zero3_run, second_run, tmp_pa
         browser.load(out.as_uri())
         boxes = {b["id"]: b for b in browser.boxes("figure.plot")}
         assert sorted(boxes) == sorted(f"plot-{k}" for k, _, _ in PLOTS)
-        shots = {key: Image.open(io.BytesIO(browser.screenshot(box))).convert("RGB") for key, box in boxes.items()}
+        shots = {key: Image.open(io.BytesIO(browser.screenshot(box))).convert("RGB") for key,
+                 box in boxes.items()}
     finally:
         browser.close()
 
@@ -78,11 +80,14 @@ def share(image, rgb=None) -> float:
     return hit / len(pts)
 
 
-@pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (launch/install.sh dev installs it)")
-def test_report_grid_fits_a_laptop_and_a_narrow_window_with_hover_values_and_a_run_selector(zero3_run, second_run,
+@pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (launch/install.sh dev "
+                                            "installs it)")
+def test_report_grid_fits_a_laptop_and_a_narrow_window_with_hover_values_and_a_run_selector(zero3_run,
+                                                                                            second_run,
                                                                                            tmp_path):
-    """The plots are a grid: two columns on a 1366x768 laptop, one in an 800-pixel window, never wider than the
-    window. Every series carries hover values (<title>, the browser's tooltip); the run selector hides a run."""
+    """The plots are a grid: two columns on a 1366x768 laptop, one in an 800-pixel window, never wider than
+    the window. Every series carries hover values (<title>, the browser's tooltip); the run selector hides a
+    run."""
     from PIL import Image
 
     from ctxtrain.report import COLORS
@@ -103,7 +108,8 @@ def test_report_grid_fits_a_laptop_and_a_narrow_window_with_hover_values_and_a_r
             shot = Image.open(io.BytesIO(browser.screenshot(loss))).convert("RGB")
             shot.save(tmp_path / f"loss-{width}.png")
             assert shot.size[0] >= 0.4 * inner and all(share(shot, c) > 0.001 for c in colors), width
-            titles = browser.evaluate("[...document.querySelectorAll('#plot-loss use > title')].map(t => t.textContent)")
+            titles = browser.evaluate("[...document.querySelectorAll('#plot-loss use > title')].map(t => "
+                                      "t.textContent)")
             assert any(t.startswith("zero3 loss: step 20, ") for t in titles), titles[:5]
             axes = browser.evaluate("[...document.querySelectorAll('figure.plot svg')].length")
             assert axes == len(boxes)
@@ -121,7 +127,8 @@ def test_report_bad_input_is_one_line(tmp_path):
 
 
 def _train_cmd(run_dir: Path, data: Path) -> list[str]:
-    return [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+    return [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"),
+            f"--train.run_dir={run_dir}",
             f"--data.path={data}", *FAST, "--cluster.launcher=local", "--train.max_steps=8", "--zero.stage=1",
             "--train.log_every=2", "--checkpoint.every=0"]
 
@@ -155,7 +162,8 @@ def test_progress_bar_in_a_terminal_plain_lines_without(stdlib_shards, tmp_path)
     assert "step=2/8" not in tty_out
 
     # Without a terminal (CI, job logs): plain lines every train.log_every steps, no bar.
-    r = subprocess.run(_train_cmd(tmp_path / "pipe", stdlib_shards), capture_output=True, text=True, env=env())
+    r = subprocess.run(_train_cmd(tmp_path / "pipe", stdlib_shards), capture_output=True, text=True,
+                       env=env())
     assert r.returncode == 0, r.stderr[-3000:]
     for step in (1, 2, 4, 6, 8):
         assert f"step={step}/8 loss=" in r.stdout, r.stdout
@@ -165,9 +173,11 @@ def test_progress_bar_in_a_terminal_plain_lines_without(stdlib_shards, tmp_path)
 def test_prepare_and_export_show_progress_in_a_terminal(zero3_run, tmp_path):
     from tests.conftest import ASSETS
 
-    code, out = in_pty([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(ASSETS / "en_fr_slice.tsv"),
+    code, out = in_pty([sys.executable, "-m", "ctxtrain", "prepare", "--input",
+                        str(ASSETS / "en_fr_slice.tsv"),
                         "--out", str(tmp_path / "pairs"), "--vocab-size", "1024"])
     assert code == 0 and re.search(r"prepare:\s+\d+%\|", out) and "tokens/s" in out, out[-2000:]
     run_dir, _, _ = zero3_run
-    code, out = in_pty([sys.executable, "-m", "ctxtrain", "export", str(run_dir), "--out", str(tmp_path / "x")])
+    code, out = in_pty([sys.executable, "-m", "ctxtrain", "export", str(run_dir), "--out",
+                        str(tmp_path / "x")])
     assert code == 0 and re.search(r"export:\s+100%\|", out), out[-2000:]

@@ -1,5 +1,5 @@
-"""`ctxtrain status --runs DIR`: one table of finished runs and a run that is training right now, printed once,
-refreshed in place in a pseudo-terminal (`--watch`), and as stamped blocks without one."""
+"""`ctxtrain status --runs DIR`: one table of finished runs and a run that is training right now, printed
+once, refreshed in place in a pseudo-terminal (`--watch`), and as stamped blocks without one."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 @pytest.fixture
 def runs(zero3_run, encdec_run, stdlib_shards, tmp_path):
-    """Two finished runs (copies of the session's fixtures) and one that trains in the background until the test
-    ends: lm_tiny narrowed, one local worker, a line per step."""
+    """Two finished runs (copies of the session's fixtures) and one that trains in the background until the
+    test ends: lm_tiny narrowed, one local worker, a line per step."""
     root = tmp_path / "runs"
     root.mkdir()
     _copy_run(zero3_run[0], root / "lm_done")
@@ -62,7 +62,8 @@ def runs(zero3_run, encdec_run, stdlib_shards, tmp_path):
 def test_status_runs_lists_finished_and_running_runs_and_watch_refreshes(runs):
     r = ctxtrain("status", "--runs", str(runs))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].split() == ["RUN", "STATE", "STEP", "LOSS", "TOKENS/S", "MFU", "ETA", "RESTARTS"]
+    assert r.stdout.splitlines()[0].split() == ["RUN", "STATE", "STEP", "LOSS", "TOKENS/S", "MFU", "ETA",
+                                                "RESTARTS"]
     rows = _rows(r.stdout)
     assert sorted(rows) == ["enc_done", "live", "lm_done"], r.stdout
     assert rows["lm_done"][:2] == ["finished", "20/20"] and rows["enc_done"][:2] == ["finished", "150/150"]
@@ -75,7 +76,8 @@ def test_status_runs_lists_finished_and_running_runs_and_watch_refreshes(runs):
     # --watch in a terminal: the table redrawn in place (cursor home + clear) with the live run's step moving
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "ctxtrain", "status", "--runs", str(runs), "--watch",
-                             "--interval", "1"], stdin=slave, stdout=slave, stderr=slave, env=env(), close_fds=True)
+                             "--interval", "1"], stdin=slave, stdout=slave, stderr=slave, env=env(),
+                            close_fds=True)
     os.close(slave)
     out, deadline = b"", time.time() + 120
     while time.time() < deadline and out.count(b"\x1b[H\x1b[2J") < 5:
@@ -96,7 +98,8 @@ def test_status_runs_lists_finished_and_running_runs_and_watch_refreshes(runs):
     proc.send_signal(signal.SIGINT)
     text, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "\x1b[" not in text.decode() and text.decode().count("\n-- ") + text.decode().startswith("-- ") >= 2
+    blocks = text.decode().count("\n-- ") + text.decode().startswith("-- ")
+    assert "\x1b[" not in text.decode() and blocks >= 2
 
 
 def test_a_silent_running_run_shows_as_stale(zero3_run, tmp_path):
@@ -129,7 +132,8 @@ def test_report_serve_answers_on_loopback_and_shows_new_steps(zero3_run, tmp_pat
 
     run = _copy_run(zero3_run[0], tmp_path / "going")
     proc = subprocess.Popen([sys.executable, "-m", "ctxtrain", "report", str(run), "--serve", "--port", "0",
-                             "--refresh", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(), text=True)
+                             "--refresh", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+                            text=True)
     try:
         first = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:(\d+)/", first)

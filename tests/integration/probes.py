@@ -15,7 +15,8 @@ PROBE_TOKENS = torch.arange(64).reshape(2, 32) * 97 % 8000
 
 
 def engine_logits(cfg) -> None:
-    """Restore the newest committed checkpoint into a fresh ZeRO engine and save its logits on fixed tokens."""
+    """Restore the newest committed checkpoint into a fresh ZeRO engine and save its logits on fixed
+    tokens."""
     info = init_distributed(cfg)
     try:
         torch.manual_seed(0)
@@ -27,6 +28,7 @@ def engine_logits(cfg) -> None:
         with torch.no_grad():
             logits = engine.ds(PROBE_TOKENS.to(info.device))
         if info.rank == 0:
-            torch.save({"tag": target.tag, "logits": logits.float().cpu()}, Path(cfg.train.run_dir) / "probe_logits.pt")
+            torch.save({"tag": target.tag, "logits": logits.float().cpu()},
+                       Path(cfg.train.run_dir) / "probe_logits.pt")
     finally:
         shutdown(info)

@@ -26,7 +26,8 @@ from tests.helpers import ctxtrain, env, train
 pytestmark = pytest.mark.slow
 
 CFG = str(CONFIGS / "lm_tiny.yaml")
-SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=64", "--data.batch_size=2",
+SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=64",
+         "--data.batch_size=2",
          "--cluster.workers=1", "--tracking.enabled=false", "--data.num_workers=0", "--train.log_every=1"]
 
 
@@ -62,7 +63,8 @@ def _run_copy(tmp: Path, base: dict) -> Path:
 
 def _train(base: dict, run: Path, *extra: str) -> list[str]:
     return ["train", CFG, f"--train.run_dir={run}", f"--data.path={base['data']}", *SMALL,
-            "--cluster.launcher=local", "--train.max_steps=6", "--checkpoint.every=2", "--zero.stage=1", *extra]
+            "--cluster.launcher=local", "--train.max_steps=6", "--checkpoint.every=2", "--zero.stage=1",
+            *extra]
 
 
 def _data_copy(tmp: Path, base: dict) -> Path:
@@ -92,8 +94,10 @@ CASES = {
     "config-missing-file": lambda t, b: (["train", str(t / "nope.yaml")], None),
     "config-yaml-syntax": lambda t, b: (["train", str(_write(t / "c.yaml", "model: [1, 2\n"))], None),
     "config-not-a-mapping": lambda t, b: (["config", "show", str(_write(t / "c.yaml", "- 1\n- 2\n"))], None),
-    "config-unknown-section": lambda t, b: (["config", "show", str(_write(t / "c.yaml", "nosuch:\n  a: 1\n"))], None),
-    "config-not-utf8": lambda t, b: (["config", "show", str(_write(t / "c.yaml", b"model:\n  d_model: \xff\xfe\n"))],
+    "config-unknown-section": lambda t, b: (["config", "show", str(_write(t / "c.yaml",
+                                                                          "nosuch:\n  a: 1\n"))], None),
+    "config-not-utf8": lambda t, b: (["config", "show", str(_write(t / "c.yaml",
+                                                                   b"model:\n  d_model: \xff\xfe\n"))],
                                      None),
     "config-is-a-directory": lambda t, b: (["train", str(t)], None),
     "config-unknown-field": lambda t, b: (["config", "show", CFG, "--model.nope=1"], None),
@@ -102,14 +106,16 @@ CASES = {
     "config-override-without-value": lambda t, b: (["config", "show", CFG, "--model.d_model"], None),
     "config-sp-divisibility": lambda t, b: (["config", "show", CFG, "--parallel.sp=3"], None),
     "config-global-batch-no-exact-split": lambda t, b: (["config", "show", CFG, "--cluster.workers=1..3",
-                                                         "--train.global_batch=10", "--data.batch_size=6"], None),
+                                                         "--train.global_batch=10", "--data.batch_size=6"],
+                                                        None),
     "config-worker-range-reversed": lambda t, b: (["config", "show", CFG, "--cluster.workers=3..1"], None),
     "config-global-batch-and-grad-accum": lambda t, b: (["config", "show", CFG, "--train.global_batch=12",
                                                          "--train.grad_accum=2"], None),
     "config-worker-range-with-sp": lambda t, b: (["config", "show", CFG, "--cluster.workers=2..4",
                                                   "--parallel.sp=2"], None),
     "config-bleu-for-an-lm": lambda t, b: (["config", "show", CFG, "--train.bleu_every=10"], None),
-    "config-resume-and-no-resume": lambda t, b: (_train(b, b["run"], "--resume", "step_000002", "--no-resume"),
+    "config-resume-and-no-resume": lambda t, b: (_train(b, b["run"], "--resume", "step_000002",
+                                                        "--no-resume"),
                                                  b["run"]),
     "config-unknown-verb-argument": lambda t, b: (["export", str(b["run"]), "--out", str(t / "x"), "--bogus"],
                                                   b["run"]),
@@ -121,7 +127,8 @@ CASES = {
     "data-index-without-fields": lambda t, b: (
         _train(b, t / "r", f"--data.path={_write(_data_copy(t, b) / 'index.json', '{}').parent}"), None),
     "data-index-malformed-shards": lambda t, b: (
-        _train(b, t / "r", f"--data.path={_edited(t, b, lambda i: i['splits']['train'].update(shards=[{}]))}"),
+        _train(b, t / "r",
+               f"--data.path={_edited(t, b, lambda i: i['splits']['train'].update(shards=[{}]))}"),
         None),
     "data-shard-missing": lambda t, b: (_train(b, t / "r", f"--data.path={_without_shard(t, b)}"), None),
     "data-shard-truncated": lambda t, b: (_train(b, t / "r", f"--data.path={_truncated_shard(t, b)}"), None),
@@ -133,12 +140,16 @@ CASES = {
                "--model.vocab_size=128", "--cluster.launcher=ray", "--cluster.max_failures=3"), None),
     "data-vocab-larger-than-model": lambda t, b: (_train(b, t / "r", "--model.vocab_size=16"), None),
     "data-task-mismatch": lambda t, b: (_train(b, t / "r", "--model.kind=encdec"), None),
-    "prepare-out-is-a-file": lambda t, b: (["prepare", "--input", CFG, "--out", str(_write(t / "f", "x"))], None),
-    "prepare-binary-input": lambda t, b: (["prepare", "--input", str(_binary(t)), "--out", str(t / "o")], None),
-    "prepare-input-matches-nothing": lambda t, b: (["prepare", "--input", str(t / "*.none"), "--out", str(t / "o")],
+    "prepare-out-is-a-file": lambda t, b: (["prepare", "--input", CFG, "--out", str(_write(t / "f", "x"))],
+                                           None),
+    "prepare-binary-input": lambda t, b: (["prepare", "--input", str(_binary(t)), "--out", str(t / "o")],
+                                          None),
+    "prepare-input-matches-nothing": lambda t, b: (["prepare", "--input", str(t / "*.none"), "--out",
+                                                    str(t / "o")],
                                                    None),
     "prepare-not-utf8-tsv": lambda t, b: (
-        ["prepare", "--input", str(_write(t / "p.tsv", b"hello\tbonjour\n\xff\xfe\tx\n")), "--out", str(t / "o")],
+        ["prepare", "--input", str(_write(t / "p.tsv", b"hello\tbonjour\n\xff\xfe\tx\n")), "--out",
+         str(t / "o")],
         None),
     "prepare-bad-jsonl": lambda t, b: (["prepare", "--input", str(_write(t / "p.jsonl", "{nope\n")), "--out",
                                         str(t / "o")], None),
@@ -158,12 +169,15 @@ CASES = {
     "resume-every-checkpoint-damaged": lambda t, b: (_train(b, (r := _all_damaged(t, b))), r),
     "resume-other-zero-stage": lambda t, b: (_train(b, (r := _run_copy(t, b)), "--zero.stage=3"), r),
     "export-not-a-run-dir": lambda t, b: (["export", str(t), "--out", str(t / "x")], None),
-    "export-no-checkpoint": lambda t, b: (["export", str(_no_checkpoints(t, b)), "--out", str(t / "x")], None),
-    "export-step-not-committed": lambda t, b: (["export", str(b["run"]), "--out", str(t / "x"), "--step", "3"],
+    "export-no-checkpoint": lambda t, b: (["export", str(_no_checkpoints(t, b)), "--out", str(t / "x")],
+                                          None),
+    "export-step-not-committed": lambda t, b: (["export", str(b["run"]), "--out", str(t / "x"), "--step",
+                                                "3"],
                                                b["run"]),
     "export-truncated-model-states": lambda t, b: (
         ["export", str(r := _truncated_states(t, b, 4)), "--out", str(t / "x")], r),
-    "export-corrupt-meta": lambda t, b: (["export", str(r := _damaged_meta(t, b, 4)), "--out", str(t / "x")], r),
+    "export-corrupt-meta": lambda t, b: (["export", str(r := _damaged_meta(t, b, 4)), "--out", str(t / "x")],
+                                         r),
     "export-damaged-config": lambda t, b: (
         ["export", str(r := _damaged_config(t, b)), "--out", str(t / "x")], r),
     # --- cluster addresses -------------------------------------------------------------------------------
@@ -171,17 +185,22 @@ CASES = {
         _train(b, t / "r", "--cluster.launcher=ray", "--address", f"127.0.0.1:{closed_port()}"), None),
     "address-closed-ray-client": lambda t, b: (
         _train(b, t / "r", "--cluster.launcher=ray", "--address", f"ray://127.0.0.1:{closed_port()}"), None),
-    "address-not-an-address": lambda t, b: (_train(b, t / "r", "--cluster.launcher=ray", "--address", "ray://:x"),
+    "address-not-an-address": lambda t, b: (_train(b, t / "r", "--cluster.launcher=ray", "--address",
+                                                   "ray://:x"),
                                             None),
     "submit-closed-job-server": lambda t, b: (
         ["submit", CFG, f"--train.run_dir={t / 'r'}", f"--data.path={b['data']}", "--address",
          f"http://127.0.0.1:{closed_port()}"], None),
-    "submit-relative-run-dir": lambda t, b: (["submit", CFG, "--train.run_dir=runs/x", f"--data.path={b['data']}"],
+    "submit-relative-run-dir": lambda t, b: (["submit", CFG, "--train.run_dir=runs/x",
+                                              f"--data.path={b['data']}"],
                                              None),
-    "status-closed-job-server": lambda t, b: (["status", "job1", "--address", f"127.0.0.1:{closed_port()}"], None),
+    "status-closed-job-server": lambda t, b: (["status", "job1", "--address", f"127.0.0.1:{closed_port()}"],
+                                              None),
     "jobs-closed-job-server": lambda t, b: (["jobs", "--address", f"http://127.0.0.1:{closed_port()}"], None),
-    "logs-closed-job-server": lambda t, b: (["logs", "job1", "--address", f"http://127.0.0.1:{closed_port()}"], None),
-    "stop-closed-job-server": lambda t, b: (["stop", "job1", "--address", f"http://127.0.0.1:{closed_port()}"], None),
+    "logs-closed-job-server": lambda t, b: (["logs", "job1", "--address",
+                                             f"http://127.0.0.1:{closed_port()}"], None),
+    "stop-closed-job-server": lambda t, b: (["stop", "job1", "--address",
+                                             f"http://127.0.0.1:{closed_port()}"], None),
     "embedded-ray-too-many-workers": lambda t, b: (
         _train(b, t / "r", "--cluster.launcher=ray", "--cluster.workers=64"), None),
     # --- translate, generate, eval ------------------------------------------------------------------------
@@ -189,7 +208,8 @@ CASES = {
                                                  str(_write(t / "in.txt", "Open the file.\n"))], None),
     "translate-an-lm-run": lambda t, b: (["translate", str(b["run"]), "--input",
                                           str(_write(t / "in.txt", "Open the file.\n"))], b["run"]),
-    "translate-empty-input": lambda t, b: (["translate", str(b["run"]), "--input", str(_write(t / "e.txt", ""))],
+    "translate-empty-input": lambda t, b: (["translate", str(b["run"]), "--input", str(_write(t / "e.txt",
+                                                                                              ""))],
                                            b["run"]),
     "eval-source-not-a-run": lambda t, b: (["eval", str(t)], None),
     # --- report and plan ---------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_longseq_cpu_smoke(tmp_path):
     out = tmp_path / "longseq.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "longseq.py"), "--cpu", "--lengths", "256,512",
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "longseq.py"), "--cpu", "--lengths",
+                           "256,512",
                            "--arms", "full+loss+mlp,hf", "--json", str(out)], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -40,7 +40,8 @@ def test_prepared_shards_are_valid_tars_with_matching_index(name, request):
         for shard in index["splits"][split]["shards"]:
             tar_path = path / shard["name"]
             # plain `tar` reads it
-            listing = subprocess.run(["tar", "-tf", str(tar_path)], capture_output=True, text=True, check=True)
+            listing = subprocess.run(["tar", "-tf", str(tar_path)], capture_output=True, text=True,
+                                     check=True)
             members = listing.stdout.split()
             # tokens in the tar (read with tarfile + numpy) match index.json
             tokens, docs = 0, set()
@@ -90,9 +91,9 @@ def test_val_split_is_by_document(stdlib_shards):
 
 
 def test_val_share_is_a_fraction_of_the_documents_whatever_the_files(tmp_path):
-    """--val-fraction holds out that share of the documents: one JSONL file of 100 documents and the same 100 in
-    two files both give 10 val documents (it was decided per file: 0 and 50). A corpus too small to hold any out
-    says so on stderr."""
+    """--val-fraction holds out that share of the documents: one JSONL file of 100 documents and the same 100
+    in two files both give 10 val documents (it was decided per file: 0 and 50). A corpus too small to hold
+    any out says so on stderr."""
     text = Path(json.__file__).read_text()
     docs = [json.dumps({"text": f"document {i}: " + text[i * 40:(i + 1) * 40]}) for i in range(100)]
     (tmp_path / "one.jsonl").write_text("\n".join(docs) + "\n")
@@ -104,7 +105,8 @@ def test_val_share_is_a_fraction_of_the_documents_whatever_the_files(tmp_path):
         splits = _index(out)["splits"]
         assert (splits["val"]["docs"], splits["train"]["docs"]) == (10, 90), name
     (tmp_path / "single.jsonl").write_text(docs[0] + "\n")
-    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(tmp_path / "single.jsonl"),
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input",
+                        str(tmp_path / "single.jsonl"),
                         "--out", str(tmp_path / "single"), "--vocab-size", "300", "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -114,7 +116,8 @@ def test_val_share_is_a_fraction_of_the_documents_whatever_the_files(tmp_path):
 
 def test_prepare_cli_translation_and_jsonl(tmp_path):
     out = tmp_path / "pairs"
-    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(ASSETS / "en_fr_slice.tsv"),
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input",
+                        str(ASSETS / "en_fr_slice.tsv"),
                         "--out", str(out), "--vocab-size", "2048", "--tgt-lang", "fr", "--no-progress"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -126,7 +129,8 @@ def test_prepare_cli_translation_and_jsonl(tmp_path):
     assert _index(tmp_path / "lm")["task"] == "lm"
     # An existing output is not overwritten without --overwrite, and stays intact
     before = (out / "index.json").read_bytes()
-    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(jsonl), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "prepare", "--input", str(jsonl), "--out",
+                        str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
     assert (out / "index.json").read_bytes() == before

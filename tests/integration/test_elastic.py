@@ -23,8 +23,8 @@ from tests.helpers import FAST, env, metrics, train
 
 pytestmark = pytest.mark.slow
 
-# 12 windows per optimizer step: 2 workers x 6, 1 worker x 6 x 2 accumulated, 3 workers x 4 (lm_tiny narrowed, as
-# everywhere: the conversion and the split do not depend on the width; these runs are 3 workers on 2 cores)
+# 12 windows per optimizer step: 2 workers x 6, 1 worker x 6 x 2 accumulated, 3 workers x 4 (lm_tiny narrowed,
+# as everywhere: the conversion and the split do not depend on the width; these runs are 3 workers on 2 cores)
 GLOBAL = ["--data.batch_size=6", "--train.global_batch=12", "--train.max_steps=20", "--checkpoint.every=5"]
 
 
@@ -41,14 +41,15 @@ def _max_diff(a: dict, b: dict, steps) -> float:
 
 @pytest.fixture(scope="module")
 def global12(tmp_path_factory, stdlib_shards):
-    """Uninterrupted 2-worker runs with a global batch of 12, one per ZeRO stage (made when first asked for), with
-    every 5th checkpoint kept: the references that the runs on other worker counts must follow."""
+    """Uninterrupted 2-worker runs with a global batch of 12, one per ZeRO stage (made when first asked for),
+    with every 5th checkpoint kept: the references that the runs on other worker counts must follow."""
     runs = {}
 
     def run(stage: int):
         if stage not in runs:
             run_dir = tmp_path_factory.mktemp("global12") / f"zero{stage}"
-            _, m = train(run_dir, stdlib_shards, *GLOBAL, f"--zero.stage={stage}", "--checkpoint.keep_every=5")
+            _, m = train(run_dir, stdlib_shards, *GLOBAL, f"--zero.stage={stage}",
+                         "--checkpoint.keep_every=5")
             runs[stage] = (run_dir, m)
         return runs[stage]
 
@@ -63,9 +64,9 @@ def test_resume_on_another_worker_count_continues_exactly(global12, stdlib_shard
         run = _copy_at_step_10(ref, tmp_path / f"on{workers}")
         proc, m = train(run, stdlib_shards, *common, f"--cluster.workers={workers}")
         assert "resumed from step_000010" in proc.stdout, proc.stdout
-        assert (f"written by 2 workers, this run has {workers}: converted to the universal format; micro-batch "
-                f"{6 if workers < 3 else 4} x accumulation {2 if workers == 1 else 1} per worker, global batch "
-                "12") in proc.stdout, proc.stdout
+        assert (f"written by 2 workers, this run has {workers}: converted to the universal format; "
+                f"micro-batch {6 if workers < 3 else 4} x accumulation {2 if workers == 1 else 1} per "
+                "worker, global batch 12") in proc.stdout, proc.stdout
         assert sorted(m) == list(range(1, 21))
         assert _max_diff(m, whole, range(11, 21)) <= 1e-4, [(s, m[s]["loss"], whole[s]["loss"]) for s in m]
         assert m[20]["tokens"] == whole[20]["tokens"]
@@ -91,8 +92,8 @@ def test_resume_on_another_worker_count_continues_exactly(global12, stdlib_shard
 
 
 def test_every_window_is_read_once_across_a_change_of_worker_count(stdlib_shards):
-    """Steps 1-10 on 2 workers (micro-batch 6), then steps 11-20 on 1 worker (6 x 2) and, separately, on 3 (4):
-    the windows read are exactly those of 20 uninterrupted steps on 2 workers, none twice."""
+    """Steps 1-10 on 2 workers (micro-batch 6), then steps 11-20 on 1 worker (6 x 2) and, separately, on 3
+    (4): the windows read are exactly those of 20 uninterrupted steps on 2 workers, none twice."""
 
     def units(world: int, batch: int, micro_steps: int, consumed: int) -> list[int]:
         out = []
@@ -117,9 +118,12 @@ def test_every_window_is_read_once_across_a_change_of_worker_count(stdlib_shards
 # Preemption: SIGTERM ends the run at the next step boundary with a checkpoint; a resume continues exactly
 
 
-def _start_train(run_dir, data, launcher: str, *extra: str, extra_env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
-           f"--data.path={data}", *FAST, f"--cluster.launcher={launcher}", "--train.max_steps=20", "--zero.stage=3",
+def _start_train(run_dir, data, launcher: str, *extra: str,
+                 extra_env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"),
+           f"--train.run_dir={run_dir}",
+           f"--data.path={data}", *FAST, f"--cluster.launcher={launcher}", "--train.max_steps=20",
+           "--zero.stage=3",
            "--train.log_every=1", "--checkpoint.every=100", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env(**(extra_env or {})), start_new_session=True)
@@ -136,7 +140,8 @@ def _wait_for_step(proc: subprocess.Popen, run_dir, step: int) -> int:
 
 
 def _worker_pids(proc: subprocess.Popen, marker: str) -> list[int]:
-    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True) if marker in " ".join(p.cmdline())]
+    return [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+            if marker in " ".join(p.cmdline())]
 
 
 def _rank_of(pid: int) -> int:
@@ -157,8 +162,8 @@ def test_sigterm_to_a_local_worker_or_the_driver_checkpoints_at_the_next_step_an
     assert proc.returncode == 75, err[-3000:]
     assert seen <= stop <= seen + 3 and stop < 20, (seen, stop)
     assert f"stopped (preempted) at step {stop}" in out
-    assert (f"ctxtrain: preempted (SIGTERM); newest committed checkpoint step_{stop:06d}; run the same command "
-            "again to resume") in err
+    assert (f"ctxtrain: preempted (SIGTERM); newest committed checkpoint step_{stop:06d}; run the same "
+            "command again to resume") in err
     assert (run_dir / "checkpoints" / f"step_{stop:06d}" / "COMMITTED").is_file()
     # 2. the same command resumes; SIGTERM to the driver this time (Slurm's --signal): the same, later
     proc = _start_train(run_dir, stdlib_shards, "local")
@@ -171,16 +176,18 @@ def test_sigterm_to_a_local_worker_or_the_driver_checkpoints_at_the_next_step_an
     assert (run_dir / "checkpoints" / f"step_{second:06d}" / "COMMITTED").is_file()
     assert not (run_dir / "preempt.request").exists()
     # 3. and to the end: every step once, the uninterrupted run's losses
-    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=100")
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3",
+                    "--checkpoint.every=100")
     assert f"resumed from step_{second:06d}" in proc.stdout
     assert sorted(m) == list(range(1, 21))
     assert _max_diff(m, whole, range(1, 21)) <= 1e-6
 
 
 @pytest.mark.ray
-def test_sigterm_to_a_ray_worker_checkpoints_and_ray_resumes_the_group_exactly(zero3_run, stdlib_shards, tmp_path):
-    """Under embedded Ray: the signalled worker's group checkpoints at the next step boundary, Ray restarts the
-    group (a failure within cluster.max_failures), it resumes from that checkpoint and finishes."""
+def test_sigterm_to_a_ray_worker_checkpoints_and_ray_resumes_the_group_exactly(zero3_run, stdlib_shards,
+                                                                               tmp_path):
+    """Under embedded Ray: the signalled worker's group checkpoints at the next step boundary, Ray restarts
+    the group (a failure within cluster.max_failures), it resumes from that checkpoint and finishes."""
     _, whole, _ = zero3_run
     run_dir = tmp_path / "ray"
     proc = _start_train(run_dir, stdlib_shards, "ray")
@@ -205,15 +212,15 @@ def test_sigterm_to_a_ray_worker_checkpoints_and_ray_resumes_the_group_exactly(z
 @pytest.mark.ray
 def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_that_remain(two_node_cluster, global12,
                                                                              stdlib_shards, tmp_path):
-    """cluster.workers=1..2 on two 1-CPU nodes: one node is lost at step 7; Ray Train restarts the group on the
-    one worker that can still be placed; it resumes step_000005 (written by 2) on 1 worker, micro-batch 6 x 2,
-    and its losses are those of the uninterrupted 2-worker run (the same global batch)."""
+    """cluster.workers=1..2 on two 1-CPU nodes: one node is lost at step 7; Ray Train restarts the group on
+    the one worker that can still be placed; it resumes step_000005 (written by 2) on 1 worker, micro-batch 6
+    x 2, and its losses are those of the uninterrupted 2-worker run (the same global batch)."""
     cluster, nodes = two_node_cluster
     common = [*GLOBAL, "--zero.stage=2", "--checkpoint.every=5"]
     _, whole = global12(2)
     run_dir = tmp_path / "elastic"
-    # Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for the range's largest group before it starts a
-    # smaller one; the driver passes it on to Ray Train's controller
+    # Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for the range's largest group before it
+    # starts a smaller one; the driver passes it on to Ray Train's controller
     proc = _start_train(run_dir, stdlib_shards, "ray", *common, "--cluster.workers=1..2",
                         f"--cluster.address={cluster.address}",
                         extra_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
@@ -222,8 +229,8 @@ def test_an_elastic_run_loses_a_node_and_finishes_on_the_workers_that_remain(two
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, (out + err)[-4000:]
     assert "1..2 (elastic) workers" in out
-    assert ("written by 2 workers, this run has 1: converted to the universal format; micro-batch 6 x accumulation "
-            "2 per worker, global batch 12") in out, out[-4000:]
+    assert ("written by 2 workers, this run has 1: converted to the universal format; micro-batch 6 x "
+            "accumulation 2 per worker, global batch 12") in out, out[-4000:]
     starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
     assert [s["resumed_from"] for s in starts] == [None, 5], starts
     meta = json.loads((run_dir / "checkpoints" / "step_000020" / "meta.json").read_text())

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctxtrain", *args], capture_output=True, text=True, env=env(),
+    return subprocess.run([sys.executable, "-m", "ctxtrain", *args], capture_output=True, text=True,
+                          env=env(),
                           input=stdin, timeout=300)
 
 
@@ -64,7 +65,8 @@ def test_training_scores_val_bleu_as_eval_does_on_its_checkpoint(encdec_run):
     model = r.stdout.splitlines()[1].split()
     bleu, chrf = float(model[model.index("BLEU") + 1]), float(model[model.index("chrF") + 1])
     assert chrf > 1.0, r.stdout  # the model emits words by step 150: a real comparison, not 0 against 0
-    assert last["val_bleu"] == pytest.approx(bleu, abs=0.006) and last["val_chrf"] == pytest.approx(chrf, abs=0.006)
+    assert last["val_bleu"] == pytest.approx(bleu, abs=0.006)
+    assert last["val_chrf"] == pytest.approx(chrf, abs=0.006)
 
 
 def test_bleu_is_sacrebleus_corpus_bleu():
@@ -98,8 +100,10 @@ def test_generate_continues_a_prompt_with_an_lm(zero3_run):
     run_dir, _, _ = zero3_run
     r = _run("generate", str(run_dir), "--prompt", "def main(", "--max-new", "12")
     assert r.returncode == 0, r.stderr
-    # the continuation itself (after 20 steps the narrowed LM continues with indentation: whitespace is text too)
-    assert r.stdout.startswith("def main(") and r.stdout.endswith("\n") and len(r.stdout) - 1 > len("def main(")
+    # the continuation itself (after 20 steps the narrowed LM continues with indentation: whitespace is text
+    # too)
+    assert r.stdout.startswith("def main(") and r.stdout.endswith("\n")
+    assert len(r.stdout) - 1 > len("def main(")
     sampled = [_run("generate", str(run_dir), "--prompt", "import ", "--max-new", "8", "--temperature", "1",
                     "--top-p", "0.9", "--seed", "5").stdout for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible

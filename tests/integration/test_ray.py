@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 def _same_losses(m: dict, reference: dict, steps) -> None:
     for step in steps:
-        assert abs(m[step]["loss"] - reference[step]["loss"]) <= 1e-6, (step, m[step]["loss"], reference[step]["loss"])
+        assert abs(m[step]["loss"] - reference[step]["loss"]) <= 1e-6, (step, m[step]["loss"],
+                                                                        reference[step]["loss"])
 
 
 @pytest.mark.heavy  # Ray recovery with identical losses: CI runs it with sp=2 (test_sequence_parallel)
@@ -32,7 +33,8 @@ def test_ray_recovers_from_a_killed_worker_with_identical_losses(zero3_run, stdl
     _, reference, _ = zero3_run
     run_dir = tmp_path / "killed"
     proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--checkpoint.every=5",
-                    "--fault.kill_rank=1", "--fault.at_step=7", "--cluster.max_failures=2", "--tracking.enabled=true",
+                    "--fault.kill_rank=1", "--fault.at_step=7", "--cluster.max_failures=2",
+                    "--tracking.enabled=true",
                     launcher="ray")
     assert "Ray embedded: 2 workers" in proc.stdout and "dashboard http://127.0.0.1:" in proc.stdout
     assert (run_dir / "fault-rank1-step7-step.done").is_file()
@@ -87,13 +89,15 @@ def test_ray_driver_rerun_resumes(stdlib_shards, tmp_path, zero3_run):
     run_dir = tmp_path / "rerun"
     train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--train.stop_at_step=4",
           launcher="ray")
-    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3", "--train.stop_at_step=8",
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--zero.stage=3",
+                    "--train.stop_at_step=8",
                     launcher="ray")
     assert "resumed from step_000004" in proc.stdout
     _same_losses(m, reference, range(1, 9))
 
 
-@pytest.mark.heavy  # CI joins a two-node cluster_utils cluster with --address in test_elastic (a node is lost)
+# CI joins a two-node cluster_utils cluster with --address in test_elastic (a node is lost)
+@pytest.mark.heavy
 def test_two_node_cluster_train_checkpoint_resume(two_node_cluster, stdlib_shards, tmp_path, zero3_run):
     cluster, nodes = two_node_cluster
     _, reference, _ = zero3_run
@@ -148,7 +152,8 @@ def ray_head(tmp_path_factory):
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # `ray start --block` took the full 30 s here: the head is of no more use
+    # `ray start --block` took the full 30 s here: the head is of no more use
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
 
@@ -172,8 +177,10 @@ SECRETS = {"WANDB_API_KEY": "wandb-secret-not-to-be-written", "HF_TOKEN": "hf-se
 def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
     address, ray_temp = ray_head
     run_dir = tmp_path / "job"
-    args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST, f"--train.run_dir={run_dir}",
-            f"--data.path={stdlib_shards}", "--train.max_steps=6", "--train.log_every=2", "--tracking.enabled=true",
+    args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST,
+            f"--train.run_dir={run_dir}",
+            f"--data.path={stdlib_shards}", "--train.max_steps=6", "--train.log_every=2",
+            "--tracking.enabled=true",
             "--tracking.mode=offline"]
     r = ctxtrain(*args, extra_env=SECRETS)
     assert r.returncode == 0, r.stderr
@@ -203,7 +210,8 @@ def test_submit_status_logs_and_stop(ray_head, stdlib_shards, tmp_path):
 
     # a long job, stopped while it runs
     long_dir = tmp_path / "long"
-    args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST, f"--train.run_dir={long_dir}",
+    args = ["submit", str(CONFIGS / "lm_tiny.yaml"), "--address", address, *FAST,
+            f"--train.run_dir={long_dir}",
             f"--data.path={stdlib_shards}", "--train.max_steps=100000", "--train.log_every=1"]
     job = ctxtrain(*args).stdout.strip().splitlines()[-1]
     deadline = time.time() + 300
@@ -251,9 +259,11 @@ def test_training_gauges_reach_rays_prometheus_endpoint(stdlib_shards, tmp_path)
 
     port, run_dir = _free_port(), tmp_path / "promrun"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+        [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"),
+         f"--train.run_dir={run_dir}",
          f"--data.path={stdlib_shards}", *FAST, "--cluster.launcher=ray", "--cluster.workers=1",
-         "--train.max_steps=100000", "--train.log_every=2", "--checkpoint.every=0", f"--cluster.metrics_port={port}",
+         "--train.max_steps=100000", "--train.log_every=2", "--checkpoint.every=0",
+         f"--cluster.metrics_port={port}",
          f"--cluster.dashboard_port={_free_port()}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     try:
@@ -270,7 +280,8 @@ def test_training_gauges_reach_rays_prometheus_endpoint(stdlib_shards, tmp_path)
             step = int(g["ray_ctxtrain_step"][0])
             row = metrics(run_dir).get(step)
             if row and g["ray_ctxtrain_loss"][0] == pytest.approx(row["loss"], rel=1e-6):
-                matched = (g, row)  # one export holds one step's values (else: a scrape between two sets, retry)
+                # one export holds one step's values (else: a scrape between two sets, retry)
+                matched = (g, row)
         assert matched, (proc.poll(), "no ray_ctxtrain_step >= 4 for run promrun on the metrics endpoint",
                          proc.stderr.read()[-2000:] if proc.poll() is not None else "")
         g, row = matched
@@ -290,12 +301,15 @@ RAY_ERROR_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\]|Traceback|\b
 
 
 @pytest.mark.ray
-def test_a_second_embedded_run_starts_beside_the_first_and_nothing_wrong_prints_no_error(stdlib_shards, tmp_path):
-    """Two users' embedded runs on one machine: the second starts on free ports (its own dashboard port, its own
-    dashboard agent port: Ray's default 52365 stays free) and finishes; neither console shows an error-level line
-    (Ray's `E ...` log lines, a traceback) when nothing is wrong."""
-    base = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--data.path={stdlib_shards}",
-            *FAST, "--cluster.launcher=ray", "--cluster.workers=1", "--checkpoint.every=0", "--train.log_every=2"]
+def test_a_second_embedded_run_starts_beside_the_first_and_nothing_wrong_prints_no_error(stdlib_shards,
+                                                                                         tmp_path):
+    """Two users' embedded runs on one machine: the second starts on free ports (its own dashboard port, its
+    own dashboard agent port: Ray's default 52365 stays free) and finishes; neither console shows an
+    error-level line (Ray's `E ...` log lines, a traceback) when nothing is wrong."""
+    base = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"),
+            f"--data.path={stdlib_shards}",
+            *FAST, "--cluster.launcher=ray", "--cluster.workers=1", "--checkpoint.every=0",
+            "--train.log_every=2"]
     first = subprocess.Popen([*base, f"--train.run_dir={tmp_path / 'a'}", "--train.max_steps=100000"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
                              start_new_session=True)

@@ -46,7 +46,8 @@ def is_loopback(ip: str) -> bool:
 
 def _start(tmp_path: Path, data: Path, launcher: str) -> tuple[subprocess.Popen, Path]:
     run_dir = tmp_path / launcher
-    cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+    cmd = [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"),
+           f"--train.run_dir={run_dir}",
            f"--data.path={data}", *FAST, f"--cluster.launcher={launcher}", "--train.max_steps=100000",
            "--train.log_every=1", "--checkpoint.every=0", "--data.num_workers=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
@@ -61,8 +62,8 @@ def _start(tmp_path: Path, data: Path, launcher: str) -> tuple[subprocess.Popen,
 def test_a_running_job_listens_on_loopback_only_and_sigterm_ends_it(stdlib_shards, tmp_path, launcher):
     """Every socket that the job's processes listen on (the launcher, the workers, their data-loader workers;
     under embedded Ray also GCS, raylet, dashboard, agents and Ray's workers) is bound to a loopback address.
-    Then SIGTERM to the verb (a preemption) ends it, its workers included, within 10 s: a checkpoint at the next
-    step boundary, exit status 75 and two lines (what happens, then what was committed)."""
+    Then SIGTERM to the verb (a preemption) ends it, its workers included, within 10 s: a checkpoint at the
+    next step boundary, exit status 75 and two lines (what happens, then what was committed)."""
     proc, run_dir = _start(tmp_path, stdlib_shards, launcher)
     try:
         sockets = listening(proc.pid)
@@ -82,8 +83,8 @@ def test_a_running_job_listens_on_loopback_only_and_sigterm_ends_it(stdlib_shard
     lines = [line for line in err.splitlines() if line.startswith("ctxtrain:")]
     assert len(lines) == 2 and lines[0].startswith("ctxtrain: SIGTERM: the workers write a checkpoint"), lines
     step = max(metrics(run_dir))
-    assert lines[1] == (f"ctxtrain: preempted (SIGTERM); newest committed checkpoint step_{step:06d}; run the same "
-                        "command again to resume"), (lines, step)
+    assert lines[1] == (f"ctxtrain: preempted (SIGTERM); newest committed checkpoint step_{step:06d}; run "
+                        "the same command again to resume"), (lines, step)
     assert (run_dir / "checkpoints" / f"step_{step:06d}" / "COMMITTED").is_file()
     assert not (run_dir / "preempt.request").exists()
     time.sleep(2)
@@ -94,8 +95,10 @@ def test_a_running_job_listens_on_loopback_only_and_sigterm_ends_it(stdlib_shard
 def test_sigterm_ends_prepare(tmp_path):
     """A long prepare (the whole standard library) ends on SIGTERM within 10 s and leaves no output behind."""
     out = tmp_path / "stdlib"
-    proc = subprocess.Popen([sys.executable, "-m", "ctxtrain", "prepare", "--recipe", "stdlib", "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    proc = subprocess.Popen([sys.executable, "-m", "ctxtrain", "prepare", "--recipe", "stdlib", "--out",
+                             str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env())
     time.sleep(6)
     assert proc.poll() is None, proc.communicate()
     t0 = time.time()
@@ -118,7 +121,8 @@ class Lines:
 
     def __init__(self, proc: subprocess.Popen):
         self.lines: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")),
+                                       daemon=True)
         self.thread.start()
 
     def wait_for(self, text: str, timeout: float) -> bool:
@@ -131,7 +135,8 @@ class Lines:
 
 
 def _train_cmd(run_dir: Path, data: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"), f"--train.run_dir={run_dir}",
+    return [sys.executable, "-m", "ctxtrain", "train", str(CONFIGS / "lm_tiny.yaml"),
+            f"--train.run_dir={run_dir}",
             f"--data.path={data}", *FAST, "--cluster.launcher=local", *REFERENCE, *extra]
 
 
@@ -141,7 +146,8 @@ def test_driver_killed_during_a_save_then_rerun(zero3_run, stdlib_shards, tmp_pa
     uninterrupted losses."""
     _, whole, _ = zero3_run
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=12"), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=12"),
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env())
     saving = run_dir / "checkpoints" / "step_000010"
     deadline = time.time() + 300
@@ -151,7 +157,8 @@ def test_driver_killed_during_a_save_then_rerun(zero3_run, stdlib_shards, tmp_pa
     workers = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()
     proc.wait()
-    assert not (saving / "COMMITTED").is_file(), "the save finished before the kill; the test missed its window"
+    assert not (saving / "COMMITTED").is_file(), ("the save finished before the kill; the test missed its "
+                                                  "window")
     first = run_dir / "checkpoints" / "step_000005"
     before = {p.name: p.read_bytes() for p in first.iterdir()}
     _, alive = psutil.wait_procs(workers, timeout=10)
@@ -185,7 +192,8 @@ def test_a_full_disk_during_a_save(zero3_run, stdlib_shards, tmp_path, small_dis
     checkpoint is untouched and the losses are the uninterrupted run's."""
     _, whole, _ = zero3_run
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=15", "--train.log_every=1",
+    proc = subprocess.Popen(_train_cmd(run_dir, stdlib_shards, "--train.stop_at_step=15",
+                                       "--train.log_every=1",
                                        f"--checkpoint.storage={small_disk}"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
     out = Lines(proc)
@@ -209,7 +217,8 @@ def test_a_full_disk_during_a_save(zero3_run, stdlib_shards, tmp_path, small_dis
         filler.unlink(missing_ok=True)
     assert proc.wait(timeout=600) == 0, "".join(out.lines[-30:])
     notice = next(line for line in out.lines if "step_000010 not written" in line)
-    assert ("No space left" in notice or "write failed" in notice) and "newest committed one is step_000005" in notice
+    assert ("No space left" in notice
+            or "write failed" in notice) and "newest committed one is step_000005" in notice
     assert not (small_disk / "step_000010").exists()
     assert (small_disk / "step_000015" / "COMMITTED").is_file()
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before

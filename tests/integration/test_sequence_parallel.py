@@ -34,13 +34,15 @@ def final_parameters(run_dir):
 ], ids=["rope-zero1", "sinusoidal-gqa-levers-zero3"])
 def test_sp2_trains_the_model_that_sp1_trains(stdlib_shards, tmp_path, variant):
     _, one = train(tmp_path / "sp1", stdlib_shards, *SHORT, *variant, "--cluster.workers=1")
-    proc, two = train(tmp_path / "sp2", stdlib_shards, *SHORT, *variant, "--cluster.workers=2", "--parallel.sp=2")
+    proc, two = train(tmp_path / "sp2", stdlib_shards, *SHORT, *variant, "--cluster.workers=2",
+                      "--parallel.sp=2")
     assert "1 data-parallel x sp 2" in proc.stdout
     same_losses(two, one, range(1, 6))
     assert [two[s]["tokens"] for s in two] == [one[s]["tokens"] for s in one]  # each token counted once
     a, b = final_parameters(tmp_path / "sp1"), final_parameters(tmp_path / "sp2")
     assert a.keys() == b.keys()
-    for name in a:  # relative to each tensor's norm: Adam turns rounding in a near-zero gradient into lr-sized steps
+    # relative to each tensor's norm: Adam turns rounding in a near-zero gradient into lr-sized steps
+    for name in a:
         assert (b[name] - a[name]).norm() <= 1e-5 * a[name].norm(), name
 
 
@@ -69,7 +71,8 @@ def test_sp2_recovers_under_ray_with_the_same_losses(stdlib_shards, tmp_path):
     _, whole = train(tmp_path / "whole", stdlib_shards, *common)
     proc, m = train(tmp_path / "killed", stdlib_shards, *common, "--fault.kill_rank=1", "--fault.at_step=5",
                     "--fault.during=read", "--fault.repeat=3", "--cluster.max_failures=3", launcher="ray",
-                    extra_env={"CTXTRAIN_LOADER_CHUNK_TOKENS": "1"})  # the loader reads just ahead of the step
+                    # the loader reads just ahead of the step
+                    extra_env={"CTXTRAIN_LOADER_CHUNK_TOKENS": "1"})
     for step in (5, 6, 7):
         assert (tmp_path / "killed" / f"fault-rank1-step{step}-read.done").is_file(), step
     assert sorted(m) == list(range(1, 9))

@@ -27,7 +27,7 @@ def test_zero3_run_layout(zero3_run):
                       "step_time_s", "data_wait_s", "mem_bytes", "mem_rss_bytes", "restarts", "epoch"):
             assert m[step][field] is not None, (step, field)
         assert m[step]["mfu"] is None  # CPU: no honest peak, so null rather than invented
-        assert "mem_allocated_bytes" in m[step] and "mem_reserved_bytes" in m[step] and "mem_peak_bytes" in m[step]
+        assert all(k in m[step] for k in ("mem_allocated_bytes", "mem_reserved_bytes", "mem_peak_bytes"))
     assert {s for s in m if "ckpt_save_s" in m[s]} == {5, 10, 15, 20}
     assert m[20]["val_loss"] > 0 and m[20]["val_ppl"] == pytest.approx(math.exp(m[20]["val_loss"]))
     assert m[20]["tokens"] == 20 * 2 * 4 * 128
@@ -41,9 +41,11 @@ def test_zero3_run_layout(zero3_run):
     optim = sorted(p.name for p in newest.glob("*optim_states.pt"))
     assert optim == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     meta = json.loads((newest / "meta.json").read_text())
-    assert meta["step"] == 20 and meta["world_size"] == 2 and len(meta["loader"]) == 2 and len(meta["rng"]) == 2
+    assert meta["step"] == 20 and meta["world_size"] == 2
+    assert len(meta["loader"]) == 2 and len(meta["rng"]) == 2
     assert meta["loader"][0]["consumed"] == 20 * 2 * 4
-    assert meta["tracker_run_id"] and list((run_dir / "wandb").glob(f"offline-run-*-{meta['tracker_run_id']}"))
+    run_id = meta["tracker_run_id"]
+    assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert meta["tokens"] == m[20]["tokens"]
 
@@ -97,7 +99,8 @@ def test_stop_and_resume_continue_exactly(zero3_run, stdlib_shards, tmp_path):
     assert "resumed from step_000010" in proc.stdout
     assert sorted(m) == list(range(1, 21))  # every step once in metrics.jsonl
     for step in range(11, 21):
-        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6, (step, m[step]["loss"], whole[step]["loss"])
+        assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6, (step, m[step]["loss"],
+                                                                    whole[step]["loss"])
 
 
 def test_uncommitted_checkpoint_is_never_used(zero3_run, stdlib_shards, tmp_path):
@@ -124,7 +127,8 @@ def test_damaged_checkpoints_are_passed_over(zero3_run, stdlib_shards, tmp_path)
     victim = sorted((ckpts / "step_000020").glob("*model_states.pt"))[-1]
     os.truncate(victim, victim.stat().st_size // 2)
     (ckpts / "step_000015" / "meta.json").write_text('{"step": 15, "tokens": 4')
-    r = subprocess.run([sys.executable, "-m", "ctxtrain", "export", str(run_dir), "--out", str(tmp_path / "x")],
+    r = subprocess.run([sys.executable, "-m", "ctxtrain", "export", str(run_dir), "--out",
+                        str(tmp_path / "x")],
                        capture_output=True, text=True, env=env())
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "step_000020 is damaged" in r.stderr and "--step 10" in r.stderr, r.stderr
@@ -140,7 +144,8 @@ def test_damaged_checkpoints_are_passed_over(zero3_run, stdlib_shards, tmp_path)
 
 def test_checkpoints_in_an_object_store_uri(zero3_run, stdlib_shards, tmp_path):
     """checkpoint.storage as a URI (file:// here: the same pyarrow path as s3:// or gs://): the commit order
-    holds in the store, local staging is dropped after the commit, and a fresh machine resumes from the store."""
+    holds in the store, local staging is dropped after the commit, and a fresh machine resumes from the
+    store."""
     _, whole, _ = zero3_run
     store = tmp_path / "bucket"
     uri = f"file://{store}"
@@ -149,14 +154,16 @@ def test_checkpoints_in_an_object_store_uri(zero3_run, stdlib_shards, tmp_path):
     assert sorted(p.name for p in store.glob("step_*")) == ["step_000003", "step_000006"]  # keep_last=2
     newest = store / "step_000006"
     assert (newest / "COMMITTED").is_file() and (newest / "meta.json").is_file()
-    assert len(list(newest.glob("*optim_states.pt"))) == 2 and (store / "latest").read_text().strip() == newest.name
+    assert len(list(newest.glob("*optim_states.pt"))) == 2
+    assert (store / "latest").read_text().strip() == newest.name
     assert not list((tmp_path / "node_a" / "checkpoints").glob("step_*"))  # staging dropped after upload
     # another machine, another (empty) run dir: resumes from the store, losses as if never stopped
     proc, m = train(tmp_path / "node_b", stdlib_shards, *common, "--train.stop_at_step=9")
     assert "resumed from step_000006" in proc.stdout
     for step in (7, 8, 9):
         assert abs(m[step]["loss"] - whole[step]["loss"]) <= 1e-6
-    # export and report read the checkpoints where the run stored them (nothing is left in RUN_DIR/checkpoints)
+    # export and report read the checkpoints where the run stored them (nothing is left in
+    # RUN_DIR/checkpoints)
     assert not list((tmp_path / "node_b" / "checkpoints").glob("step_*"))
     r = subprocess.run([sys.executable, "-m", "ctxtrain", "export", str(tmp_path / "node_b"), "--out",
                         str(tmp_path / "export"), "--no-progress"], capture_output=True, text=True, env=env())
@@ -173,9 +180,9 @@ def test_checkpoints_in_an_object_store_uri(zero3_run, stdlib_shards, tmp_path):
 def test_resume_flag_loads_exactly_the_named_checkpoint_and_no_resume_starts_fresh(zero3_run, stdlib_shards,
                                                                                    tmp_path):
     """--resume PATH of another run loads that checkpoint, although this run has its own of the same step, and
-    starts a trajectory of this run's own: a new W&B run whose config names the checkpoint, and metrics.jsonl and
-    TensorBoard holding this run's steps only (not its earlier steps 1-10 spliced with the other run's). Then
-    --no-resume starts fresh."""
+    starts a trajectory of this run's own: a new W&B run whose config names the checkpoint, and metrics.jsonl
+    and TensorBoard holding this run's steps only (not its earlier steps 1-10 spliced with the other run's).
+    Then --no-resume starts fresh."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ctxtrain.tracking import read_history, read_records
@@ -197,7 +204,8 @@ def test_resume_flag_loads_exactly_the_named_checkpoint_and_no_resume_starts_fre
     run_id = json.loads((here / "tracker.json").read_text())["run_id"]
     assert run_id not in (theirs, first_id)  # a new W&B run, neither the other run's nor this dir's first
     assert [step for step, _ in read_history(here, run_id)] == [11]
-    assert json.loads((here / "checkpoints" / "step_000011" / "meta.json").read_text())["tracker_run_id"] == run_id
+    meta = json.loads((here / "checkpoints" / "step_000011" / "meta.json").read_text())
+    assert meta["tracker_run_id"] == run_id
     config = {}
     for path in (here / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"):
         for record in read_records(path):
@@ -267,17 +275,19 @@ def test_encoder_decoder_learns_translation(en_fr_shards, tmp_path):
 
 @pytest.mark.gpu
 def test_mfu_is_a_number_on_gpu(stdlib_shards, tmp_path):
-    _, m = train(tmp_path / "gpu", stdlib_shards, "--train.max_steps=3", "--cluster.workers=1", "--train.dtype=bf16",
+    _, m = train(tmp_path / "gpu", stdlib_shards, "--train.max_steps=3", "--cluster.workers=1",
+                 "--train.dtype=bf16",
                  "--train.device=cuda", "--zero.stage=2")
     assert all(isinstance(m[s]["mfu"], float) and 0 < m[s]["mfu"] < 1 for s in (2, 3))
     assert m[3]["mem_peak_bytes"] > 0 and m[3]["mem_reserved_bytes"] >= m[3]["mem_allocated_bytes"]
 
 
 def test_metrics_are_read_every_log_every_steps(stdlib_shards, tmp_path):
-    """No host sync per step: losses stay on the device and reach metrics.jsonl in one read every log_every steps
-    (step 1 alone, then 2-4). A worker killed during step 7 takes the unread steps 5-6 with it."""
+    """No host sync per step: losses stay on the device and reach metrics.jsonl in one read every log_every
+    steps (step 1 alone, then 2-4). A worker killed during step 7 takes the unread steps 5-6 with it."""
     run_dir = tmp_path / "batched"
-    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--train.log_every=4", "--checkpoint.every=0",
+    proc, m = train(run_dir, stdlib_shards, "--train.max_steps=20", "--train.log_every=4",
+                    "--checkpoint.every=0",
                     "--cluster.workers=1", "--fault.kill_rank=0", "--fault.at_step=7", check=False)
     assert proc.returncode != 0 and "fault injection" in proc.stdout
     assert sorted(m) == [1, 2, 3, 4]
@@ -285,9 +295,10 @@ def test_metrics_are_read_every_log_every_steps(stdlib_shards, tmp_path):
 
 
 def test_tensorboard_holds_each_step_once_across_a_kill_and_resume(stdlib_shards, tmp_path):
-    """tracking.tensorboard (default on): RUN_DIR/tensorboard read back with TensorBoard's own EventAccumulator
-    holds every step of metrics.jsonl once, with its values. The killed start logged steps 6-7 past its
-    checkpoint (step 5); the resumed start recomputes them, and TensorBoard keeps the recomputed ones."""
+    """tracking.tensorboard (default on): RUN_DIR/tensorboard read back with TensorBoard's own
+    EventAccumulator holds every step of metrics.jsonl once, with its values. The killed start logged steps
+    6-7 past its checkpoint (step 5); the resumed start recomputes them, and TensorBoard keeps the recomputed
+    ones."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ctxtrain.tracking import event_steps
@@ -297,7 +308,8 @@ def test_tensorboard_holds_each_step_once_across_a_kill_and_resume(stdlib_shards
               "--tracking.tensorboard=true"]
     proc, m = train(run_dir, stdlib_shards, *narrow, "--fault.kill_rank=0", "--fault.at_step=8", check=False)
     assert proc.returncode != 0 and sorted(m) == list(range(1, 8))
-    assert event_steps(run_dir / "tensorboard") == set(range(1, 8))  # flushed as logged: nothing lost to the kill
+    # flushed as logged: nothing lost to the kill
+    assert event_steps(run_dir / "tensorboard") == set(range(1, 8))
     proc, m = train(run_dir, stdlib_shards, *narrow)
     assert "resumed from step_000005" in proc.stdout and sorted(m) == list(range(1, 13))
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per start

@@ -112,7 +112,8 @@ def test_slurm_script_passes_sigterm_to_the_driver_and_requeues_a_preempted_run(
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1",
            "CTXTRAIN_VENV": str(tmp_path / "none")}
     proc = subprocess.Popen(["bash", str(REPO / "cluster" / "slurm.sbatch"), "configs/lm_tiny.yaml"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     deadline = time.time() + 30
     while time.time() < deadline and not (log.exists() and "driver" in log.read_text()):
         time.sleep(0.1)
@@ -126,8 +127,9 @@ def test_slurm_script_passes_sigterm_to_the_driver_and_requeues_a_preempted_run(
 
 
 def test_kuberay_pods_give_a_preempted_worker_time_to_checkpoint():
-    """Evicted pods: the grace period outlasts cluster.preempt_grace_s, and a preStop hook SIGTERMs the training
-    processes (the workers checkpoint at the next step; the head's driver exits 75 and the RayJob retries)."""
+    """Evicted pods: the grace period outlasts cluster.preempt_grace_s, and a preStop hook SIGTERMs the
+    training processes (the workers checkpoint at the next step; the head's driver exits 75 and the RayJob
+    retries)."""
     from ctxtrain.config import ClusterConfig
 
     for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):

@@ -32,7 +32,8 @@ def test_every_field_has_a_docstring():
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config(CONFIGS / "lm_tiny.yaml", ["--model.n_layers=3", "--optim.lr=3e-4", "--train.stop_at_step=null",
+    cfg = load_config(CONFIGS / "lm_tiny.yaml", ["--model.n_layers=3", "--optim.lr=3e-4",
+                                                 "--train.stop_at_step=null",
                                                  "--tracking.tags=a,b", "--zero.offload_optimizer=true"])
     assert cfg.model.n_layers == 3 and cfg.optim.lr == 3e-4 and cfg.train.stop_at_step is None
     assert cfg.tracking.tags == ["a", "b"] and cfg.zero.offload_optimizer is True

@@ -24,7 +24,8 @@ EOS = 2
 
 def _lm(pos: str = "rope", kv_heads=None) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="lm", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=kv_heads, d_ff=64,
+    cfg = ModelConfig(kind="lm", vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=kv_heads,
+                      d_ff=64,
                       pos=pos, mlp="swiglu" if pos == "rope" else "gelu",
                       norm="rmsnorm" if pos == "rope" else "layernorm", init_std=0.2)
     return build_model(cfg).eval()
@@ -32,7 +33,8 @@ def _lm(pos: str = "rope", kv_heads=None) -> torch.nn.Module:
 
 def _encdec(pos: str = "sinusoidal") -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(kind="encdec", vocab_size=97, d_model=32, n_layers=2, n_encoder_layers=2, n_heads=4, d_ff=64,
+    cfg = ModelConfig(kind="encdec", vocab_size=97, d_model=32, n_layers=2, n_encoder_layers=2, n_heads=4,
+                      d_ff=64,
                       pos=pos, init_std=0.2)
     return build_model(cfg).eval()
 

@@ -1,7 +1,7 @@
-"""Pure parts of the engine: the LR schedule, weight-decay groups, the generated DeepSpeed config, retention."""
+"""Pure parts of the engine: the LR schedule, weight-decay groups, the generated DeepSpeed config,
+retention."""
 
 from __future__ import annotations
-
 
 import pytest
 
@@ -24,7 +24,8 @@ def test_schedule_warmup_then_cosine_to_min():
 
 
 def test_schedule_linear_and_constant():
-    lin = load_config(None, ["--optim.decay=linear", "--optim.warmup_steps=0", "--optim.lr=1.0", "--optim.min_lr=0"]).optim
+    lin = load_config(None, ["--optim.decay=linear", "--optim.warmup_steps=0", "--optim.lr=1.0",
+                             "--optim.min_lr=0"]).optim
     assert lr_at(50, lin, 100) == pytest.approx(0.5)
     const = load_config(None, ["--optim.decay=constant", "--optim.warmup_steps=4"]).optim
     assert lr_at(2, const, 100) == pytest.approx(const.lr / 2) and lr_at(99, const, 100) == const.lr
@@ -32,7 +33,8 @@ def test_schedule_linear_and_constant():
 
 def test_no_weight_decay_on_norms_and_biases():
     for model in (DecoderLM(ModelConfig(vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=2)),
-                  EncoderDecoder(ModelConfig(kind="encdec", vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=1,
+                  EncoderDecoder(ModelConfig(kind="encdec", vocab_size=64, d_model=32, n_heads=4, d_ff=48,
+                                             n_layers=1,
                                              bias=True, norm="layernorm", mlp="gelu", pos="sinusoidal"))):
         decay, no_decay = param_groups(model, 0.1)
         names = {id(p): n for n, p in model.named_parameters()}

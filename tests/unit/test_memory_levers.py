@@ -1,7 +1,7 @@
 """The memory levers change memory and time, not the maths: each checkpoint policy, the chunked LM head + loss
-and the chunked MLP give the plain model's loss and gradients (fp32, 1e-5), for the LM and the encoder-decoder;
-and each does what it is for (offload packs one input per block, selective does not recompute attention, no
-[tokens, vocab] or [tokens, d_ff] tensor exists when chunked)."""
+and the chunked MLP give the plain model's loss and gradients (fp32, 1e-5), for the LM and the
+encoder-decoder; and each does what it is for (offload packs one input per block, selective does not recompute
+attention, no [tokens, vocab] or [tokens, d_ff] tensor exists when chunked)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from ctxtrain.engine.memory import SDPA_KERNELS, apply_levers
 from ctxtrain.model import IGNORE_INDEX, DecoderLM, EncoderDecoder, ModelConfig
 
 LM = ModelConfig(vocab_size=512, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64)
-SEED = ModelConfig(kind="encdec", vocab_size=300, d_model=32, n_layers=2, n_encoder_layers=2, n_heads=4, d_ff=80,
-                   mlp="gelu", norm="layernorm", pos="sinusoidal", bias=True, embed_scale=True, tie_embeddings=True)
+SEED = ModelConfig(kind="encdec", vocab_size=300, d_model=32, n_layers=2, n_encoder_layers=2, n_heads=4,
+                   d_ff=80,
+                   mlp="gelu", norm="layernorm", pos="sinusoidal", bias=True, embed_scale=True,
+                   tie_embeddings=True)
 CPU = torch.device("cpu")
 
 
@@ -58,8 +60,8 @@ def assert_same(a, b, what):
     (la, ga), (lb, gb) = a, b
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=0, msg=f"{what}: loss")
     assert ga.keys() == gb.keys()
-    # Some gradients are zero up to rounding (a key bias: softmax ignores a shift); measure those against 1e-4 of
-    # the largest gradient rather than against their own noise.
+    # Some gradients are zero up to rounding (a key bias: softmax ignores a shift); measure those against 1e-4
+    # of the largest gradient rather than against their own noise.
     floor = 1e-4 * max(g.norm() for g in gb.values())
     for name in ga:
         rel = (ga[name] - gb[name]).norm() / torch.maximum(gb[name].norm(), floor)
@@ -85,7 +87,8 @@ def test_every_lever_combination_gives_the_plain_loss_and_gradients(kind, cfg, m
     for policy, loss_chunk, mlp_chunk in COMBOS:
         model = copy.deepcopy(plain)
         apply_levers(model, MemoryConfig(checkpoint=policy, loss_chunk=loss_chunk, mlp_chunk=mlp_chunk), CPU)
-        assert_same(loss_and_grads(model, batch, scale=0.5), reference, f"{kind} {policy} loss_chunk={loss_chunk} "
+        assert_same(loss_and_grads(model, batch, scale=0.5), reference, f"{kind} {policy} "
+                                                                        f"loss_chunk={loss_chunk} "
                     f"mlp_chunk={mlp_chunk}")
         assert model.state_dict().keys() == plain.state_dict().keys()
 
@@ -146,7 +149,8 @@ def ops_in_backward(policy):
 
 
 def test_selective_keeps_attention_and_full_recomputes_it():
-    attention_in_backward = {p: sum(f in SDPA_KERNELS for f in ops_in_backward(p)) for p in ("full", "selective")}
+    attention_in_backward = {p: sum(f in SDPA_KERNELS for f in ops_in_backward(p)) for p in ("full",
+                                                                                             "selective")}
     assert attention_in_backward == {"full": LM.n_layers, "selective": 0}
 
 
@@ -162,7 +166,8 @@ def test_chunked_loss_never_forms_the_whole_logits():
     tokens = 2 * 40
     vocab_sized = [s for s in largest_shapes(MemoryConfig()) if s and s[-1] == LM.vocab_size and len(s) > 1]
     assert max(torch.Size(s).numel() for s in vocab_sized) >= tokens * LM.vocab_size  # plain: all at once
-    weights = {(LM.vocab_size, LM.d_model), (LM.d_model, LM.vocab_size)}  # the head's weight and its transpose
+    # the head's weight and its transpose
+    weights = {(LM.vocab_size, LM.d_model), (LM.d_model, LM.vocab_size)}
     vocab_sized = [s for s in largest_shapes(MemoryConfig(loss_chunk=16)) if s and s[-1] == LM.vocab_size
                    and len(s) > 1 and s not in weights]
     assert vocab_sized and max(torch.Size(s).numel() for s in vocab_sized) <= 16 * LM.vocab_size
@@ -171,7 +176,8 @@ def test_chunked_loss_never_forms_the_whole_logits():
 def test_chunked_mlp_never_forms_the_whole_hidden_layer():
     def widest(memory):
         weights = {(LM.d_ff, LM.d_model), (LM.d_model, LM.d_ff)}
-        shapes = [s for s in largest_shapes(memory) if s and s[-1] == LM.d_ff and len(s) > 1 and s not in weights]
+        shapes = [s for s in largest_shapes(memory) if s and s[-1] == LM.d_ff and len(s) > 1
+                  and s not in weights]
         return max(torch.Size(s).numel() for s in shapes)
 
     assert widest(MemoryConfig()) >= 2 * 40 * LM.d_ff

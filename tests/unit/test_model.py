@@ -1,5 +1,5 @@
-"""The seed's Transformer: shapes, causality, padding, parity with Hugging Face Llama and torch.nn.Transformer,
-and the parameter count of every config."""
+"""The seed's Transformer: shapes, causality, padding, parity with Hugging Face Llama and
+torch.nn.Transformer, and the parameter count of every config."""
 
 from __future__ import annotations
 
@@ -67,10 +67,12 @@ def test_encoder_padding_does_not_change_real_positions():
 
 def test_lm_matches_hugging_face_llama():
     transformers = pytest.importorskip("transformers")
-    cfg = ModelConfig(vocab_size=211, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, rope_theta=5e5)
+    cfg = ModelConfig(vocab_size=211, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96,
+                      rope_theta=5e5)
     torch.manual_seed(0)
     ours = DecoderLM(cfg).eval()
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in llama_config_dict(cfg).items() if k != "architectures"})
+    hf_cfg = transformers.LlamaConfig(**{k: v for k,
+                                         v in llama_config_dict(cfg).items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict(to_llama_state_dict(ours.state_dict(), cfg), strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)

@@ -1,6 +1,7 @@
-"""The memory planner: its activation formulas count exactly what autograd keeps for our blocks; its static terms
-follow ZeRO's partitioning; its longest length is the boundary of what fits; `ctxtrain plan` prints the table
-and `ctxtrain train` refuses what does not fit. (Its predictions against measured peaks: tests/integration.)"""
+"""The memory planner: its activation formulas count exactly what autograd keeps for our blocks; its static
+terms follow ZeRO's partitioning; its longest length is the boundary of what fits; `ctxtrain plan` prints the
+table and `ctxtrain train` refuses what does not fit. (Its predictions against measured peaks:
+tests/integration.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ import torch
 from ctxtrain.config import load_config
 from ctxtrain.model import ModelConfig, param_count
 from ctxtrain.model.transformer import Block, DecoderBlock, Rotary
-from ctxtrain.plan import (GIB, block_kept, cross_kv_kept, lever_that_fits, longest_seq_len, math_attention_scores,
-                           plan, shape_of)
+from ctxtrain.plan import (
+    GIB,
+    block_kept,
+    cross_kv_kept,
+    lever_that_fits,
+    longest_seq_len,
+    math_attention_scores,
+    plan,
+    shape_of,
+)
 from tests.conftest import CONFIGS, REPO
 
 VARIANTS = {
@@ -42,7 +51,8 @@ def saved_bytes(run, exclude) -> int:
 
 
 def shape_for(model: ModelConfig, dtype, T: int, S: int = 0):
-    cfg = load_config(None, [f"--train.dtype={'bf16' if dtype == torch.bfloat16 else 'fp32'}", "--data.batch_size=1"])
+    cfg = load_config(None, [f"--train.dtype={'bf16' if dtype == torch.bfloat16 else 'fp32'}",
+                             "--data.batch_size=1"])
     cfg.model = model
     sh = shape_of(cfg, world=1, device="cpu", seq_len=T)
     return sh.__class__(**{**sh.__dict__, "src_len": S})
@@ -72,7 +82,8 @@ def test_block_formula_counts_exactly_what_autograd_keeps(variant, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decoder_block_formula_counts_exactly_what_autograd_keeps(dtype):
     T, S = 40, 56
-    model = ModelConfig(kind="encdec", vocab_size=50, d_model=32, n_heads=4, d_ff=64, mlp="gelu", norm="layernorm",
+    model = ModelConfig(kind="encdec", vocab_size=50, d_model=32, n_heads=4, d_ff=64, mlp="gelu",
+                        norm="layernorm",
                         pos="sinusoidal", bias=True)
     torch.manual_seed(0)
     block = DecoderBlock(model).to(dtype).train()
@@ -88,14 +99,17 @@ def lm(*overrides):
 
 
 def test_static_terms_follow_zero_partitioning():
-    terms = {stage: {t.name: t for t in plan(lm(f"--zero.stage={stage}"), 8, "cuda").terms} for stage in (0, 1, 2, 3)}
+    terms = {stage: {t.name: t for t in plan(lm(f"--zero.stage={stage}"), 8, "cuda").terms}
+             for stage in (0, 1, 2, 3)}
     P = param_count(lm().model)
     assert terms[0]["parameters"].device == 2 * P and terms[0]["optimizer state"].device == 12 * P
     assert terms[1]["optimizer state"].device == 12 * P // 8 and terms[1]["gradients"].device == 2 * P
     assert terms[2]["gradients"].device == 2 * P // 8
-    cfg = lm().model  # ZeRO-3: a 1/8 share, plus the gathered embedding (its largest module) and one prefetched
+    # ZeRO-3: a 1/8 share, plus the gathered embedding (its largest module) and one prefetched
+    cfg = lm().model
     assert terms[3]["parameters"].device == -(-P // 8) * 2 + 2 * cfg.vocab_size * cfg.d_model * 2
-    offloaded = {t.name: t for t in plan(lm("--zero.offload_optimizer=true"), 8, "cuda").terms}["optimizer state"]
+    offloaded = {t.name: t for t in plan(lm("--zero.offload_optimizer=true"), 8, "cuda").terms}["optimizer "
+                                                                                                "state"]
     assert offloaded.device == 0 and offloaded.host == 12 * P // 8
 
 
@@ -114,8 +128,10 @@ def test_sequence_parallel_divides_activations_and_adds_the_all_to_all():
     one, two = (plan(lm("--data.seq_len=262144", "--memory.checkpoint=full", "--memory.loss_chunk=4096",
                         f"--parallel.sp={sp}"), 8, "cuda") for sp in (1, 2))
     t1, t2 = ({t.name: t for t in p.terms} for p in (one, two))
-    assert t2["checkpointed activations"].device == pytest.approx(t1["checkpointed activations"].device / 2, rel=0.01)
-    assert t2["peak layer working set"].device == pytest.approx(t1["peak layer working set"].device / 2, rel=0.01)
+    assert t2["checkpointed activations"].device == pytest.approx(t1["checkpointed activations"].device / 2,
+                                                                  rel=0.01)
+    assert t2["peak layer working set"].device == pytest.approx(t1["peak layer working set"].device / 2,
+                                                                rel=0.01)
     assert t1["all-to-all buffers"].device == 0 and t2["all-to-all buffers"].device > 0
     assert t2["optimizer state"].device == t1["optimizer state"].device  # ZeRO still partitions over all 8
     assert two.device_peak < one.device_peak
@@ -144,11 +160,14 @@ def ctxtrain(*args):
 def test_plan_verb_prints_the_table_and_says_whether_it_fits():
     r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "8", "--gpu-mem", "80")
     assert r.returncode == 0, r.stderr
-    for row in ("parameters", "gradients", "optimizer state", "checkpointed activations", "peak layer working set",
-                "loss buffer", "attention workspace", "allocator margin (5%)", "predicted peak", "verdict: fits"):
+    for row in ("parameters", "gradients", "optimizer state", "checkpointed activations", "peak layer "
+                                                                                          "working set",
+                "loss buffer", "attention workspace", "allocator margin (5%)", "predicted peak", "verdict: "
+                                                                                                 "fits"):
         assert row in r.stdout, row
     assert r.stdout.count("memory.checkpoint=") >= 5  # the header and one longest length per policy
-    r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "1", "--gpu-mem", "80", "--data.seq_len=1048576")
+    r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "1", "--gpu-mem", "80",
+                 "--data.seq_len=1048576")
     assert r.returncode == 1 and "does NOT fit" in r.stdout and "lever:" in r.stdout
     r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "0")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--gpus" in r.stderr

@@ -66,10 +66,12 @@ def test_mfu_is_a_number_on_gpu():
 
 
 def test_resume_resends_the_steps_wandb_lost(tmp_path):
-    """W&B kept steps 1-3 of a run killed after its step-5 checkpoint: the resume sends 4-5 from metrics.jsonl,
-    then 6 onwards; the history holds every step once."""
+    """W&B kept steps 1-3 of a run killed after its step-5 checkpoint: the resume sends 4-5 from
+    metrics.jsonl, then 6 onwards; the history holds every step once."""
     _offline_run(tmp_path, "runlost1", range(1, 4))
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s,
+                                                                "loss": 1.0 / s}) + "\n"
+                                                    for s in range(1, 8)))
     code = f"""
 from pathlib import Path
 from ctxtrain.config import load_config
@@ -88,12 +90,14 @@ tracker.finish()
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "WANDB_SILENT": "true"})
     history = read_history(tmp_path, "runlost1")
     assert [s for s, _ in history] == list(range(1, 8))
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [json.loads(line)["step"]
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
 def test_last_record_skips_a_line_being_written(tmp_path):
     from ctxtrain.rundir import last_record
 
     assert last_record(tmp_path) is None
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, '
+                                            '"lo')
     assert last_record(tmp_path) == {"step": 2, "loss": 1.5}

@@ -33,7 +33,8 @@ def plain_read(path: str, epochs: int) -> tuple[int, float]:
     return tokens, time.perf_counter() - t0
 
 
-def loader_read(path: str, seq_len: int, batch_size: int, workers: int, epochs: int) -> tuple[int, float, float]:
+def loader_read(path: str, seq_len: int, batch_size: int, workers: int, epochs: int) -> tuple[int, float,
+                                                                                              float]:
     """(tokens, seconds, start-up seconds) of `epochs` epochs through the StreamingLoader as one rank.
 
     Tokens and seconds count from the first batch on: the workers' start-up (a fork and a first shard
@@ -52,8 +53,10 @@ def loader_read(path: str, seq_len: int, batch_size: int, workers: int, epochs: 
     return tokens, time.perf_counter() - first, first - t0
 
 
-def run_bench(path: str, seq_len: int, batch_size: int, workers: int, epochs: int = 3, repeats: int = 3) -> dict:
-    Dataset(path).usable_shards("train", skip_corrupt=False)  # a missing or truncated shard: one line, before timing
+def run_bench(path: str, seq_len: int, batch_size: int, workers: int, epochs: int = 3,
+              repeats: int = 3) -> dict:
+    # a missing or truncated shard: one line, before timing
+    Dataset(path).usable_shards("train", skip_corrupt=False)
     plain = max((plain_read(path, epochs) for _ in range(repeats)), key=lambda r: r[0] / r[1])
     loaded = max((loader_read(path, seq_len, batch_size, workers, epochs) for _ in range(repeats)),
                  key=lambda r: r[0] / r[1])

@@ -50,7 +50,8 @@ def check_text(path: Path) -> None:
         with open(path, "rb") as fh:
             head = fh.read(8192)
     except OSError as e:
-        raise UserError(f"--input {path}: cannot be read ({e.strerror or e}); check its permissions") from None
+        raise UserError(f"--input {path}: cannot be read ({e.strerror or e}); check its "
+                        "permissions") from None
     if b"\0" in head:
         raise UserError(f"--input {path} is a binary file, not text; prepare reads text, JSONL or TSV: "
                         "remove it from --input")
@@ -80,7 +81,8 @@ def detect_task(files: list[Path], src_field: str, tgt_field: str) -> str:
                     except json.JSONDecodeError:
                         raise UserError(f"{files[0]}:{lineno}: not a JSON line; fix the line or pass plain "
                                         "text files") from None
-                    return "translation" if isinstance(rec, dict) and src_field in rec and tgt_field in rec else "lm"
+                    pair = isinstance(rec, dict) and src_field in rec and tgt_field in rec
+                    return "translation" if pair else "lm"
     return "lm"
 
 
@@ -96,7 +98,8 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
                         text = json.loads(line)[text_field]
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise UserError(
-                            f"{f}:{lineno}: not a JSON object with a {text_field!r} field; fix the line or pass --text-field"
+                            f"{f}:{lineno}: not a JSON object with a {text_field!r} field; fix the line or "
+                            "pass --text-field"
                         ) from None
                     if text:
                         yield str(text)
@@ -154,7 +157,8 @@ def read_pairs(files: list[Path], src_field: str, tgt_field: str) -> list[tuple[
 def stdlib_files() -> list[Path]:
     """Every .py file of this interpreter's standard library (site-packages excluded), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts
+                  and "dist-packages" not in p.parts)
 
 
 def read_mo(path: Path) -> list[tuple[str, str]]:
@@ -215,7 +219,8 @@ def fetch_debian_gettext(cache: Path, packages: list[str]) -> Path:
         if out.returncode != 0:
             last = (out.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(
-                f"apt-get download {' '.join(missing)} failed ({last}); run `apt-get update` (as root) and retry"
+                f"apt-get download {' '.join(missing)} failed ({last}); run `apt-get update` (as root) and "
+                "retry"
             )
     for deb in sorted(debs.glob("*.deb")):
         marker = root / f".{deb.name}.unpacked"
@@ -236,6 +241,7 @@ class Recipe:
 RECIPES = {
     "stdlib": Recipe("stdlib", "lm", "Python standard library sources (this interpreter's)"),
     "debian-gettext-fr": Recipe(
-        "debian-gettext-fr", "translation", "English->French pairs from Debian packages' French gettext catalogs"
+        "debian-gettext-fr", "translation", "English->French pairs from Debian packages' French gettext "
+                                            "catalogs"
     ),
 }

@@ -46,9 +46,11 @@ class Dataset:
         try:
             self.index = json.loads(index_path.read_bytes())
         except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{index_path} is not valid JSON ({str(e)[:80]}); re-run `ctxtrain prepare`") from None
+            raise DataError(f"{index_path} is not valid JSON ({str(e)[:80]}); re-run "
+                            "`ctxtrain prepare`") from None
         except OSError as e:
-            raise DataError(f"{index_path} cannot be read ({e.strerror or e}); check its permissions") from None
+            raise DataError(f"{index_path} cannot be read ({e.strerror or e}); check its "
+                            "permissions") from None
         missing = [k for k in INDEX_KEYS if not isinstance(self.index, dict) or k not in self.index]
         if missing:
             raise DataError(f"{index_path} lacks {', '.join(missing)} (not written by `ctxtrain prepare`, or "
@@ -74,8 +76,8 @@ class Dataset:
                 for s in self.index["splits"][split]["shards"]
             ]
         except (KeyError, TypeError) as e:
-            raise DataError(f"{self.path}/index.json: the {split!r} split's shard list is malformed (no {e}); "
-                            "re-run `ctxtrain prepare`") from None
+            raise DataError(f"{self.path}/index.json: the {split!r} split's shard list is malformed (no "
+                            f"{e}); re-run `ctxtrain prepare`") from None
 
     def usable_shards(self, split: str, skip_corrupt: bool) -> tuple[list[Shard], list[str]]:
         """Shards present with the size index.json recorded; the others raise, or are skipped and named."""
@@ -85,7 +87,8 @@ class Dataset:
             if not shard.path.is_file():
                 problem = "is missing"
             elif shard.path.stat().st_size != shard.bytes:
-                problem = f"has {shard.path.stat().st_size} bytes, index.json says {shard.bytes} (truncated or rewritten)"
+                problem = (f"has {shard.path.stat().st_size} bytes, index.json says {shard.bytes} (truncated "
+                           "or rewritten)")
             if problem is None:
                 good.append(shard)
             elif skip_corrupt:

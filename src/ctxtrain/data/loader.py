@@ -75,7 +75,8 @@ class EpochPlan:
             size = min(self.M, self.n_units - b * self.M)
             rng = np.random.default_rng([self.seed, self.epoch, b, 0x51CE])
             perm = rng.permutation(size) if self.M > 1 else np.zeros(1, dtype=np.int64)
-            self._perms = {k: v for k, v in self._perms.items() if k == b - 1}  # a batch spans at most two blocks
+            # a batch spans at most two blocks
+            self._perms = {k: v for k, v in self._perms.items() if k == b - 1}
             self._perms[b] = perm
         return self._perms[b]
 
@@ -92,7 +93,8 @@ class EpochPlan:
         return out
 
     def owned_units_in_block(self, b: int, worker: int, workers: int) -> np.ndarray:
-        """Sorted stream units of block b that this rank's worker will need (its chunks: (first_chunk + j) % workers == worker)."""
+        """Sorted stream units of block b that this rank's worker will need (its chunks: (first_chunk + j) %
+        workers == worker)."""
         lo, hi = b * self.M, min((b + 1) * self.M, self.n_units)
         p = np.arange(lo, hi)
         q = p - self.start
@@ -149,8 +151,9 @@ class _ShardCursor:
         for ids in sample:  # an id past the vocabulary would fail deep inside the model's embedding
             if len(ids) and int(ids.max()) >= self.vocab_size:
                 raise DataError(
-                    f"shard {self.shards[self.i].path} holds token id {int(ids.max())}, past the vocabulary of "
-                    f"{self.vocab_size} in index.json (made with another tokenizer?); re-run `ctxtrain prepare`"
+                    f"shard {self.shards[self.i].path} holds token id {int(ids.max())}, past the vocabulary "
+                    f"of {self.vocab_size} in index.json (made with another tokenizer?); re-run `ctxtrain "
+                    "prepare`"
                 )
         return sample
 
@@ -160,7 +163,8 @@ class WindowSource:
 
     def __init__(self, shards: list[Shard], seq_len: int, eos: int, dtype: np.dtype, vocab_size: int):
         self.L, self.eos = seq_len, eos
-        self.cursor = _ShardCursor(shards, [s.tokens + s.docs for s in shards], dtype, ("ids.npy",), vocab_size)
+        self.cursor = _ShardCursor(shards, [s.tokens + s.docs for s in shards], dtype, ("ids.npy",),
+                                   vocab_size)
         self.dtype = dtype
         self.doc: Optional[np.ndarray] = None
         self.doc_start = 0
@@ -189,7 +193,8 @@ class WindowSource:
         L = self.L
         pos = u * L
         if self.doc is not None and self.doc_start <= pos and pos + L + 1 < self.doc_start + self.doc_len:
-            return self.doc[pos - self.doc_start : pos - self.doc_start + L + 1]  # inside one document: a view
+            # inside one document: a view
+            return self.doc[pos - self.doc_start : pos - self.doc_start + L + 1]
         out = np.empty(L + 1, dtype=self.dtype)
         filled = 0
         while filled < L + 1:
@@ -211,7 +216,8 @@ class PairSource:
     """Translation pairs: unit u = the u-th pair of the epoch's stream."""
 
     def __init__(self, shards: list[Shard], dtype: np.dtype, vocab_size: int):
-        self.cursor = _ShardCursor(shards, [s.docs for s in shards], dtype, ("src.npy", "tgt.npy"), vocab_size)
+        self.cursor = _ShardCursor(shards, [s.docs for s in shards], dtype, ("src.npy", "tgt.npy"),
+                                   vocab_size)
         self.next_unit: Optional[int] = None
 
     @staticmethod
@@ -273,9 +279,9 @@ def _identity(batch: dict) -> dict:
 
 def _die_with_parent(_worker_id: int) -> None:
     """A DataLoader worker dies with its trainer. Without this, a trainer killed by SIGKILL leaves its forked
-    workers holding the trainer's sockets, and Ray sees the dead rank only after minutes of keepalive timeouts.
-    It ignores SIGTERM: a scheduler that signals every process (Slurm, a container's stop) asks the trainer for
-    a checkpoint at the next step, which needs its readers alive until then."""
+    workers holding the trainer's sockets, and Ray sees the dead rank only after minutes of keepalive
+    timeouts. It ignores SIGTERM: a scheduler that signals every process (Slurm, a container's stop) asks the
+    trainer for a checkpoint at the next step, which needs its readers alive until then."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent()
 
@@ -310,7 +316,8 @@ class _Stream(IterableDataset):
                     return
                 epoch, start = epoch + 1, 0
         except DataError as e:
-            # Raised in a worker, an exception reaches the trainer as a multi-line wrapper; a marker keeps it one line.
+            # Raised in a worker, an exception reaches the trainer as a multi-line wrapper; a marker keeps it
+            # one line.
             yield [{"__error__": str(e)}]
 
     def _epoch(self, plan: "EpochPlan", shards: list[Shard], worker: int, workers: int):
@@ -330,7 +337,8 @@ class _Stream(IterableDataset):
             chunk = []
             for k in range(j * C, min((j + 1) * C, plan.n_steps)):
                 positions = plan.positions(k)
-                dying = self.kill_at == k and plan.epoch == self.epoch  # k counts from the cursor in its epoch
+                # k counts from the cursor in its epoch
+                dying = self.kill_at == k and plan.epoch == self.epoch
                 for b in range(loaded_through + 1, int(positions[-1]) // plan.M + 1):
                     for u in plan.owned_units_in_block(b, worker, workers):
                         cache[int(u)] = source.get(int(u))
@@ -389,7 +397,8 @@ class StreamingLoader:
         unit_tokens = seq_len + 1 if self.dataset.task == "lm" else max_src_len + max_tgt_len
         self.chunk = max(1, CHUNK_TOKENS // (batch_size * unit_tokens)) if num_workers else 1
         self.epoch, self.consumed = 0, 0
-        self.kill_at: Optional[int] = None  # fault.during=read: the micro-batch (from the cursor) to die reading
+        # fault.during=read: the micro-batch (from the cursor) to die reading
+        self.kill_at: Optional[int] = None
         self.stats = {"skipped_shards": len(skipped), "skipped_names": skipped, "dropped_units": 0,
                       "epochs_done": 0, "units_per_epoch": self.n_units}
 
@@ -418,13 +427,15 @@ class StreamingLoader:
         for key in ("seed", "seq_len", "split", "dataset"):
             if state.get(key) != self.state_dict()[key]:
                 raise DataError(
-                    f"data cursor was saved with {key}={state.get(key)!r}, this run has {self.state_dict()[key]!r}; "
-                    "resume with the same data settings or start fresh (--no-resume)"
+                    f"data cursor was saved with {key}={state.get(key)!r}, this run has "
+                    f"{self.state_dict()[key]!r}; resume with the same data settings or start fresh "
+                    "(--no-resume)"
                 )
         if state.get("units_per_epoch", self.n_units) != self.n_units:
             raise DataError(
-                f"data cursor counts {state['units_per_epoch']} units per epoch, the shards now give {self.n_units} "
-                "(a shard was skipped or restored); resume with the same shards or start fresh (--no-resume)"
+                f"data cursor counts {state['units_per_epoch']} units per epoch, the shards now give "
+                f"{self.n_units} (a shard was skipped or restored); resume with the same shards or start "
+                "fresh (--no-resume)"
             )
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
@@ -437,7 +448,8 @@ class StreamingLoader:
                 return
             raise DataError(
                 f"{self.dataset.path} {self.split} split has {self.n_units} samples of seq_len "
-                f"{self.seq_len}, fewer than one global batch ({self.global_batch}); add data or lower data.batch_size"
+                f"{self.seq_len}, fewer than one global batch ({self.global_batch}); add data or lower "
+                "data.batch_size"
             )
         dl = DataLoader(_Stream(self, self.epoch, self.consumed, self.kill_at), batch_size=None,
                         num_workers=self.num_workers, collate_fn=_identity,

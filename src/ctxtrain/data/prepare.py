@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from ctxtrain.data import corpora
 from ctxtrain.data.shards import ShardSet
-from ctxtrain.progress import bar as progress_bar
 from ctxtrain.data.tokenizer import EOS, file_sha256, lang_tag, load_tokenizer, train_bpe
 from ctxtrain.errors import UserError
+from ctxtrain.progress import bar as progress_bar
 
 INDEX_FORMAT = "ctxtrain-shards/1"
 ENCODE_CHUNK = 256
@@ -71,7 +71,8 @@ class PrepareOptions:
 
 
 def _val_every(fraction: float, n_units: int) -> int:
-    """Every k-th unit (document or pair) goes to val (0: none); a corpus of fewer than k units still gives one."""
+    """Every k-th unit (document or pair) goes to val (0: none); a corpus of fewer than k units still gives
+    one."""
     if fraction <= 0 or n_units < 2:
         return 0
     return max(2, min(n_units, round(1 / fraction)))
@@ -117,7 +118,8 @@ def prepare(opts: PrepareOptions) -> dict:
         if not files:
             raise UserError("no input files to prepare")
         rng.shuffle(files)  # documents mix across shards; within a JSONL file they keep their order
-        n_units = corpora.count_documents(files)  # the val share is of documents, however many files hold them
+        # the val share is of documents, however many files hold them
+        n_units = corpora.count_documents(files)
     else:
         if not pairs:
             raise UserError("no translation pairs found in the inputs")
@@ -136,7 +138,8 @@ def prepare(opts: PrepareOptions) -> dict:
             tok = load_tokenizer(opts.tokenizer)
             missing = [t for t in extra if tok.token_to_id(t) is None]
             if missing:
-                raise UserError(f"--tokenizer {opts.tokenizer} lacks {missing}; train a new one without --tokenizer")
+                raise UserError(f"--tokenizer {opts.tokenizer} lacks {missing}; train a new one without "
+                                "--tokenizer")
         else:
             if task == "lm":
                 texts = corpora.iter_documents(files, opts.text_field)
@@ -194,7 +197,8 @@ def prepare(opts: PrepareOptions) -> dict:
             "dtype": np.dtype(dtype).name,
             "tokenizer": "tokenizer.json",
             "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
-            "special": {"pad": 0, "bos": 1, "eos": EOS, **({"lang_tag": tok.token_to_id(extra[0])} if extra else {})},
+            "special": {"pad": 0, "bos": 1, "eos": EOS,
+                        **({"lang_tag": tok.token_to_id(extra[0])} if extra else {})},
             "src_lang": opts.src_lang if task == "translation" else None,
             "tgt_lang": opts.tgt_lang if task == "translation" else None,
             "source": source,
@@ -220,14 +224,16 @@ def prepare(opts: PrepareOptions) -> dict:
     secs = time.perf_counter() - t0
     tr, va = index["splits"]["train"], index["splits"]["val"]
     if va["docs"] == 0:
-        why = "--val-fraction 0" if opts.val_fraction <= 0 else f"{tr['docs']} {'document' if task == 'lm' else 'pair'}(s)"
+        unit = "document" if task == "lm" else "pair"
+        why = "--val-fraction 0" if opts.val_fraction <= 0 else f"{tr['docs']} {unit}(s)"
         print(f"prepare: warning: {out} has no val split ({why}): evaluation during training is off (no "
               "val_loss); give more documents or a --val-fraction > 0", file=sys.stderr)
     print(
         f"prepared {out}: {task}, vocab {vocab} ({index['dtype']}), "
         f"train {tr['docs']} docs / {tr['tokens']:,} tokens in {len(tr['shards'])} shards, "
         f"val {va['docs']} docs / {va['tokens']:,} tokens; {index['duplicates_dropped']} duplicates dropped; "
-        f"{secs:.1f} s, {n_bytes / secs / 1e6:.1f} MB/s, {(tr['tokens'] + va['tokens']) / secs:,.0f} tokens/s",
+        f"{secs:.1f} s, {n_bytes / secs / 1e6:.1f} MB/s, {(tr['tokens'] + va['tokens']) / secs:,.0f} "
+        "tokens/s",
         file=sys.stderr,
     )
     return index

@@ -102,5 +102,6 @@ def iter_shard(shard: Shard, dtype: np.dtype, fields: tuple[str, ...]) -> Iterat
                 yield tuple(parts[f] for f in fields)
     except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as e:
         raise DataError(
-            f"shard {shard.path} is corrupt or unreadable ({str(e).split(' @ ')[0]}); re-run `ctxtrain prepare`"
+            f"shard {shard.path} is corrupt or unreadable ({str(e).split(' @ ')[0]}); re-run `ctxtrain "
+            "prepare`"
         ) from None

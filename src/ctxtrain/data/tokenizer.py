@@ -23,10 +23,12 @@ def lang_tag(lang: str) -> str:
     return f"<2{lang}>"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, extra_specials: list[str] = (), length: int | None = None) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, extra_specials: list[str] = (),
+              length: int | None = None) -> Tokenizer:
     """Train a byte-level BPE on texts; deterministic for the same texts in the same order."""
     if vocab_size < 256 + len(SPECIALS) + len(extra_specials):
-        raise UserError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least {256 + len(SPECIALS) + len(extra_specials)}")
+        raise UserError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least "
+                        f"{256 + len(SPECIALS) + len(extra_specials)}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -48,10 +50,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise UserError(f"tokenizer {p} cannot be read ({str(e).splitlines()[0]}); pass a tokenizers JSON file") from None
+        raise UserError(f"tokenizer {p} cannot be read ({str(e).splitlines()[0]}); pass a tokenizers JSON "
+                        "file") from None
     for i, name in enumerate(SPECIALS):
         if tok.token_to_id(name) != i:
-            raise UserError(f"tokenizer {p}: special token {name} must have id {i}; train one with `ctxtrain prepare`")
+            raise UserError(f"tokenizer {p}: special token {name} must have id {i}; train one with `ctxtrain "
+                            "prepare`")
     return tok
 
 

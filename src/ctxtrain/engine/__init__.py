@@ -1,8 +1,10 @@
 """The engine: DeepSpeed (the only package importing it) and what it wraps around the model.
 
-- `core`: the process group, the generated DeepSpeed config, ZeRO 0-3, the optimizer, the step, consolidation, the
+- `core`: the process group, the generated DeepSpeed config, ZeRO 0-3, the optimizer, the step, consolidation,
+the
   universal-checkpoint conversion (a ZeRO checkpoint of one world size loaded on another).
-- `memory`: the memory levers (activation checkpointing policies, the chunked LM head + loss, the chunked MLP).
+- `memory`: the memory levers (activation checkpointing policies, the chunked LM head + loss, the chunked
+MLP).
 """
 
 from ctxtrain.engine.core import (

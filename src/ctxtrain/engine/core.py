@@ -2,9 +2,9 @@
 weight-decay groups, the LR schedule, one training step, and consolidation of ZeRO shards for export.
 
 Nobody writes a ds_config.json by hand: `ds_config(cfg)` derives it from the typed config and the run
-directory keeps the generated one. The optimizer is torch's fused AdamW handed to DeepSpeed as a
-client optimizer: with it, save + load continues bit for bit on every ZeRO stage, offload included (DeepSpeed's
-CPU Adam recomputes its bias correction after a load and drifts by ~1e-4).
+directory keeps the generated one. The optimizer is torch's fused AdamW handed to DeepSpeed as a client
+optimizer: with it, save + load continues bit for bit on every ZeRO stage, offload included (DeepSpeed's CPU
+Adam recomputes its bias correction after a load and drifts by ~1e-4).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 # DeepSpeed calls torch's older collective names on every step; torch warns on each call.
-warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
+                        category=FutureWarning)
 
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ctxtrain.config import Config, OptimConfig  # noqa: E402
-from ctxtrain.processes import free_port  # noqa: E402
 from ctxtrain.engine.sequence import (  # noqa: E402
     SequenceParallel,
     init_sequence_parallel,
@@ -36,7 +36,7 @@ from ctxtrain.engine.sequence import (  # noqa: E402
     wrap_attention,
 )
 from ctxtrain.plan import bucket_elements  # noqa: E402
-
+from ctxtrain.processes import free_port  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Process group
@@ -57,7 +57,8 @@ class DistInfo:
 
     @property
     def dp_rank(self) -> int:
-        """Index of this rank's data-parallel group: the ranks of one sequence-parallel group read one window."""
+        """Index of this rank's data-parallel group: the ranks of one sequence-parallel group read one
+        window."""
         return self.rank // self.sp_size
 
     @property
@@ -79,15 +80,15 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
 
 def group_timeout(cfg: Config) -> timedelta:
     """How long the workers' process group waits for its members to join, and for every collective: at least
-    300 s (a rank may convert a checkpoint or compile an op while the others wait), or cluster.connect_timeout_s
-    when that is longer."""
+    300 s (a rank may convert a checkpoint or compile an op while the others wait), or
+    cluster.connect_timeout_s when that is longer."""
     return timedelta(seconds=max(cfg.cluster.connect_timeout_s, 300))
 
 
 def join_loopback_group(cfg: Config, rank: int, world: int, port: int, listen_fd: Optional[int]) -> None:
-    """Form the workers' process group on 127.0.0.1 only: rank 0's store serves on the already bound and listening
-    socket listen_fd (torch's TCPStore would otherwise listen on every interface), the others connect to port;
-    gloo's pairs use the loopback interface (processes.LOOPBACK_ENV, set by the caller)."""
+    """Form the workers' process group on 127.0.0.1 only: rank 0's store serves on the already bound and
+    listening socket listen_fd (torch's TCPStore would otherwise listen on every interface), the others
+    connect to port; gloo's pairs use the loopback interface (processes.LOOPBACK_ENV, set by the caller)."""
     timeout = group_timeout(cfg)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timeout,
                           master_listen_fd=listen_fd)
@@ -167,8 +168,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def ds_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config, derived from the typed config (saved as RUN_DIR/ds_config.json); world_size counts
-    the data-parallel groups (the ranks of a sequence-parallel group share their samples)."""
+    """The DeepSpeed config, derived from the typed config (saved as RUN_DIR/ds_config.json); world_size
+    counts the data-parallel groups (the ranks of a sequence-parallel group share their samples)."""
     z = cfg.zero
     zero: dict = {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": True}
     if z.offload_optimizer:
@@ -182,9 +183,10 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     if z.stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
         if cfg.parallel.sp > 1:
-            # ZeRO-3's reduce-scatter path averages gradients over every rank; only its all-reduce path sums them
-            # over a sequence-parallel group (DeepSpeed 0.19: stage3 __avg_scatter_grads lacks the sp factor).
-            # That path takes buckets up to reduce_bucket_size, which bucket_elements keeps >= every parameter.
+            # ZeRO-3's reduce-scatter path averages gradients over every rank; only its all-reduce path sums
+            # them over a sequence-parallel group (DeepSpeed 0.19: stage3 __avg_scatter_grads lacks the sp
+            # factor). That path takes buckets up to reduce_bucket_size, which bucket_elements keeps >= every
+            # parameter.
             zero["reduce_scatter"] = False
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -218,10 +220,11 @@ def batch_loss(model: nn.Module, batch: dict, device: torch.device,
 
 
 def _import_deepspeed_muon_uncompiled() -> None:
-    """deepspeed.initialize asks whether the optimizer is one ZeRO supports by importing DeepSpeed's Muon optimizer,
-    whose module-level `@torch.compile` kernels load Inductor: ~2 s of every worker start on 2 CPU cores, for kernels
-    an AdamW run never calls. Import that module once with torch.compile as the identity; the check then finds
-    it imported (a Muon run, were ctxtrain to offer one, would have to import it first, compiled)."""
+    """deepspeed.initialize asks whether the optimizer is one ZeRO supports by importing DeepSpeed's Muon
+    optimizer, whose module-level `@torch.compile` kernels load Inductor: ~2 s of every worker start on 2 CPU
+    cores, for kernels an AdamW run never calls. Import that module once with torch.compile as the identity;
+    the check then finds it imported (a Muon run, were ctxtrain to offer one, would have to import it first,
+    compiled)."""
     import sys
 
     if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
@@ -245,13 +248,15 @@ class Engine:
         o = cfg.optim
         # fused: one in-place kernel per step; the default foreach path holds two float32 copies of the
         # partition as temporaries, which is the peak of a long-sequence step once activations are freed.
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr_at(1, o, cfg.train.max_steps),
-                                      betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay),
+                                      lr=lr_at(1, o, cfg.train.max_steps), betas=(o.beta1, o.beta2),
+                                      eps=o.eps, fused=True)
         self.config = ds_config(cfg, dist_info.dp_size)
         if dist_info.sp is not None:
             wrap_attention(model, dist_info.sp)
         _import_deepspeed_muon_uncompiled()
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                             config=self.config,
                                                              dist_init_required=False,
                                                              mpu=dist_info.sp.mpu if dist_info.sp else None)
         if dist_info.world_size == 1 and cfg.zero.stage == 0:
@@ -292,7 +297,8 @@ class Engine:
         """The whole model's weights as float32 CPU tensors on every rank, names as `build_model` gives them.
         Under ZeRO-3 the partitions are gathered (a collective: every rank calls this); ZeRO 0-2 hold them."""
         params = list(self.module.parameters())
-        gather = deepspeed.zero.GatheredParameters(params) if self.cfg.zero.stage == 3 else contextlib.nullcontext()
+        gather = (deepspeed.zero.GatheredParameters(params) if self.cfg.zero.stage == 3
+                  else contextlib.nullcontext())
         with gather:
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 
@@ -316,8 +322,9 @@ class Engine:
             # first: the norms and biases would get the matrices' weight decay. Ours come from the config.
             for group, hparams in zip(self.optimizer.param_groups, groups):
                 group.update(hparams)
-            # It also hands every partition the same `step` tensor, which torch's AdamW increments in place: with
-            # two partitions the step would advance by two and the bias correction drift. One tensor each.
+            # It also hands every partition the same `step` tensor, which torch's AdamW increments in place:
+            # with two partitions the step would advance by two and the bias correction drift. One tensor
+            # each.
             inner = getattr(self.optimizer, "optimizer", self.optimizer)
             for state in inner.state.values():
                 if isinstance(state.get("step"), torch.Tensor):
@@ -325,7 +332,8 @@ class Engine:
         if path is None:
             from ctxtrain.errors import UserError
 
-            raise UserError(f"checkpoint {root}/{tag} could not be loaded by DeepSpeed; pick another with --resume")
+            raise UserError(f"checkpoint {root}/{tag} could not be loaded by DeepSpeed; pick another with "
+                            "--resume")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -335,7 +343,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def post_once(key: str, value: str) -> None:
-    """Put value under key in the process group's store unless a value is there already (the first post wins)."""
+    """Put value under key in the process group's store unless a value is there already (the first post
+    wins)."""
     dist.distributed_c10d._get_default_store().compare_set(key, "", value)  # private: no public accessor
 
 
@@ -407,10 +416,10 @@ def to_universal(checkpoint_dir: str, out_dir: str) -> None:
 def consolidate(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """fp32 weights from a checkpoint directory: DeepSpeed's zero-to-fp32 for ZeRO 1-3, the module state
     for stage 0 (which writes no partitioned optimizer states)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     import io
     from contextlib import redirect_stderr, redirect_stdout
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     parent, tag = os.path.split(os.path.normpath(checkpoint_dir))
     with weights_only_loading():

@@ -1,6 +1,7 @@
 """The memory levers that the engine wraps around the model, chosen by the `memory` config section.
 
-    ctxtrain train configs/lm_tiny.yaml --memory.checkpoint=offload --memory.loss_chunk=2048 --memory.mlp_chunk=2048
+    ctxtrain train configs/lm_tiny.yaml --memory.checkpoint=offload --memory.loss_chunk=2048
+    --memory.mlp_chunk=2048
 
 Each lever changes memory and time, never the maths: tests/unit/test_memory_levers.py checks losses and
 gradients against the plain model for both model kinds. They are applied before `deepspeed.initialize`, so
@@ -19,8 +20,8 @@ ZeRO-3 hooks the modules as they will run.
   weight Parameter, so the state dict and weight tying are unchanged). Its autograd function computes the loss
   and both gradients chunk by chunk during the forward pass, so the [tokens, vocab] logits exist one chunk at
   a time, in float32; the backward pass only scales the stored gradients by the incoming one. It is not
-  DeepSpeed's `TiledFusedLogitsLoss`: that one adds the head's weight gradient during the forward pass
-  without the incoming gradient, so the gradient is wrong as soon as the loss is scaled afterwards (DeepSpeed's
+  DeepSpeed's `TiledFusedLogitsLoss`: that one adds the head's weight gradient during the forward pass without
+  the incoming gradient, so the gradient is wrong as soon as the loss is scaled afterwards (DeepSpeed's
   gradient accumulation divides it; a 0.5 x loss gives twice the weight gradient), and its mean is a mean of
   chunk means (wrong when targets are padded, NaN for a chunk of padding).
 - **The chunked MLP** (`memory.mlp_chunk`): every block's MLP runs over chunks of tokens, each under its own
@@ -58,7 +59,8 @@ def mlps_of(model: nn.Module) -> list[nn.Module]:
 
 
 def _sdpa_kernels() -> frozenset:
-    """The ATen kernels behind F.scaled_dot_product_attention on CPU and GPU (flash, memory-efficient, cuDNN)."""
+    """The ATen kernels behind F.scaled_dot_product_attention on CPU and GPU (flash, memory-efficient,
+    cuDNN)."""
     names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
              "_scaled_dot_product_fused_attention_overrideable")
@@ -89,11 +91,11 @@ class _Packed:
 class HostOffload:
     """saved_tensors_hooks that keep each checkpointed block's input in host memory.
 
-    pack (forward): the input is copied into pinned host memory on a side stream, so the copy overlaps the next
-    block's compute; the device tensor is freed once the copy is done. unpack (backward, when the block is
-    recomputed): the input comes back to the device, and the previous block's input starts coming back on the
-    side stream while this block recomputes. On a CPU device the input already lives in host memory and is kept
-    as it is. `packed` counts the inputs packed (one per block and micro-batch)."""
+    pack (forward): the input is copied into pinned host memory on a side stream, so the copy overlaps the
+    next block's compute; the device tensor is freed once the copy is done. unpack (backward, when the block
+    is recomputed): the input comes back to the device, and the previous block's input starts coming back on
+    the side stream while this block recomputes. On a CPU device the input already lives in host memory and is
+    kept as it is. `packed` counts the inputs packed (one per block and micro-batch)."""
 
     device: torch.device
     packed: int = 0
@@ -147,7 +149,8 @@ class HostOffload:
 
 
 def checkpoint_blocks(model: nn.Module, policy: str, offload: Optional[HostOffload] = None) -> int:
-    """Wrap every block's forward in the checkpoint policy (the state dict keeps its names); returns the count."""
+    """Wrap every block's forward in the checkpoint policy (the state dict keeps its names); returns the
+    count."""
     if policy == "none":
         return 0
     blocks = blocks_of(model)
@@ -178,7 +181,8 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     hidden (N, d), weight (V, d), targets (N,). Per chunk the logits (c, V) are formed in float32, turned into
     the loss and in place into softmax - onehot (the gradient of the summed loss w.r.t. the logits), and that
-    gives the chunk's rows of the hidden gradient and its share of the weight gradient (accumulated in float32).
+    gives the chunk's rows of the hidden gradient and its share of the weight gradient (accumulated in
+    float32).
     """
     n = hidden.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -230,9 +234,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class ChunkedLMHead(nn.Module):
-    """The LM head with the loss inside it: `forward(hidden)` gives logits as before, `forward(hidden, targets)`
-    the mean cross-entropy over non-ignored targets, computed `chunk` tokens at a time. It holds the replaced
-    head's weight Parameter, so the state dict and any weight tying are unchanged."""
+    """The LM head with the loss inside it: `forward(hidden)` gives logits as before, `forward(hidden,
+    targets)` the mean cross-entropy over non-ignored targets, computed `chunk` tokens at a time. It holds the
+    replaced head's weight Parameter, so the state dict and any weight tying are unchanged."""
 
     def __init__(self, head: nn.Linear, chunk: int):
         super().__init__()
@@ -270,9 +274,9 @@ def chunk_mlps(model: nn.Module, chunk: int) -> int:
     """Run every block's MLP over chunks of `chunk` tokens, each chunk checkpointed; returns the MLP count.
 
     Each MLP becomes a ZeRO-3 leaf module: its weights are gathered once per call rather than at every chunk's
-    call of its linear layers, so ranks whose micro-batches differ in length (translation pairs) and so in their
-    number of chunks still issue the same collectives. (DeepSpeed's TiledMLP example agrees on a chunk count
-    with an all-reduce instead, a host sync in every MLP.)"""
+    call of its linear layers, so ranks whose micro-batches differ in length (translation pairs) and so in
+    their number of chunks still issue the same collectives. (DeepSpeed's TiledMLP example agrees on a chunk
+    count with an all-reduce instead, a host sync in every MLP.)"""
     from deepspeed.utils import set_z3_leaf_module
 
     mlps = mlps_of(model)
@@ -334,7 +338,8 @@ class Levers:
 
 
 def apply_levers(model: nn.Module, memory, device: torch.device) -> Levers:
-    """Apply memory.checkpoint, memory.loss_chunk and memory.mlp_chunk to a model (before the engine wraps it)."""
+    """Apply memory.checkpoint, memory.loss_chunk and memory.mlp_chunk to a model (before the engine wraps
+    it)."""
     levers = Levers(loss_chunk=memory.loss_chunk)
     if memory.mlp_chunk:
         levers.chunked_mlps = chunk_mlps(model, memory.mlp_chunk)

@@ -6,13 +6,13 @@ The workers form groups of `parallel.sp` consecutive ranks: DeepSpeed's `paralle
 `deepspeed.initialize` as its mpu, so that gradients are summed over a group and averaged over the groups, and
 ZeRO partitions over every rank. Every rank of a group reads the same window (the loader runs on the
 data-parallel rank, so the exact cursor is per group) and keeps its slice of seq_len / sp tokens and targets.
-Each attention's core is wrapped in DeepSpeed's `DistributedAttention`: an all-to-all gives every rank the whole
-sequence for n_heads / sp of the heads (key/value heads likewise), attention runs on it as on one device, and a
-second all-to-all gives back the rank's slice for every head. Positions are the tokens' places in the whole
-window (the model's `pos_offset`), so RoPE, sinusoids and the causal mask are those of the unsplit sequence.
-A rank backpropagates its tokens' summed loss over the window's token count; the group's sum is then the
-window's mean, and sp = 2 trains the same model as sp = 1. Both counts are known on the host (each rank holds
-the whole window), so this costs no collective.
+Each attention's core is wrapped in DeepSpeed's `DistributedAttention`: an all-to-all gives every rank the
+whole sequence for n_heads / sp of the heads (key/value heads likewise), attention runs on it as on one
+device, and a second all-to-all gives back the rank's slice for every head. Positions are the tokens' places
+in the whole window (the model's `pos_offset`), so RoPE, sinusoids and the causal mask are those of the
+unsplit sequence. A rank backpropagates its tokens' summed loss over the window's token count; the group's sum
+is then the window's mean, and sp = 2 trains the same model as sp = 1. Both counts are known on the host (each
+rank holds the whole window), so this costs no collective.
 """
 
 from __future__ import annotations

@@ -6,8 +6,13 @@ The modules themselves load on first use of their names.
 """
 
 from ctxtrain.model.config import ModelConfig
-from ctxtrain.model.flops import (batch_train_flops, encdec_train_flops, lm_train_flops_per_token, matmul_params,
-                                  param_count)
+from ctxtrain.model.flops import (
+    batch_train_flops,
+    encdec_train_flops,
+    lm_train_flops_per_token,
+    matmul_params,
+    param_count,
+)
 
 _TRANSFORMER = ("IGNORE_INDEX", "Attention", "DecoderLM", "EncoderDecoder", "attention_core", "build_model")
 

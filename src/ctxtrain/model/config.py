@@ -22,7 +22,8 @@ class ModelConfig:
     """Width of the residual stream."""
 
     n_layers: int = 4
-    """Transformer blocks (for `encdec`: decoder blocks, and encoder blocks unless `n_encoder_layers` is set)."""
+    """Transformer blocks (for `encdec`: decoder blocks, and encoder blocks unless `n_encoder_layers` is
+    set)."""
 
     n_encoder_layers: Optional[int] = None
     """Encoder blocks of an `encdec` model; null means `n_layers`."""
@@ -46,7 +47,8 @@ class ModelConfig:
     """Epsilon of the norms."""
 
     pos: Literal["rope", "sinusoidal"] = "rope"
-    """Positions: `rope` rotates queries and keys; `sinusoidal` adds the seed's sine table to the embeddings."""
+    """Positions: `rope` rotates queries and keys; `sinusoidal` adds the seed's sine table to the
+    embeddings."""
 
     rope_theta: float = 10000.0
     """RoPE base; larger bases are the usual long-context choice."""
@@ -80,16 +82,19 @@ class ModelConfig:
         kv = self.kv_heads
         if kv < 1 or self.n_heads % kv:
             raise ValueError(
-                f"model.n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads} (grouped-query attention)"
+                f"model.n_kv_heads={self.n_kv_heads}: must divide n_heads={self.n_heads} (grouped-query "
+                "attention)"
             )
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(
-                f"model.pos=rope: head dim d_model/n_heads={self.head_dim} is odd; RoPE needs an even head dim"
+                f"model.pos=rope: head dim d_model/n_heads={self.head_dim} is odd; RoPE needs an even head "
+                "dim"
             )
         if self.pos == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"model.d_model={self.d_model}: the sinusoidal table needs an even width")
         if self.n_encoder_layers is not None and self.n_encoder_layers < 1:
-            raise ValueError(f"model.n_encoder_layers={self.n_encoder_layers}: must be a positive integer or null")
+            raise ValueError(f"model.n_encoder_layers={self.n_encoder_layers}: must be a positive integer or "
+                             "null")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:

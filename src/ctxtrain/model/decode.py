@@ -8,9 +8,9 @@ layer also caches the cross-attention keys/values of the encoder's output (compu
 by every later one). One implementation of the model's maths serves training and decoding; positions continue
 after the cache (RoPE angles and sinusoidal tables at `cache.length`).
 
-Batches: an LM prompt batch is left-padded with a key mask, so the rows end together and their next tokens share
-a position (with RoPE, attention scores depend only on relative positions, so a left-padded row gives the same
-logits as the row alone); translation sources are right-padded with `src_mask`.
+Batches: an LM prompt batch is left-padded with a key mask, so the rows end together and their next tokens
+share a position (with RoPE, attention scores depend only on relative positions, so a left-padded row gives
+the same logits as the row alone); translation sources are right-padded with `src_mask`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _step(model, tokens: torch.Tensor, cache: Cache, mask: Optional[torch.Tensor
 
 def _start(model, prompt: torch.Tensor, prompt_mask: Optional[torch.Tensor], src: Optional[torch.Tensor],
            src_mask: Optional[torch.Tensor]) -> tuple[Cache, torch.Tensor]:
-    """The cache after the prompt (LM) or the encoder and BOS (encoder-decoder), and the first logits (B, V)."""
+    """The cache after the prompt (LM) or the encoder and BOS (encoder-decoder), and the first logits (B,
+    V)."""
     if isinstance(model, DecoderLM):
         cache = new_cache(model)
         return cache, lm_step(model, prompt, cache, prompt_mask)[:, -1]

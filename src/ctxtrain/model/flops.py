@@ -65,7 +65,8 @@ def param_count(cfg: ModelConfig) -> int:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """N of the FLOPs formula: every parameter but the lookup tables, plus the LM head's d x V matmul."""
-    return param_count(cfg) - embedding_params(cfg) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+    return param_count(cfg) - embedding_params(cfg) + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings
+                                                       else 0)
 
 
 def lm_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -83,13 +84,14 @@ def encdec_train_flops(cfg: ModelConfig, src_len: int, tgt_len: int) -> float:
     enc = cfg.encoder_layers * _block_params(cfg) + _norm_params(cfg)
     dec = cfg.n_layers * _decoder_block_params(cfg) + _norm_params(cfg) + V * d
     dense = 6.0 * (enc * src_len + dec * tgt_len)
-    attn = 12.0 * cfg.encoder_layers * d * src_len**2 + cfg.n_layers * d * (6.0 * tgt_len**2 + 12.0 * tgt_len * src_len)
+    attn = 12.0 * cfg.encoder_layers * d * src_len**2 + cfg.n_layers * d * (6.0 * tgt_len**2
+                                                                            + 12.0 * tgt_len * src_len)
     return dense + attn
 
 
 def batch_train_flops(cfg: ModelConfig, batch: dict) -> float:
-    """Training FLOPs of one micro-batch as the loader gives it (translation: its padding included, as computed):
-    LM windows `tokens` (B, T + 1), or translation `src` (B, S) and `tgt` (B, T)."""
+    """Training FLOPs of one micro-batch as the loader gives it (translation: its padding included, as
+    computed): LM windows `tokens` (B, T + 1), or translation `src` (B, S) and `tgt` (B, T)."""
     if "tokens" in batch:
         B, T1 = batch["tokens"].shape
         return lm_train_flops_per_token(cfg, T1 - 1) * B * (T1 - 1)

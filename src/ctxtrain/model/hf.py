@@ -23,7 +23,8 @@ _LAYER_NAMES = {
     "mlp.up.weight": "mlp.up_proj.weight",
     "mlp.down.weight": "mlp.down_proj.weight",
 }
-_TOP_NAMES = {"tok_embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+_TOP_NAMES = {"tok_embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "lm_head.weight": "lm_head.weight"}
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 

@@ -90,7 +90,8 @@ class Rotary(nn.Module):
         if key not in self._cache:
             self._cache.clear()
             inv_freq = 1.0 / (
-                self.theta ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+                self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
+                                            dtype=torch.float32) / self.head_dim)
             )
             positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
             freqs = positions[:, None] * inv_freq  # (T, D/2)
@@ -148,8 +149,8 @@ def attention_core(
 
 @dataclass
 class AttentionCache:
-    """The keys and values that one attention keeps while decoding, (B, S, KV, D): self-attention's grow by each
-    step's tokens; cross-attention's are the encoder output's, computed at the first step and kept."""
+    """The keys and values that one attention keeps while decoding, (B, S, KV, D): self-attention's grow by
+    each step's tokens; cross-attention's are the encoder output's, computed at the first step and kept."""
 
     k: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
@@ -197,7 +198,8 @@ class Attention(nn.Module):
             if rope is not None:
                 k = apply_rope(k, rope)
             if cache is not None and memory is None and cache.k is not None:
-                k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)  # the past, then the new
+                # the past, then the new
+                k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
             if cache is not None:
                 cache.k, cache.v = k, v
         out = self.core(
@@ -271,7 +273,8 @@ class Block(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Causal self-attention, cross-attention over the encoder's output, then MLP (the seed's decoder layer)."""
+    """Causal self-attention, cross-attention over the encoder's output, then MLP (the seed's decoder
+    layer)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -337,7 +340,8 @@ class Cache:
     memory_mask: Optional[torch.Tensor] = None  # (B, S)
 
     def extend_mask(self, mask: Optional[torch.Tensor], tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        """The key mask over the cached positions and the new tokens (mask: theirs, None when all are real)."""
+        """The key mask over the cached positions and the new tokens (mask: theirs, None when all are
+        real)."""
         if mask is None and self.key_mask is None:
             return None  # nothing padded so far: no mask at all
         B, T = tokens.shape
@@ -379,7 +383,8 @@ class DecoderLM(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
                       pos_offset: int = 0, cache: Optional[Cache] = None) -> torch.Tensor:
         """The trunk: (B, T) token ids at positions pos_offset.. -> (B, T, d) normalized hidden states. With a
-        cache (decoding) the tokens follow the cached ones: their positions, and attention over the cache too."""
+        cache (decoding) the tokens follow the cached ones: their positions, and attention over the cache
+        too."""
         if cache is not None:
             pos_offset, mask = cache.length, cache.extend_mask(mask, tokens)
         x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg, pos_offset))
