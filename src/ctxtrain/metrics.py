@@ -1,4 +1,4 @@
-"""Throughput, MFU and memory, measured honestly.
+"""Throughput, MFU and memory, measured honestly; the steps between two log lines kept on the device.
 
 MFU = (training FLOPs per token x tokens/s of the job) / (number of accelerators x dense bf16 peak of one).
 FLOPs per token: `ctxtrain.model.flops` (6 N + 6 L d T, causal attention counted once). The peak is
@@ -103,3 +103,52 @@ class Stopwatch:
 
     def pop(self, name: str) -> float:
         return self.totals.pop(name, 0.0)
+
+
+class PendingSteps:
+    """The steps since the last log line. A step's loss and gradient norm stay device tensors; at the log line
+    `sums` stacks them (with the token counts) into one tensor that the caller all-reduces, and `records`
+    turns the reduced sums into metrics lines: one collective and one transfer per interval, the only host
+    sync, so the device is never waited on per step. Step time and tokens/s are the interval's averages:
+    without a sync per step, the host's clock per step would measure how far it ran ahead, not the step."""
+
+    def __init__(self, device: torch.device, groups: int):
+        self.device, self.groups = device, groups  # data-parallel groups: an sp group's loss shares add up
+        self.steps: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, loss, grad_norm, tokens: int, flops: float, data_wait: float,
+            memory: dict) -> None:
+        self.steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                           "flops": flops, "data_wait_s": data_wait, "memory": memory})
+
+    def sums(self, timed_out: bool) -> torch.Tensor:
+        """(steps + 1, 2) float64 on the device: each step's loss and tokens, then whether this rank timed
+        out."""
+        f64, dev = torch.float64, self.device
+        rows = [torch.stack([p["loss"].to(f64), torch.tensor(float(p["tokens"]), dtype=f64, device=dev)])
+                for p in self.steps]
+        return torch.stack(rows + [torch.tensor([float(timed_out), 0.0], dtype=f64, device=dev)])
+
+    def records(self, summed: torch.Tensor) -> tuple[list[dict], bool]:
+        """The pending steps' records from `sums` summed over the ranks (losses averaged, tokens summed), and
+        whether any rank timed out; the pending list empties and the interval's clock restarts."""
+        n, summed = len(self.steps), summed.tolist()
+        norms = [p["grad_norm"] for p in self.steps]  # global already (DeepSpeed reduces it)
+        if any(isinstance(g, torch.Tensor) for g in norms):
+            norms = torch.stack([torch.as_tensor(float("nan") if g is None else g, dtype=torch.float64,
+                                                 device=self.device) for g in norms]).tolist()
+            norms = [None if g != g else g for g in norms]
+        step_time = (time.perf_counter() - self.t0) / n
+        records = [{"step": p["step"], "loss": loss_sum / self.groups,
+                    "grad_norm": float(norm) if norm is not None else None, "_global_tokens": int(tokens),
+                    "tokens_per_s": tokens / step_time, "tokens_per_s_worker": p["tokens"] / step_time,
+                    "_flops_per_token": p["flops"] / max(p["tokens"], 1), "step_time_s": step_time,
+                    "data_wait_s": p["data_wait_s"], **p["memory"]}
+                   for p, (loss_sum, tokens), norm in zip(self.steps, summed[:n], norms)]
+        self.steps.clear()
+        self.restart_clock()
+        return records, summed[n][0] > 0
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()

@@ -48,61 +48,13 @@ from ctxtrain.state import TrainState
 from ctxtrain.tracking import Tracker, make_tracker, resend_lost_steps
 
 
-class PendingSteps:
-    """The steps since the last log line. A step's loss and gradient norm stay device tensors; `flush` reads
-    all of them with one collective and one transfer (the only host sync of the interval), so the device is
-    never waited on per step. Step time and tokens/s are the interval's averages: without a sync per step, the
-    host's clock per step would measure how far it ran ahead, not the step."""
-
-    def __init__(self, device: torch.device, groups: int):
-        self.device, self.groups = device, groups  # data-parallel groups: an sp group's loss shares add up
-        self.steps: list[dict] = []
-        self.t0 = time.perf_counter()
-
-    def add(self, step: int, loss, grad_norm, tokens: int, flops: float, data_wait: float,
-            memory: dict) -> None:
-        self.steps.append({"step": step, "loss": loss, "grad_norm": grad_norm, "tokens": tokens,
-                           "flops": flops,
-                           "data_wait_s": data_wait, "memory": memory})
-
-    def flush(self, timed_out: bool) -> tuple[list[dict], bool]:
-        """Records of the pending steps (losses averaged over ranks, tokens summed) and whether any rank timed
-        out."""
-        n, f64 = len(self.steps), torch.float64
-        local = torch.stack([torch.stack([p["loss"].to(f64), torch.tensor(float(p["tokens"]), dtype=f64,
-                                                                          device=self.device)])
-                             for p in self.steps] + [torch.tensor([float(timed_out), 0.0], dtype=f64,
-                                                                  device=self.device)])
-        summed = all_reduce_sum(local).tolist()
-        norms = [p["grad_norm"] for p in self.steps]  # global already (DeepSpeed reduces it)
-        if any(isinstance(g, torch.Tensor) for g in norms):
-            norms = torch.stack([torch.as_tensor(float("nan") if g is None else g, dtype=f64,
-                                                 device=self.device)
-                                 for g in norms]).tolist()
-            norms = [None if g != g else g for g in norms]
-        step_time = (time.perf_counter() - self.t0) / n
-        records = [{"step": p["step"], "loss": loss_sum / self.groups,
-                    "grad_norm": float(norm) if norm is not None else None, "_global_tokens": int(tokens),
-                    "tokens_per_s": tokens / step_time, "tokens_per_s_worker": p["tokens"] / step_time,
-                    "_flops_per_token": p["flops"] / max(p["tokens"], 1), "step_time_s": step_time,
-                    "data_wait_s": p["data_wait_s"], **p["memory"]}
-                   for p, (loss_sum, tokens), norm in zip(self.steps, summed[:n], norms)]
-        self.steps.clear()
-        self.restart_clock()
-        return records, summed[n][0] > 0
-
-    def restart_clock(self) -> None:
-        self.t0 = time.perf_counter()
-
-
 def _loader(cfg: Config, rank: int, world: int, split: str) -> StreamingLoader:
     d = cfg.data
     train = split == "train"
     return StreamingLoader(d.path, split=split, seq_len=d.seq_len, batch_size=d.batch_size, rank=rank,
                            world_size=world, num_workers=d.num_workers if train else 0, seed=cfg.train.seed,
                            shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train,
-                           skip_corrupt=d.skip_corrupt,
-                           max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len)
+                           skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len)
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
@@ -116,8 +68,7 @@ def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
         losses.append(engine.eval_loss(batch))
     if not losses:
         return None
-    # a group's shares add up
-    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device) * info.sp_size
+    val_loss = mean_over_ranks(torch.stack(losses).mean(), engine.device) * info.sp_size  # sp shares add up
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
@@ -162,8 +113,7 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     if rank == 0:
         run.path.mkdir(parents=True, exist_ok=True)
         write_atomic(run.config, to_yaml(given))
-    # noqa: F401  (torch.optim loads it on first use: ~70 MB of code, not of training state)
-    import torch._dynamo
+    import torch._dynamo  # noqa: F401  (torch.optim loads it on first use: code, not training state)
 
     return_freed_host_memory()
     memory = {"rss_before": M.rss_bytes(),  # CPU: the planner predicts the peak RSS growth over this
@@ -226,7 +176,7 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
         bleu = ValBleu(cfg, info.dp_rank, info.dp_size)
     peak = M.peak_flops(device, t.peak_tflops)
     show_lines = os.environ.get("CTXTRAIN_PROGRESS", "lines") != "bar"  # a terminal's bar draws metrics.jsonl
-    pending, watch, last, first_line = PendingSteps(device, info.dp_size), M.Stopwatch(), {}, True
+    pending, watch, last, first_line = M.PendingSteps(device, info.dp_size), M.Stopwatch(), {}, True
     while state.step < t.max_steps:
         step = state.step + 1
         if device.type == "cuda":
@@ -253,14 +203,13 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
 
         # Every log_every steps (and before an evaluation or a checkpoint): the one host sync of the interval.
         timed_out = t.stop_after_minutes is not None and time.time() - t_start >= 60 * t.stop_after_minutes
-        records, any_timed_out = pending.flush(timed_out)
+        records, any_timed_out = pending.records(all_reduce_sum(pending.sums(timed_out)))
         for record in records:
             state.tokens += record.pop("_global_tokens")
             record.update(tokens=state.tokens, lr=lr_at(record["step"], cfg.optim, t.max_steps),
                           epoch=state.loader.epoch, data_skipped_shards=state.loader.stats["skipped_shards"],
-                          restarts=state.restarts, mfu=M.mfu(record.pop("_flops_per_token"),
-                                                             record["tokens_per_s"],
-                                                             info.world_size, peak))
+                          restarts=state.restarts,
+                          mfu=M.mfu(record.pop("_flops_per_token"), record["tokens_per_s"], info.world_size, peak))
         if first_line:
             records[0]["mem_predicted_bytes"], first_line = memory["predicted"], False
         if state.stop_reason is None:  # stop conditions read at this sync, agreed by every rank

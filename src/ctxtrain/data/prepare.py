@@ -100,18 +100,8 @@ def _resolve_corpus(opts: PrepareOptions):
 
 def prepare(opts: PrepareOptions) -> dict:
     """Run the whole preparation; returns the written index."""
-    if not opts.out:
-        raise UserError("prepare needs --out DIR")
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory; pass a new or empty directory")
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
-    if not 0 <= opts.val_fraction < 0.5:
-        raise UserError(f"--val-fraction {opts.val_fraction}: must lie in [0, 0.5)")
-    target = parse_size(opts.shard_size)
+    out = _check_out(opts)
     t0 = time.perf_counter()
-
     task, files, pairs, source = _resolve_corpus(opts)
     rng = random.Random(opts.seed)
     if task == "lm":
@@ -134,62 +124,12 @@ def prepare(opts: PrepareOptions) -> dict:
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); pick a writable place") from None
     try:
-        if opts.tokenizer:
-            tok = load_tokenizer(opts.tokenizer)
-            missing = [t for t in extra if tok.token_to_id(t) is None]
-            if missing:
-                raise UserError(f"--tokenizer {opts.tokenizer} lacks {missing}; train a new one without "
-                                "--tokenizer")
-        else:
-            if task == "lm":
-                texts = corpora.iter_documents(files, opts.text_field)
-            else:
-                texts = (t for pair in pairs for t in pair)
-            tok = train_bpe(texts, opts.vocab_size, extra)
+        tok = _tokenizer(opts, task, files, pairs, extra)
         tok.save(str(tmp / "tokenizer.json"))
         vocab = tok.get_vocab_size()
         dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-
         every = _val_every(opts.val_fraction, n_units)
-        splits = {"train": ShardSet(tmp, "train", target), "val": ShardSet(tmp, "val", target)}
-        bar = progress_bar(n_units, "prepare", "file" if task == "lm" else "pair", enabled=opts.progress)
-        n_bytes = 0
-        doc_index = 0
-        seen: set[bytes] = set()  # exact duplicates are dropped: they would leak between train and val
-        duplicates = 0
-
-        def fresh(*texts: str) -> bool:
-            nonlocal duplicates
-            digest = hashlib.sha1("\x00".join(texts).encode("utf-8", errors="replace")).digest()
-            if digest in seen:
-                duplicates += 1
-                return False
-            seen.add(digest)
-            return True
-
-        def split_of(i: int) -> ShardSet:
-            return splits["val"] if every and i % every == 0 else splits["train"]
-
-        if task == "lm":
-            docs = (d for d in _docs_with_progress(files, opts.text_field, bar) if fresh(d))
-            for chunk in _chunks(docs, ENCODE_CHUNK):
-                for text, enc in zip(chunk, tok.encode_batch(chunk)):
-                    ids = np.asarray(enc.ids, dtype=dtype)
-                    n_bytes += len(text.encode("utf-8", errors="replace"))
-                    split_of(doc_index).write({"ids.npy": ids}, len(ids))
-                    doc_index += 1
-        else:
-            for chunk in _chunks((p for p in pairs if fresh(*p)), ENCODE_CHUNK):
-                src_enc = tok.encode_batch([s for s, _ in chunk])
-                tgt_enc = tok.encode_batch([t for _, t in chunk])
-                for (s, t), se, te in zip(chunk, src_enc, tgt_enc):
-                    src, tgt = np.asarray(se.ids, dtype=dtype), np.asarray(te.ids, dtype=dtype)
-                    n_bytes += len(s.encode()) + len(t.encode())
-                    split_of(doc_index).write({"src.npy": src, "tgt.npy": tgt}, len(src) + len(tgt))
-                    doc_index += 1
-                bar.update(len(chunk))
-        bar.close()
-
+        splits, duplicates, n_bytes = _write_splits(opts, task, files, pairs, tok, dtype, every, n_units, tmp)
         index = {
             "format": INDEX_FORMAT,
             "task": task,
@@ -205,7 +145,7 @@ def prepare(opts: PrepareOptions) -> dict:
             "seed": opts.seed,
             "val_every": every,
             "duplicates_dropped": duplicates,
-            "splits": {name: s.finish() for name, s in splits.items()},
+            "splits": splits,
         }
         if index["splits"]["train"]["docs"] == 0:
             raise UserError("the corpus gave no training documents; add inputs")
@@ -220,23 +160,99 @@ def prepare(opts: PrepareOptions) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _summary(opts, out, index, n_bytes, time.perf_counter() - t0)
+    return index
 
-    secs = time.perf_counter() - t0
+
+def _check_out(opts: PrepareOptions) -> Path:
+    """--out, --val-fraction and --shard-size checked before anything is read or written."""
+    if not opts.out:
+        raise UserError("prepare needs --out DIR")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; pass a new or empty directory")
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --overwrite")
+    if not 0 <= opts.val_fraction < 0.5:
+        raise UserError(f"--val-fraction {opts.val_fraction}: must lie in [0, 0.5)")
+    parse_size(opts.shard_size)
+    return out
+
+
+def _tokenizer(opts: PrepareOptions, task: str, files, pairs, extra: list[str]):
+    """--tokenizer, or a BPE trained on the corpus (with the extra special tokens: a target-language tag)."""
+    if opts.tokenizer:
+        tok = load_tokenizer(opts.tokenizer)
+        missing = [t for t in extra if tok.token_to_id(t) is None]
+        if missing:
+            raise UserError(f"--tokenizer {opts.tokenizer} lacks {missing}; train a new one without "
+                            "--tokenizer")
+        return tok
+    if task == "lm":
+        texts = corpora.iter_documents(files, opts.text_field)
+    else:
+        texts = (t for pair in pairs for t in pair)
+    return train_bpe(texts, opts.vocab_size, extra)
+
+
+def _write_splits(opts: PrepareOptions, task: str, files, pairs, tok, dtype, every: int, n_units: int,
+                  tmp: Path) -> tuple[dict, int, int]:
+    """Encode every unit (documents, or pairs) into the train and val shards; every `every`-th goes to val,
+    exact duplicates are dropped (they would leak between train and val). Returns (the splits' records,
+    duplicates dropped, source bytes read)."""
+    target = parse_size(opts.shard_size)
+    splits = {"train": ShardSet(tmp, "train", target), "val": ShardSet(tmp, "val", target)}
+    bar = progress_bar(n_units, "prepare", "file" if task == "lm" else "pair", enabled=opts.progress)
+    seen: set[bytes] = set()
+    counts = {"duplicates": 0, "bytes": 0, "units": 0}
+
+    def fresh(*texts: str) -> bool:
+        digest = hashlib.sha1("\x00".join(texts).encode("utf-8", errors="replace")).digest()
+        if digest in seen:
+            counts["duplicates"] += 1
+            return False
+        seen.add(digest)
+        return True
+
+    def write(sample: dict, tokens: int, text_bytes: int) -> None:
+        i = counts["units"]
+        (splits["val"] if every and i % every == 0 else splits["train"]).write(sample, tokens)
+        counts["units"] += 1
+        counts["bytes"] += text_bytes
+
+    if task == "lm":
+        docs = (d for d in _docs_with_progress(files, opts.text_field, bar) if fresh(d))
+        for chunk in _chunks(docs, ENCODE_CHUNK):
+            for text, enc in zip(chunk, tok.encode_batch(chunk)):
+                ids = np.asarray(enc.ids, dtype=dtype)
+                write({"ids.npy": ids}, len(ids), len(text.encode("utf-8", errors="replace")))
+    else:
+        for chunk in _chunks((p for p in pairs if fresh(*p)), ENCODE_CHUNK):
+            src_enc = tok.encode_batch([s for s, _ in chunk])
+            tgt_enc = tok.encode_batch([t for _, t in chunk])
+            for (s, t), se, te in zip(chunk, src_enc, tgt_enc):
+                src, tgt = np.asarray(se.ids, dtype=dtype), np.asarray(te.ids, dtype=dtype)
+                write({"src.npy": src, "tgt.npy": tgt}, len(src) + len(tgt),
+                      len(s.encode()) + len(t.encode()))
+            bar.update(len(chunk))
+    bar.close()
+    return {name: split.finish() for name, split in splits.items()}, counts["duplicates"], counts["bytes"]
+
+
+def _summary(opts: PrepareOptions, out: Path, index: dict, n_bytes: int, secs: float) -> None:
+    """prepare's closing line on stderr, and a warning when the corpus gave no val split."""
     tr, va = index["splits"]["train"], index["splits"]["val"]
     if va["docs"] == 0:
-        unit = "document" if task == "lm" else "pair"
+        unit = "document" if index["task"] == "lm" else "pair"
         why = "--val-fraction 0" if opts.val_fraction <= 0 else f"{tr['docs']} {unit}(s)"
         print(f"prepare: warning: {out} has no val split ({why}): evaluation during training is off (no "
               "val_loss); give more documents or a --val-fraction > 0", file=sys.stderr)
-    print(
-        f"prepared {out}: {task}, vocab {vocab} ({index['dtype']}), "
-        f"train {tr['docs']} docs / {tr['tokens']:,} tokens in {len(tr['shards'])} shards, "
-        f"val {va['docs']} docs / {va['tokens']:,} tokens; {index['duplicates_dropped']} duplicates dropped; "
-        f"{secs:.1f} s, {n_bytes / secs / 1e6:.1f} MB/s, {(tr['tokens'] + va['tokens']) / secs:,.0f} "
-        "tokens/s",
-        file=sys.stderr,
-    )
-    return index
+    print(f"prepared {out}: {index['task']}, vocab {index['vocab_size']} ({index['dtype']}), "
+          f"train {tr['docs']} docs / {tr['tokens']:,} tokens in {len(tr['shards'])} shards, "
+          f"val {va['docs']} docs / {va['tokens']:,} tokens; {index['duplicates_dropped']} duplicates "
+          f"dropped; {secs:.1f} s, {n_bytes / secs / 1e6:.1f} MB/s, "
+          f"{(tr['tokens'] + va['tokens']) / secs:,.0f} tokens/s",
+          file=sys.stderr)
 
 
 def _docs_with_progress(files: list[Path], text_field: str, bar: tqdm) -> Iterator[str]:

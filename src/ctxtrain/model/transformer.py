@@ -453,14 +453,8 @@ class EncoderDecoder(nn.Module):
             x = block(x, rope, src_mask)
         return self.encoder_norm(x)
 
-    def decode(
-        self,
-        tgt: torch.Tensor,
-        memory: torch.Tensor,
-        src_mask: Optional[torch.Tensor] = None,
-        tgt_mask: Optional[torch.Tensor] = None,
-        cache: Optional[Cache] = None,
-    ) -> torch.Tensor:
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
+               tgt_mask: Optional[torch.Tensor] = None, cache: Optional[Cache] = None) -> torch.Tensor:
         """(B, T) target ids (shifted right) + memory -> (B, T, d) normalized hidden states. With a cache
         (decoding) the ids follow the cached ones, and the memory's keys and values are computed once."""
         offset = 0
@@ -481,14 +475,9 @@ class EncoderDecoder(nn.Module):
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self.lm_head(hidden), targets)
 
-    def forward(
-        self,
-        src: torch.Tensor,
-        tgt: torch.Tensor,
-        src_mask: Optional[torch.Tensor] = None,
-        tgt_mask: Optional[torch.Tensor] = None,
-        targets: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
+                tgt_mask: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V) without targets; the mean loss over non-ignored target tokens with them."""
         hidden = self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask)
         if targets is None:
