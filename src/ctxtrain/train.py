@@ -206,10 +206,10 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
         records, any_timed_out = pending.records(all_reduce_sum(pending.sums(timed_out)))
         for record in records:
             state.tokens += record.pop("_global_tokens")
+            mfu = M.mfu(record.pop("_flops_per_token"), record["tokens_per_s"], info.world_size, peak)
             record.update(tokens=state.tokens, lr=lr_at(record["step"], cfg.optim, t.max_steps),
                           epoch=state.loader.epoch, data_skipped_shards=state.loader.stats["skipped_shards"],
-                          restarts=state.restarts,
-                          mfu=M.mfu(record.pop("_flops_per_token"), record["tokens_per_s"], info.world_size, peak))
+                          restarts=state.restarts, mfu=mfu)
         if first_line:
             records[0]["mem_predicted_bytes"], first_line = memory["predicted"], False
         if state.stop_reason is None:  # stop conditions read at this sync, agreed by every rank
