@@ -82,13 +82,15 @@ def ctxtrain_stepper(cfg):
 
     from ctxtrain.engine import Engine, apply_levers, init_distributed
     from ctxtrain.model import build_model
+    from ctxtrain.plan import offload_host_bytes
 
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     info = init_distributed(cfg)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    apply_levers(model, cfg.memory, info.device)
+    apply_levers(model, cfg.memory, info.device,
+                 offload_host_bytes(cfg, 1) if info.device.type == "cuda" else None)  # as `ctxtrain train`
     engine = Engine(cfg, model, info)
 
     def step(tokens):
@@ -275,88 +277,190 @@ def print_sp(result: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # --gpu
 
+GPU_CONFIG = REPO / "configs" / "lm_1b.yaml"
+GPU_ARMS = ("ctxtrain-full", "ctxtrain-offload", "hf", "hf+liger")
+# ctxtrain's chunks at every length; the policy is the arm's
+GPU_MEMORY = {"loss_chunk": 8192, "mlp_chunk": 8192}
 
-def run_gpu(budget_min: float, lengths: list[int]) -> dict:
-    """The three arms on one GPU, ascending lengths until out of memory or out of time; one process per
-    arm."""
+
+def gpu_model(dry_run: bool) -> dict:
+    """lm_1b's model section; the dry run keeps its shapes (width, heads, MLP, vocabulary) on one layer."""
+    from ctxtrain.config import load_config
+
+    m = load_config(GPU_CONFIG).model
+    model = {k: getattr(m, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "rope_theta")}
+    return {**model, "n_layers": 1} if dry_run else model
+
+
+def gpu_config(model: dict, seq_len: int, policy: str, device: str):
+    """lm_1b as ctxtrain trains it on one GPU: bf16, ZeRO-0 (DeepSpeed runs bf16 as ZeRO-1), the chunks, the
+    arm's checkpoint policy."""
+    from ctxtrain.config import load_config
+
+    overrides = [f"--model.{k}={v}" for k, v in model.items()]
+    overrides += [f"--memory.{k}={v}" for k, v in {**GPU_MEMORY, "checkpoint": policy}.items()]
+    return load_config(GPU_CONFIG, overrides + [f"--data.seq_len={seq_len}", "--data.batch_size=1",
+                                                "--zero.stage=0", "--train.dtype=bf16", "--cluster.workers=1",
+                                                f"--train.device={device}", "--tracking.enabled=false"])
+
+
+class Device:
+    """What a GPU arm asks of its device, answered on a GPU by CUDA and on a CPU (the dry run) by the
+    process: synchronize, peak memory since the last reset, capacity, the dense bf16 peak for MFU."""
+
+    def __init__(self, kind: str):
+        import torch
+
+        self.torch, self.kind = torch, kind
+        self.device = torch.device(kind)
+
+    def sync(self) -> None:
+        if self.kind == "cuda":
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.kind == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self) -> int:
+        from ctxtrain.metrics import peak_rss_bytes
+
+        return self.torch.cuda.max_memory_allocated() if self.kind == "cuda" else peak_rss_bytes()
+
+    def capacity(self) -> int:
+        from ctxtrain.plan import available_here
+
+        kind, device_bytes, _ = available_here(1, want_gpu=self.kind == "cuda")
+        return int(device_bytes)
+
+    def peak_flops(self, configured_tflops) -> float:
+        """The card's dense bf16 peak from its name (or train.peak_tflops); the dry run's CPU has none, so MFU
+        there is against a nominal 1 TFLOP/s (it only exercises the arithmetic)."""
+        from ctxtrain.metrics import peak_flops
+
+        return peak_flops(self.device, configured_tflops) or 1e12
+
+    def out_of_memory(self) -> type:
+        return self.torch.OutOfMemoryError
+
+
+def run_gpu(budget_min: float, lengths: list[int], dry_run: bool = False) -> dict:
+    """The four arms, one process each with a timeout (a hung arm costs its share of the budget, not the
+    run), ascending lengths until out of memory or out of time. Writes $OUT/longseq_gpu.json after each."""
     out_dir = Path(os.environ.get("OUT", tempfile.gettempdir()))
-    results = {}
+    results: dict = {}
     t_end = time.time() + 60 * budget_min
-    for arm in ("ctxtrain", "hf", "hf+liger"):
+    for n, arm in enumerate(GPU_ARMS):
         left = (t_end - time.time()) / 60
-        if left < 1:
+        if left < 0.5:
             results[arm] = {"skipped": "budget"}
             continue
-        proc = subprocess.run([sys.executable, __file__, "--gpu-arm", arm, "--budget-min", f"{left / 2:.2f}",
-                               "--lengths", ",".join(map(str, lengths))], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        results[arm] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+        share = left / (len(GPU_ARMS) - n)  # what is left, split over the arms still to run
+        cmd = [sys.executable, __file__, "--gpu-arm", arm, "--budget-min", f"{share:.2f}",
+               "--lengths", ",".join(map(str, lengths)), *(["--dry-run"] if dry_run else [])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60 * share + 60,
+                                  env={**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}"})
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            results[arm] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            results[arm] = {"error": f"timeout after {60 * share + 60:.0f} s"}
         (out_dir / "longseq_gpu.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-def gpu_arm(arm: str, budget_min: float, lengths: list[int]) -> None:
-    import torch
-
+def gpu_arm(arm: str, budget_min: float, lengths: list[int], dry_run: bool) -> None:
+    """One arm (a process): ctxtrain with `full` checkpointing up to the planner's longest `full` length,
+    ctxtrain with `offload` at the lengths past it up to the planner's longest `offload` length (its own
+    engine), transformers' Llama, or that Llama with Liger's kernels. Prints one JSON line."""
+    dev = Device("cpu" if dry_run else "cuda")
+    torch = dev.torch
     from ctxtrain.model import ModelConfig
     from ctxtrain.model.flops import lm_train_flops_per_token
-    from ctxtrain.plan import GPU_RESERVED, longest_seq_len, plan
+    from ctxtrain.plan import host_memory_bytes, longest_seq_len, plan
 
-    lm = ctxtrain_config({}, 8192, {}, "bf16", "cuda")
-    model = {k: getattr(lm.model, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff",
-                                               "rope_theta")}
-    mcfg = ModelConfig(**{k: v for k, v in model.items()})
-    capacity = torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED
-    peak_tflops = 989.0
-    rows, t_end = [], time.time() + 60 * budget_min
-    memory = {"checkpoint": "full", "loss_chunk": 8192, "mlp_chunk": 8192}
-    planned = {}
-    if arm == "ctxtrain":
-        for policy in ("full", "offload"):
-            cfg = ctxtrain_config(model, 8192, {**memory, "checkpoint": policy}, "bf16", "cuda")
-            planned[policy] = longest_seq_len(cfg, 1, "cuda", capacity, None, policy, multiple=8192)
-        lengths = sorted(set(lengths + [planned["offload"]]))
-        step, _ = ctxtrain_stepper(ctxtrain_config(model, max(lengths), memory, "bf16", "cuda"))
+    model = gpu_model(dry_run)
+    mcfg = ModelConfig(**model)
+    capacity = dev.capacity()
+    planned, steps_lengths = {}, list(lengths)
+    if arm.startswith("ctxtrain"):
+        policy = arm.split("-")[1]
+        for p in ("full", "offload"):
+            cfg = gpu_config(model, max(lengths), p, dev.kind)
+            planned[p] = longest_seq_len(cfg, 1, "cuda", capacity, host_memory_bytes(), p,
+                                         multiple=min(8192, min(lengths)))
+        longest = planned[policy]
+        low = 0 if policy == "full" else planned["full"]
+        steps_lengths = sorted({T for T in lengths if low < T <= longest} | ({longest} if longest > low
+                                                                             else set()))
+        if dry_run:
+            steps_lengths = lengths  # the dry run's lengths are tiny: every one, under both policies
+        cfg = gpu_config(model, max(steps_lengths or lengths), policy, dev.kind)
+        peak = dev.peak_flops(cfg.train.peak_tflops)
+        step, _ = ctxtrain_stepper(cfg)
     else:
-        step = hf_stepper(model, torch.bfloat16, "cuda", liger=arm == "hf+liger")
+        peak = dev.peak_flops(None)
+        if arm == "hf+liger":
+            try:
+                import liger_kernel  # noqa: F401
+            except ImportError as e:
+                print(json.dumps({"arm": arm, "missing": f"liger-kernel is not installed ({e}); "
+                                                         "pip install liger-kernel"}), flush=True)
+                return
+        step = hf_stepper(model, torch.bfloat16, dev.kind, liger=arm == "hf+liger")
+    rows, t_end = [], time.time() + 60 * budget_min
     s_per_token_sq = None  # step time per token^2 at the last length, to skip what would not finish in time
-    for T in lengths:
+    for T in steps_lengths:
         if s_per_token_sq and s_per_token_sq * T * T * 2 > t_end - time.time():
             rows.append({"T": T, "skipped": "budget"})
             continue
-        tokens = torch.randint(0, model["vocab_size"], (1, T + 1), device="cuda")
-        torch.cuda.reset_peak_memory_stats()
+        tokens = torch.randint(0, model["vocab_size"], (1, T + 1), device=dev.device)
+        dev.reset_peak()
         try:
             t0 = time.perf_counter()
             step(tokens)
-            torch.cuda.synchronize()
+            dev.sync()
             first = time.perf_counter() - t0
             timed = T <= 131072 and time.time() + 2 * first < t_end
-            if timed:
+            if timed:  # a second step: the first one's compile and allocator warm-up left out
                 t0 = time.perf_counter()
                 step(tokens)
-                torch.cuda.synchronize()
+                dev.sync()
             s = time.perf_counter() - t0 if timed else first
-            fpt = lm_train_flops_per_token(mcfg, T)
-            row = {"T": T, "s_per_step": s, "tok_s": T / s, "mfu": fpt * T / s / (peak_tflops * 1e12),
-                   "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "timed": timed}
-            if arm == "ctxtrain":
-                cfg = ctxtrain_config(model, T, memory, "bf16", "cuda")
-                row["predicted_GiB"] = plan(cfg, 1, "cuda").device_peak / 2**30
+            row = {"T": T, "s_per_step": s, "tok_s": T / s,
+                   "mfu": lm_train_flops_per_token(mcfg, T) * T / s / peak,
+                   "peak_GiB": dev.peak_bytes() / 2**30, "timed": timed}
+            if arm.startswith("ctxtrain"):
+                row["predicted_GiB"] = plan(gpu_config(model, T, policy, dev.kind), 1,
+                                            "cuda").device_peak / 2**30
             rows.append(row)
             s_per_token_sq = s / (T * T)
-        except torch.OutOfMemoryError:
+        except dev.out_of_memory():
             rows.append({"T": T, "oom": True})
             break
         finally:
             del tokens
-            torch.cuda.empty_cache()
+            if dev.kind == "cuda":
+                torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(json.dumps({"arm": arm, "rows": rows, "planned_longest": planned}), flush=True)
+    print(json.dumps({"arm": arm, "model": model, "rows": rows, "planned_longest": planned,
+                      "peak_tflops": peak / 1e12}), flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
+def print_gpu(results: dict) -> None:
+    print(f"\n{'arm':18} {'tokens':>9} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} "
+          f"{'plan GiB':>9}")
+    for arm, r in results.items():
+        if "rows" not in r:
+            print(f"{arm:18} {r.get('missing') or r.get('error') or r.get('skipped')}")
+            continue
+        for row in r["rows"]:
+            if "s_per_step" not in row:
+                print(f"{arm:18} {row['T']:>9,} {'out of memory' if row.get('oom') else row.get('skipped')}")
+                continue
+            plan_gib = f"{row['predicted_GiB']:9.1f}" if "predicted_GiB" in row else f"{'-':>9}"
+            print(f"{arm:18} {row['T']:>9,} {row['s_per_step']:8.2f} {row['tok_s']:>10,.0f} "
+                  f"{row['mfu']:6.3f} {row['peak_GiB']:9.1f} {plan_gib}")
 
 
 def main() -> int:
@@ -367,6 +471,9 @@ def main() -> int:
     mode.add_argument("--gpu", action="store_true", help="tokens/s, MFU and peak memory on one GPU")
     mode.add_argument("--child", nargs=2, metavar=("ARM", "SEQ_LEN"), help=argparse.SUPPRESS)
     mode.add_argument("--gpu-arm", metavar="ARM", help=argparse.SUPPRESS)
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: every GPU arm on this CPU at tiny "
+                                                          "lengths, lm_1b's shapes on one layer (the test "
+                                                          "suite's check)")
     p.add_argument("--lengths", help="comma-separated sequence lengths")
     p.add_argument("--arms", help=f"comma-separated arms (--cpu): {', '.join([*ARMS, PEER])}")
     p.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the longest length "
@@ -380,12 +487,15 @@ def main() -> int:
         child(args.child[0], int(args.child[1]))
         return 0
     if args.gpu_arm:
-        gpu_arm(args.gpu_arm, args.budget_min, [int(x) for x in args.lengths.split(",")])
+        gpu_arm(args.gpu_arm, args.budget_min, [int(x) for x in args.lengths.split(",")], args.dry_run)
         return 0
     if args.gpu:
-        lengths = [int(x) for x in (args.lengths or "8192,32768,131072,262144,393216,524288").split(",")]
-        result = run_gpu(args.budget_min, lengths)
-        print(json.dumps(result, indent=1))
+        default = "64,128" if args.dry_run else "8192,32768,131072,262144,393216,524288"
+        result = run_gpu(args.budget_min, [int(x) for x in (args.lengths or default).split(",")],
+                         args.dry_run)
+        print_gpu(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
         return 0
     if args.sp:
         result = run_sp([int(x) for x in args.sp.split(",")],

@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 bash launch/install.sh dev
 # shellcheck disable=SC1091
 . "${CTXTRAIN_VENV:-.venv}/bin/activate"
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true
+export OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true
+# DeepSpeed's CPU accelerator only where there is no CUDA device (on a GPU machine DeepSpeed finds CUDA itself)
+if ! python -c "from ctxtrain.devices import cuda_available; raise SystemExit(not cuda_available())"; then
+  export DS_ACCELERATOR=cpu
+fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 # Lint first (pyproject.toml's [tool.ruff]: the 110-column limit, pyflakes, sorted imports): seconds, not minutes
 if ! ruff check --quiet src tests bench; then

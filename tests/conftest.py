@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from ctxtrain.devices import cpu_only_env
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 ASSETS = REPO / "tests" / "assets"
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+for _name, _value in cpu_only_env().items():  # DS_ACCELERATOR=cpu, only where there is no CUDA device
+    os.environ.setdefault(_name, _value)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from ctxtrain.config import Config, diff_fields, section_hash
+from ctxtrain.config import Config, deepspeed_zero_stage, diff_fields, section_hash
 from ctxtrain.errors import UserError
 from ctxtrain.rundir import RunDir, write_atomic
 from ctxtrain.state import meta_of
@@ -503,6 +503,7 @@ def _write_error(e: Exception, where: Path) -> str:
 
 
 UNIVERSAL = "universal"  # inside a checkpoint directory: its conversion for other world sizes
+CONVERSION_WAIT_S = 4 * 3600.0  # how long ranks wait for rank 0's universal conversion (a 1B model: minutes)
 
 
 def load(engine, target: Target, cfg: Config, state: Optional[TrainState] = None) -> dict:
@@ -513,24 +514,29 @@ def load(engine, target: Target, cfg: Config, state: Optional[TrainState] = None
     format (rank 0, once: the conversion is kept in the checkpoint's `universal/` folder and reused; the
     others wait), which loads on any number of workers with the fp32 master weights and Adam's moments and
     step."""
-    from ctxtrain.engine import barrier, to_universal
+    from ctxtrain.engine import barrier, post_once, to_universal, wait_posted
 
     storage, tag, rank, world_size = target.storage, target.tag, engine.dist.rank, engine.dist.world_size
     meta = storage.read_meta(tag)
     check_compatible(meta, cfg, storage.describe(tag))
-    universal = meta["world_size"] != world_size and cfg.zero.stage > 0
+    universal = meta["world_size"] != world_size and deepspeed_zero_stage(cfg) > 0
     storage.fetch(tag, rank, every_rank=universal and rank == 0)
     try:
         if universal:
-            error = None
+            # Rank 0 converts (minutes for a 1B model) while the others wait on the store, whose wait does not
+            # count against the group's collective deadline; a failed conversion reaches every rank.
+            key = f"ctxtrain/universal/{tag}"
             if rank == 0:
                 try:
                     convert_once(storage, tag, to_universal)
-                except Exception as e:  # noqa: BLE001  (every rank must hear of it, not wait at the barrier)
-                    error = e
-            barrier()
-            if error is not None:
-                raise error
+                except Exception as e:  # noqa: BLE001  (every rank must hear of it, not wait)
+                    post_once(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    raise
+                post_once(key, "ok")
+            else:
+                outcome = wait_posted(key, CONVERSION_WAIT_S)
+                if outcome != "ok":
+                    raise RuntimeError(f"rank 0 could not convert it ({outcome})")
             storage.fetch_universal(tag)
             engine.load(str(storage.local_root / tag), UNIVERSAL, universal=True)
         else:

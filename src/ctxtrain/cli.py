@@ -286,6 +286,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from ctxtrain.config import load_config
+    from ctxtrain.devices import usable_gib
     from ctxtrain.plan import GIB, available_here, format_plan, plan
 
     cfg = load_config(args.config, overrides)
@@ -294,19 +295,24 @@ def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')}={value}: must be positive")
+    assumed = None
     if args.gpu_mem or args.gpus:
-        device, device_bytes = "cuda", (args.gpu_mem * GIB if args.gpu_mem else None)
+        device, device_bytes = "cuda", None
+        if args.gpu_mem:
+            usable, assumed = usable_gib(args.gpu_mem)
+            device_bytes = usable * GIB
         host_bytes = args.host_mem * GIB if args.host_mem else None
         if device_bytes is None:
             here, here_bytes, _ = available_here(1, want_gpu=True)
             device_bytes = here_bytes if here == "cuda" else None
+            assumed = f"this machine's GPU: {here_bytes / GIB:.1f} GiB" if device_bytes else None
     else:
         device, device_bytes, host_bytes = available_here(world)
         if args.host_mem:
             host_bytes = args.host_mem * GIB / world
             device_bytes = device_bytes if device == "cuda" else host_bytes
     result = plan(cfg, world, device)
-    print(format_plan(cfg, result, device_bytes, host_bytes))
+    print(format_plan(cfg, result, device_bytes, host_bytes, assumed))
     return 0 if device_bytes is None or result.fits(device_bytes, host_bytes) else 1
 
 

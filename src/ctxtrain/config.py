@@ -259,8 +259,10 @@ class ZeroConfig:
     offload_params: bool = False
     """Keep parameters in CPU memory between uses (stage 3 only)."""
 
-    overlap_comm: bool = False
-    """Overlap gradient reduction with the backward pass (uses more memory)."""
+    overlap_comm: Optional[bool] = None
+    """Overlap gradient reduction (ZeRO-2) and parameter prefetch (ZeRO-3) with compute (a second bucket of
+    memory); null: on with GPUs, where it keeps the interconnect busy while the GPU computes, off on CPUs,
+    where the same cores would do both."""
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -347,7 +349,8 @@ class ClusterConfig:
     """CPUs Ray reserves for each worker."""
 
     gpus_per_worker: Optional[float] = None
-    """GPUs per worker; null: 1 when the Ray cluster has GPUs, else 0."""
+    """GPUs per worker, 0 or 1 (a fraction would put two ranks on one GPU, which NCCL refuses); null: 1 when
+    the Ray cluster has GPUs, else 0."""
 
     placement: Literal["pack", "spread"] = "pack"
     """pack workers onto as few nodes as possible, or spread them one per node."""
@@ -387,8 +390,9 @@ class ClusterConfig:
                              "1 <= MIN <= MAX")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be positive")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be 0 or more, or null")
+        if self.gpus_per_worker not in (None, 0, 1):
+            raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker:g}: must be 0, 1 or null (a "
+                             "worker is one rank on at most one GPU; NCCL refuses two ranks on one GPU)")
         if self.preempt_grace_s <= 0:
             raise ValueError(f"cluster.preempt_grace_s={self.preempt_grace_s}: must be positive")
         if self.max_failures < -1:
@@ -503,6 +507,18 @@ def global_batch(cfg: Config) -> int:
     """Samples per optimizer step over all workers: train.global_batch, else what cluster.workers makes."""
     t = cfg.train
     return t.global_batch or cfg.data.batch_size * t.grad_accum * (cfg.cluster.workers // cfg.parallel.sp)
+
+
+def deepspeed_zero_stage(cfg: Config) -> int:
+    """The ZeRO stage DeepSpeed runs: zero.stage, except that bf16 without ZeRO runs ZeRO-1. DeepSpeed wraps a
+    stage-0 bf16 optimizer in its unfused fp16 wrapper, which checks every parameter for overflow on the host
+    at every step; ZeRO-1 steps the same AdamW on flat partitions (on one rank it holds the same state)."""
+    return 1 if cfg.zero.stage == 0 and cfg.train.dtype == "bf16" else cfg.zero.stage
+
+
+def overlap_comm(cfg: Config, device: str) -> bool:
+    """zero.overlap_comm, or when null: on for a GPU, off for a CPU."""
+    return cfg.zero.overlap_comm if cfg.zero.overlap_comm is not None else device == "cuda"
 
 
 def batch_split(cfg: Config, workers: int) -> tuple[int, int]:

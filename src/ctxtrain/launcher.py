@@ -49,6 +49,7 @@ SECRET_ENV = ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT"
               "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
 # Passed to every worker (not secrets): how DeepSpeed and torch behave there.
 WORKER_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "WANDB_SILENT", "PYTHONPATH",
+              "PYTORCH_CUDA_ALLOC_CONF", "NCCL_SOCKET_IFNAME", "NCCL_DEBUG",
               "CTXTRAIN_PROGRESS", "CTXTRAIN_MEMORY_CHECKED", "CTXTRAIN_LOADER_CHUNK_TOKENS",
               "CTXTRAIN_JOB_ID")
 
@@ -159,6 +160,10 @@ def _worker_loop(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     _sigterm_preempts(faults.request_preemption)
     rank = get_context().get_world_rank()
+    if config.get("gpus"):  # the GPU Ray Train gave this worker (CUDA_VISIBLE_DEVICES may list the node's)
+        from ray.train.torch import get_device
+
+        os.environ["CTXTRAIN_CUDA_DEVICE"] = str(get_device().index or 0)
     job = os.environ.get("CTXTRAIN_JOB_ID") or f"launch-{config['launch_id']}"
     gauges = (RayGauges(cfg.tracking.name or Path(cfg.train.run_dir).name, job, rank),) if rank == 0 else ()
     try:
@@ -282,6 +287,7 @@ def train_on_ray(cfg: Config) -> int:
         # 127.0.0.1 only.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cfg = _absolute(cfg)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -319,7 +325,10 @@ def train_on_ray(cfg: Config) -> int:
                  else ""),
               flush=True)
         launch_id = uuid.uuid4().hex[:12]
-        errors = ray.remote(num_cpus=0)(ErrorSink).options(name=f"ctxtrain-errors-{launch_id}").remote()
+        # on the driver's node: a lost worker node must not take the sink with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        errors = ray.remote(num_cpus=0)(ErrorSink).options(name=f"ctxtrain-errors-{launch_id}",
+                                                          scheduling_strategy=here).remote()
         _fit(_trainer(cfg, embedded, gpus, env, launch_id), errors, cfg)
         return 0
     finally:
@@ -415,7 +424,7 @@ def _trainer(cfg: Config, embedded: bool, gpus: float, env: dict, launch_id: str
     return trainer_cls(
         _worker_loop,
         train_loop_config={"cfg": cfg.to_dict(), "launch_id": launch_id, "loopback": embedded,
-                           "secrets": secrets},
+                           "secrets": secrets, "gpus": bool(gpus)},
         **backend,
         # An elastic range: Ray Train starts as many workers as it can place, and restarts the group with
         # another size when workers are lost or resources appear; each start resumes on its own size.
@@ -461,7 +470,10 @@ def _fit(trainer, errors, cfg: Config) -> None:
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
-        message = ray.get(errors.get.remote())
+        try:
+            message = ray.get(errors.get.remote())
+        except ray.exceptions.RayActorError:  # the driver's node is going away: fit() ends with it
+            message = None
         if message:
             raise UserError(redact(message))
     if "error" in outcome:  # TrainingFailedError and friends, after the failure policy gave up

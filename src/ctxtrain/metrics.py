@@ -15,20 +15,6 @@ from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor datasheets, without sparsity).
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "GH200": 989.0,
-    "B200": 2250.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 70.0,
-}
-
 
 def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> Optional[float]:
     """FLOP/s of one accelerator for MFU, or None when there is no honest number (CPU, unknown GPU)."""
@@ -36,11 +22,10 @@ def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> Opti
         return configured_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():  # most specific names first
-        if key in name:
-            return tflops * 1e12
-    return None
+    from ctxtrain.devices import peak_tflops
+
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int,

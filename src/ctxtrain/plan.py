@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ctxtrain.config import Config
+from ctxtrain.config import Config, deepspeed_zero_stage, overlap_comm
 from ctxtrain.model.config import ModelConfig
 from ctxtrain.model.flops import param_count
 
@@ -85,9 +85,9 @@ def shape_of(cfg: Config, world: int, device: str, seq_len: Optional[int] = None
     t = seq_len if seq_len is not None else (cfg.data.seq_len if lm else cfg.data.max_tgt_len)
     src = 0 if lm else (seq_len if seq_len is not None else cfg.data.max_src_len)
     return Shape(model=m, batch=cfg.data.batch_size, seq_len=t, src_len=src,
-                 s=2 if cfg.train.dtype == "bf16" else 4, stage=cfg.zero.stage, world=world,
+                 s=2 if cfg.train.dtype == "bf16" else 4, stage=deepspeed_zero_stage(cfg), world=world,
                  offload_optimizer=cfg.zero.offload_optimizer, offload_params=cfg.zero.offload_params,
-                 overlap_comm=cfg.zero.overlap_comm, checkpoint=checkpoint or cfg.memory.checkpoint,
+                 overlap_comm=overlap_comm(cfg, device), checkpoint=checkpoint or cfg.memory.checkpoint,
                  loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout,
                  device=device,
                  sp=cfg.parallel.sp)
@@ -290,15 +290,31 @@ def checkpointed_activations(sh: Shape) -> tuple[int, int]:
     return kept + ends, 0
 
 
+def offload_host_bytes(cfg: Config, world: int) -> int:
+    """memory.checkpoint=offload on a GPU: the pinned host memory that one micro-batch's kept block inputs
+    take, the host share of `checkpointed_activations`. The engine allocates exactly this much (a
+    `PinnedArena`), so the plan's host term is what the run pins."""
+    return checkpointed_activations(shape_of(cfg, world, "cuda", checkpoint="offload"))[1]
+
+
 def layer_gradients(sh: Shape, tokens: int) -> int:
     """Gradient temporaries while one block runs backward: the gradients of its output and input, and the
     larger of the MLP's (three [tokens, F] gradients at the product's backward, a chunk's worth when chunked)
-    and attention's (dq, dk, dv and d(output))."""
+    and attention's (dq, dk, dv and d(output), with the GPU kernels' float32 dq accumulator)."""
     m, s = sh.model, sh.s
     mlp_tokens = min(tokens, sh.mlp_chunk) if sh.mlp_chunk else tokens
     mlp = (3 if m.mlp == "swiglu" else 2) * m.d_ff * s * mlp_tokens
-    attn = (2 * m.d_model + 2 * m.kv_heads * m.head_dim) * s * tokens
+    attn = (2 * m.d_model + 2 * m.kv_heads * m.head_dim) * s * tokens + attention_dq_accumulator(sh, tokens)
     return 2 * s * m.d_model * tokens + max(mlp, attn)
+
+
+def attention_dq_accumulator(sh: Shape, tokens: int) -> int:
+    """Flash attention's backward pass (flash-attention 2/3, and the cuDNN and memory-efficient SDPA kernels
+    on a GPU) accumulates dq in float32 across the key blocks before casting it: 4 x d bytes per token of the
+    layer, alive while that attention runs backward (a sequence-parallel rank: its n_heads / sp heads over the
+    whole window, the same bytes as its own tokens x d). None on a CPU: its flash kernel keeps dq in the
+    working dtype."""
+    return 4 * sh.model.d_model * tokens if sh.device == "cuda" else 0
 
 
 def peak_layer(sh: Shape) -> int:
@@ -333,6 +349,37 @@ def loss_buffer(sh: Shape) -> int:
     if not sh.loss_chunk or sh.loss_chunk >= n:
         return n * d * s + n * V * (12 if s == 4 else 14)
     return n * d * s + 8 * sh.loss_chunk * V + n * d * s + V * d * (4 if s == 4 else 10)
+
+
+CUDA_CONTEXT_BYTES = 600 << 20
+
+
+def cuda_context(sh: Shape) -> int:
+    """What a process's CUDA context holds on the device besides the caching allocator's blocks: the context
+    itself, cuBLAS and cuDNN workspaces, the kernels' code. Stated, not measured here: about 0.6 GiB with
+    torch 2.x on an H100 (the CUDA documentation gives 300-600 MiB by card and driver). None on a CPU."""
+    return CUDA_CONTEXT_BYTES if sh.device == "cuda" else 0
+
+
+NCCL_BUFFSIZE = 4 << 20  # NCCL's default buffer per channel and direction
+NCCL_CHANNELS = 32  # NCCL's upper bound of channels on NVLink/InfiniBand machines
+
+
+def communicators(sh: Shape) -> int:
+    """The process groups this rank talks over: every rank (when there are several), its sequence-parallel
+    group and its data-parallel group (with parallel.sp > 1)."""
+    if sh.world == 1:
+        return 0
+    return 1 + (2 if sh.sp > 1 and sh.world > sh.sp else 1 if sh.sp > 1 else 0)
+
+
+def nccl_buffers(sh: Shape) -> int:
+    """NCCL's device buffers, outside the caching allocator: per communicator, a send and a receive buffer of
+    NCCL_BUFFSIZE for each channel, for the ring and the tree algorithm: 2 x 2 x 32 x 4 MiB = 512 MiB at most
+    (stated: NCCL sizes its channels to the machine; fewer on PCIe). None on a CPU (gloo uses host memory)."""
+    if sh.device != "cuda":
+        return 0
+    return communicators(sh) * 2 * 2 * NCCL_CHANNELS * NCCL_BUFFSIZE
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,8 +435,12 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
              if scores else "flash/cuDNN tiles: the log-sum-exp, in the layer terms"),
         Term("all-to-all buffers", a2a, 0, f"sequence parallel over {sh.sp}" if a2a else "parallel.sp=1"),
         Term("optimizer step temporaries", step, 0, "when activations are freed"),
+        Term("CUDA context", cuda_context(sh), 0, "context, cuBLAS/cuDNN workspaces (stated)"
+             if sh.device == "cuda" else "CPU: none"),
+        Term("NCCL buffers", nccl_buffers(sh), 0, f"{communicators(sh)} communicator(s) (stated upper bound)"
+             if sh.device == "cuda" else "CPU: gloo, host memory"),
     ]
-    static = p_dev + g_dev + o_dev + terms[3].device
+    static = p_dev + g_dev + o_dev + terms[3].device + cuda_context(sh) + nccl_buffers(sh)
     backward = a_dev + max(layer + a2a, loss)
     raw = static + max(backward, step)
     host = p_host + g_host + o_host + a_host
@@ -399,7 +450,8 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
     result = Plan(sh, terms, margin)
     result.device_peak = int(raw * (1 + margin))
     result.host_peak = int(host * (1 + margin))
-    terms.append(Term(f"allocator margin ({margin:.0%})", result.device_peak - raw, result.host_peak - host))
+    terms.append(Term(f"allocator margin ({margin:.0%})", result.device_peak - raw, result.host_peak - host,
+                      "fragmentation of the caching allocator (GPU) or of malloc's arenas (CPU)"))
     return result
 
 
@@ -486,20 +538,16 @@ def check_fits(cfg: Config, world: int, device: str, device_bytes: float, host_b
 # What this machine offers
 
 
-GPU_RESERVED = GIB
-"""Device memory the planner leaves to the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers, which the
-caching allocator does not see (stated, not measured: about 0.5 GiB of context and up to 0.5 GiB of NCCL)."""
-
-
 def gpu_memory_bytes() -> Optional[int]:
-    """Total memory of this machine's first GPU, less GPU_RESERVED; None without CUDA."""
-    if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
-        return None  # no GPU driver's device node (NVIDIA, ROCm, WSL): no GPU, and no torch import to ask
+    """What this machine's first GPU offers a job (its total memory as torch reports it: 79.6 GiB on an H100);
+    None without CUDA. The plan counts the CUDA context and NCCL's buffers as terms of its own."""
+    from ctxtrain.devices import cuda_available
+
+    if not cuda_available():
+        return None
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(0).total_memory - GPU_RESERVED
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def available_here(workers: int, want_gpu: Optional[bool] = None) -> tuple[str, float, Optional[float]]:
@@ -539,9 +587,10 @@ def fmt_bytes(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
-def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes: Optional[float]) -> str:
+def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes: Optional[float],
+                assumed: Optional[str] = None) -> str:
     """The table `ctxtrain plan` prints: the terms per worker, the peaks, the verdict and the longest
-    lengths."""
+    lengths; `assumed` says what the available device memory was taken to be."""
     sh = p.shape
     where = "GPU" if sh.device == "cuda" else "CPU: device memory is host memory, the peak is RSS growth"
     tokens = f"{sh.batch} x {sh.seq_len} tokens" + (f" (source {sh.src_len})" if sh.src_len else "")
@@ -549,6 +598,7 @@ def format_plan(cfg: Config, p: Plan, device_bytes: Optional[float], host_bytes:
     lines = [f"one worker of {sh.world}: {tokens}{split}, {'bf16' if sh.s == 2 else 'fp32'}, "
              f"ZeRO-{sh.stage}, memory.checkpoint={sh.checkpoint}, loss_chunk={sh.loss_chunk}, "
              f"mlp_chunk={sh.mlp_chunk} ({where})",
+             *([f"available memory: {assumed}"] if assumed else []),
              "",
              f"{'term':28} {'device':>12} {'host':>12}  note"]
     for t in p.terms:

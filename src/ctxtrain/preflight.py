@@ -44,7 +44,7 @@ def check_memory(cfg: Config, world: int, device: Optional["torch.device"] = Non
     Without a device, for workers about to start on this machine: its GPUs, else its host memory shared by the
     workers. With one (a worker checking itself, when no driver could: a remote cluster, torchrun): that
     device's free memory."""
-    from ctxtrain.plan import GPU_RESERVED, available_here, check_fits, host_memory_bytes
+    from ctxtrain.plan import CUDA_CONTEXT_BYTES, available_here, check_fits, host_memory_bytes
 
     if cfg.memory.force:
         return
@@ -60,7 +60,8 @@ def check_memory(cfg: Config, world: int, device: Optional["torch.device"] = Non
         if kind == "cuda":
             import torch
 
-            device_bytes = torch.cuda.mem_get_info(device)[0] - GPU_RESERVED
+            # free now, plus this process's own context, which the plan counts as a term
+            device_bytes = torch.cuda.mem_get_info(device)[0] + CUDA_CONTEXT_BYTES
             where = f"free memory of {device}"
         else:
             device_bytes, host_bytes = host_bytes, None

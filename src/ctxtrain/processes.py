@@ -19,10 +19,11 @@ PR_SET_PDEATHSIG = 1
 def _loopback_interface() -> dict[str, str]:
     names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
     lo = next((n for n in ("lo", "lo0") if n in names), None)
-    return {"GLOO_SOCKET_IFNAME": lo} if lo else {}
+    return {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo} if lo else {}
 
 
-# A process group of one machine's workers: gloo's pairs bind to the loopback interface.
+# A process group of one machine's workers: gloo's pairs and NCCL's bootstrap sockets bind to the loopback
+# interface (NCCL moves the data itself over NVLink or shared memory).
 LOOPBACK_ENV = _loopback_interface()
 
 

@@ -40,7 +40,7 @@ from ctxtrain.engine.memory import return_freed_host_memory
 from ctxtrain.errors import UserError
 from ctxtrain.faults import Faults, Preemption, forget_preemption, request_preemption
 from ctxtrain.model import batch_train_flops, build_model, param_count
-from ctxtrain.plan import plan
+from ctxtrain.plan import offload_host_bytes, plan
 from ctxtrain.preflight import check_data, check_memory
 from ctxtrain.progress import log_line
 from ctxtrain.rundir import MetricsWriter, RunDir, write_atomic
@@ -48,13 +48,14 @@ from ctxtrain.state import TrainState
 from ctxtrain.tracking import Tracker, make_tracker, resend_lost_steps
 
 
-def _loader(cfg: Config, rank: int, world: int, split: str) -> StreamingLoader:
+def _loader(cfg: Config, rank: int, world: int, split: str, device: torch.device) -> StreamingLoader:
     d = cfg.data
     train = split == "train"
     return StreamingLoader(d.path, split=split, seq_len=d.seq_len, batch_size=d.batch_size, rank=rank,
                            world_size=world, num_workers=d.num_workers if train else 0, seed=cfg.train.seed,
                            shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train,
-                           skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len)
+                           skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len,
+                           pin_memory=device.type == "cuda")
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
@@ -62,7 +63,7 @@ def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
     rank."""
     info = engine.dist
     losses = []
-    for i, batch in enumerate(_loader(cfg, info.dp_rank, info.dp_size, "val")):
+    for i, batch in enumerate(_loader(cfg, info.dp_rank, info.dp_size, "val", engine.device)):
         if i == cfg.train.eval_batches:
             break
         losses.append(engine.eval_loss(batch))
@@ -120,13 +121,13 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
               "predicted": plan(cfg, world, device.type).device_peak}
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_model(cfg.model)
-    apply_levers(model, cfg.memory, device)
+    apply_levers(model, cfg.memory, device, offload_host_bytes(cfg, world) if device.type == "cuda" else None)
     engine = Engine(cfg, model, info)
     if rank == 0:
         write_atomic(run.ds_config, json.dumps(engine.config, indent=1) + "\n")
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
     # one cursor per data-parallel group
-    state = TrainState(_loader(cfg, info.dp_rank, info.dp_size, "train"),
+    state = TrainState(_loader(cfg, info.dp_rank, info.dp_size, "train", device),
                        device, rank, world, launch_id, global_batch(given))
     if target is not None:
         ckpt.load(engine, target, cfg, state)
@@ -217,6 +218,7 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
                 state.stop_reason = "max_tokens"
             elif any_timed_out:
                 state.stop_reason = "stop_after_minutes"
+        _check_finite(records, storage, rank, metrics_file, tracker)
         final = step == t.max_steps or state.stop_reason is not None
         record = records[-1]
         if evaluating:
@@ -241,6 +243,25 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
         _close_records(RunDir(t.run_dir), state, tracker, metrics_file, last, t.max_steps)
     return {**last, "step": state.step, "tokens": state.tokens, "stop_reason": state.stop_reason,
             "sigterm": preemption.signalled}
+
+
+def _check_finite(records: list[dict], storage, rank: int, metrics_file, tracker: Tracker) -> None:
+    """A diverged run ends in one line naming its first step whose loss or gradient norm is not finite (read
+    at this log line: DeepSpeed's per-step overflow check is off, as it waits on the device); the interval's
+    records are written first, and no checkpoint after it: the newest committed one is the way back."""
+    bad = next((r for r in records if not math.isfinite(r["loss"])
+                or (r["grad_norm"] is not None and not math.isfinite(r["grad_norm"]))), None)
+    if bad is None:
+        return
+    if rank == 0:
+        for r in records:
+            metrics_file.write(r)
+            tracker.log(r, r["step"])
+    newest = ckpt.committed_steps(storage)
+    back = (f"resume from the newest committed checkpoint, {ckpt.tag_of(newest[-1])}," if newest
+            else "no checkpoint was committed before it: start again")
+    raise UserError(f"step {bad['step']}: the loss is {bad['loss']} and the gradient norm "
+                    f"{bad['grad_norm']}: training diverged; {back} with a lower optim.lr or optim.grad_clip")
 
 
 def _close_records(run: RunDir, state: TrainState, tracker: Tracker, metrics_file, last: dict,

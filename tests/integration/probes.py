@@ -32,3 +32,23 @@ def engine_logits(cfg) -> None:
                        Path(cfg.train.run_dir) / "probe_logits.pt")
     finally:
         shutdown(info)
+
+
+def engine_settings(cfg) -> None:
+    """Build the engine that `ctxtrain train` builds for this config and record what DeepSpeed made of it: the
+    optimizer wrapper, the throughput timer, bf16's overflow check and the accumulation dtype."""
+    import json
+
+    info = init_distributed(cfg)
+    try:
+        torch.manual_seed(0)
+        engine = Engine(cfg, build_model(cfg.model), info)
+        timer = engine.ds.tput_timer.config
+        settings = {"optimizer": type(engine.ds.optimizer).__name__,
+                    "throughput_timer": {"enabled": timer.enabled, "synchronized": timer.synchronized},
+                    "check_grad_overflow": engine.ds._config.bfloat16_config.check_grad_overflow,
+                    "grad_accum_dtype": str(engine.ds.get_data_types()[1])}
+        if info.rank == 0:
+            (Path(cfg.train.run_dir) / "engine_settings.json").write_text(json.dumps(settings))
+    finally:
+        shutdown(info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,3 +27,26 @@ def test_longseq_cpu_smoke(tmp_path):
         assert summary["bytes_per_token"] > 0 and summary["longest"] > 0, (arm, summary)
     table = proc.stdout.splitlines()
     assert any(line.startswith("full+loss+mlp") for line in table) and "bytes/token vs hf" in proc.stdout
+
+
+def test_longseq_gpu_dry_run_exercises_every_gpu_arm(tmp_path):
+    """`bench/longseq.py --gpu --dry-run`: the GPU bench's arms on this CPU at tiny lengths with lm_1b's
+    shapes (one layer): ctxtrain under `full` and, with an engine of its own, `offload`, transformers' Llama,
+    and the Liger arm (measured, or missing with its reason); each arm a subprocess under a timeout."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "longseq.py"), "--gpu", "--dry-run", "--json",
+                           str(out)], capture_output=True, text=True, timeout=900, env={**os.environ,
+                                                                                        "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result) == ["ctxtrain-full", "ctxtrain-offload", "hf", "hf+liger"], result
+    for arm in ("ctxtrain-full", "ctxtrain-offload", "hf"):
+        r = result[arm]
+        assert r["model"]["d_model"] == 2048 and r["model"]["vocab_size"] == 32000, r
+        assert [row["T"] for row in r["rows"]] == [64, 128] and all(row["tok_s"] > 0 for row in r["rows"]), r
+        assert all("predicted_GiB" in row for row in r["rows"]) == arm.startswith("ctxtrain"), r
+    planned = result["ctxtrain-offload"]["planned_longest"]
+    assert planned["full"] > 0 and planned["offload"] > 0, planned  # (on one layer offload saves nothing)
+    liger = result["hf+liger"]
+    assert liger.get("rows") or "liger-kernel is not installed" in liger.get("missing", ""), liger
+    assert "ctxtrain-offload" in proc.stdout and "tokens/s" in proc.stdout

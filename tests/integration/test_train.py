@@ -69,11 +69,45 @@ def test_zero_stages_agree_and_learn(zero3_run, stdlib_shards, tmp_path, extra):
     assert m3[20]["loss"] < m3[1]["loss"] - 1.0
 
 
-def test_bf16_trains(stdlib_shards, tmp_path):
-    _, m = train(tmp_path / "bf16", stdlib_shards, "--train.max_steps=20", "--train.stop_at_step=6",
-                 "--zero.stage=2", "--train.dtype=bf16", "--model.n_layers=2")  # bf16 matmuls are slow on CPU
+def test_bf16_trains_and_nothing_in_deepspeed_waits_on_the_device_per_step(stdlib_shards, tmp_path):
+    """bf16 without ZeRO and with two micro-batches a step learns; its generated DeepSpeed config and the
+    engine DeepSpeed builds from it have no per-step synchronizing feature: the throughput timer off, bf16's
+    overflow check off, DeepSpeed's ZeRO-1 bf16 optimizer on flat partitions with fp32 accumulation instead of
+    its unfused stage-0 wrapper."""
+    from ctxtrain.config import load_config
+    from ctxtrain.local_launch import launch
+
+    run = tmp_path / "bf16"
+    _, m = train(run, stdlib_shards, "--train.max_steps=20", "--train.stop_at_step=6", "--zero.stage=0",
+                 "--train.dtype=bf16", "--model.n_layers=2", "--data.batch_size=2", "--train.grad_accum=2")
     assert all(math.isfinite(m[s]["loss"]) for s in m) and m[6]["loss"] < m[1]["loss"] - 0.1
-    assert json.loads((tmp_path / "bf16" / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert ds["zero_optimization"]["stage"] == 1 and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    os.environ["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{REPO}"
+    assert launch(load_config(run / "config.yaml"), entry="tests.integration.probes:engine_settings") == 0
+    settings = json.loads((run / "engine_settings.json").read_text())
+    assert settings == {"optimizer": "BF16_Optimizer", "check_grad_overflow": False,
+                        "throughput_timer": {"enabled": False, "synchronized": False},
+                        "grad_accum_dtype": "torch.float32"}, settings
+
+
+def test_a_diverging_run_ends_in_one_line_naming_its_first_nonfinite_step(stdlib_shards, tmp_path):
+    """With DeepSpeed's per-step overflow check off, the loop checks what it reads every log_every steps: an
+    absurd learning rate makes the gradient norm infinite, and the run ends in one line naming the first such
+    step and the checkpoint to go back to; nothing is committed after it."""
+    run = tmp_path / "diverge"
+    proc, m = train(run, stdlib_shards, "--train.max_steps=20", "--optim.lr=1e30", "--optim.grad_clip=0",
+                    "--optim.warmup_steps=0", "--checkpoint.every=1", "--train.log_every=4",
+                    "--cluster.workers=1",
+                    check=False)
+    first = min(s for s, r in m.items() if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ctxtrain: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors[0].startswith(f"ctxtrain: error: step {first}: ") and "training diverged" in errors[0]
+    assert f"resume from the newest committed checkpoint, step_{first - 1:06d}" in errors[0], errors[0]
+    assert not (run / "checkpoints" / f"step_{first:06d}").exists()
 
 
 def test_gradient_accumulation_matches_a_larger_batch(zero3_run, stdlib_shards, tmp_path):

@@ -73,7 +73,7 @@ def test_kuberay_rayjob_manifest_runs_ctxtrain_train():
 
 @pytest.mark.parametrize("script", ["cluster/slurm.sbatch", "launch/quickstart.sh", "launch/submit.sh",
                                     "launch/slurm.sh", "launch/install.sh", "launch/test.sh", ".ci/run",
-                                    "bench/data_loader.sh", "bench/translate_en_fr.sh"])
+                                    "bench/data_loader.sh", "bench/translate_en_fr.sh", "bench/gpu.sh"])
 def test_shell_scripts_parse_and_pass_shellcheck(script):
     path = REPO / script
     subprocess.run(["bash", "-n", str(path)], check=True)

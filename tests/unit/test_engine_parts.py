@@ -56,6 +56,40 @@ def test_ds_config_follows_the_typed_config():
     assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 0.5
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_ds_config_waits_on_the_device_nowhere_and_fits_the_device(device):
+    """No per-step synchronizing feature of DeepSpeed is on: the throughput timer (it synchronizes the device
+    twice per micro-batch) and bf16's gradient-overflow check (an all-reduce and a host read per step). bf16
+    without ZeRO runs DeepSpeed's ZeRO-1 (its stage-0 bf16 wrapper checks every parameter on the host);
+    bf16 accumulates in fp32 across micro-batches; overlap_comm and pinned offload buffers follow the
+    device."""
+    def ds(*overrides):
+        return ds_config(load_config(CONFIGS / "lm_tiny.yaml", ["--train.dtype=bf16", *overrides]), 2, device)
+
+    plain = ds("--zero.stage=0")
+    assert plain["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    assert plain["wall_clock_breakdown"] is False
+    assert plain["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    assert plain["zero_optimization"]["stage"] == 1 and "data_types" not in plain
+    assert ds("--zero.stage=2", "--train.grad_accum=4")["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds("--zero.stage=2")["zero_optimization"]["overlap_comm"] is (device == "cuda")
+    assert ds("--zero.stage=2", "--zero.overlap_comm=false")["zero_optimization"]["overlap_comm"] is False
+    offload = ds("--zero.stage=3", "--zero.offload_optimizer=true")["zero_optimization"]["offload_optimizer"]
+    assert offload["pin_memory"] is (device == "cuda")
+    fp32 = ds_config(load_config(CONFIGS / "lm_tiny.yaml", ["--train.dtype=fp32", "--zero.stage=0"]), 2,
+                     device)
+    assert fp32["zero_optimization"]["stage"] == 0 and fp32["bf16"] == {"enabled": False}
+
+
+def test_gpus_per_worker_is_zero_or_one():
+    from ctxtrain.config import ConfigError
+
+    for value in ("0", "1", "null"):
+        load_config(CONFIGS / "lm_tiny.yaml", [f"--cluster.gpus_per_worker={value}"])
+    with pytest.raises(ConfigError, match="NCCL refuses two ranks on one GPU"):
+        load_config(CONFIGS / "lm_tiny.yaml", ["--cluster.gpus_per_worker=0.5"])
+
+
 def test_retention_keeps_last_and_every_mth():
     steps = [5, 10, 15, 20, 25, 30]
     assert retention(steps, keep_last=2, keep_every=0) == [5, 10, 15, 20]

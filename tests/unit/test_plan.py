@@ -102,14 +102,16 @@ def test_static_terms_follow_zero_partitioning():
     terms = {stage: {t.name: t for t in plan(lm(f"--zero.stage={stage}"), 8, "cuda").terms}
              for stage in (0, 1, 2, 3)}
     P = param_count(lm().model)
-    assert terms[0]["parameters"].device == 2 * P and terms[0]["optimizer state"].device == 12 * P
+    assert terms[0] == terms[1]  # bf16 without ZeRO runs DeepSpeed's ZeRO-1
+    fp32 = {t.name: t for t in plan(lm("--zero.stage=0", "--train.dtype=fp32"), 8, "cuda").terms}
+    assert fp32["parameters"].device == 4 * P and fp32["optimizer state"].device == 8 * P
     assert terms[1]["optimizer state"].device == 12 * P // 8 and terms[1]["gradients"].device == 2 * P
     assert terms[2]["gradients"].device == 2 * P // 8
     # ZeRO-3: a 1/8 share, plus the gathered embedding (its largest module) and one prefetched
     cfg = lm().model
     assert terms[3]["parameters"].device == -(-P // 8) * 2 + 2 * cfg.vocab_size * cfg.d_model * 2
-    offloaded = {t.name: t for t in plan(lm("--zero.offload_optimizer=true"), 8, "cuda").terms}["optimizer "
-                                                                                                "state"]
+    offloaded = {t.name: t for t in plan(lm("--zero.offload_optimizer=true"), 8, "cuda").terms}
+    offloaded = offloaded["optimizer state"]
     assert offloaded.device == 0 and offloaded.host == 12 * P // 8
 
 
@@ -160,10 +162,11 @@ def ctxtrain(*args):
 def test_plan_verb_prints_the_table_and_says_whether_it_fits():
     r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "8", "--gpu-mem", "80")
     assert r.returncode == 0, r.stderr
-    for row in ("parameters", "gradients", "optimizer state", "checkpointed activations", "peak layer "
-                                                                                          "working set",
-                "loss buffer", "attention workspace", "allocator margin (5%)", "predicted peak", "verdict: "
-                                                                                                 "fits"):
+    rows = ("parameters", "gradients", "optimizer state", "checkpointed activations", "peak layer working "
+                                                                                      "set",
+            "loss buffer", "attention workspace", "CUDA context", "NCCL buffers", "allocator margin (5%)",
+            "predicted peak", "verdict: fits")
+    for row in rows:
         assert row in r.stdout, row
     assert r.stdout.count("memory.checkpoint=") >= 5  # the header and one longest length per policy
     r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "1", "--gpu-mem", "80",
@@ -181,3 +184,67 @@ def test_train_refuses_a_config_predicted_not_to_fit(tmp_path, one_shard_lm):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "predicted not to fit" in lines[0] and "--memory.force=true" in lines[0]
     assert not (tmp_path / "run").exists()  # refused before anything started
+
+
+def test_gpu_terms_the_cuda_context_nccl_buffers_and_flash_attentions_dq_accumulator():
+    from ctxtrain.plan import (
+        CUDA_CONTEXT_BYTES,
+        NCCL_BUFFSIZE,
+        NCCL_CHANNELS,
+        attention_dq_accumulator,
+        communicators,
+        nccl_buffers,
+    )
+
+    cfg = lm("--data.seq_len=32768")
+    gpu, cpu = shape_of(cfg, 8, "cuda"), shape_of(cfg, 8, "cpu")
+    assert attention_dq_accumulator(gpu, 32768) == 4 * cfg.model.d_model * 32768  # fp32 dq, per token
+    assert attention_dq_accumulator(cpu, 32768) == 0
+    one_comm = 2 * 2 * NCCL_CHANNELS * NCCL_BUFFSIZE
+    assert nccl_buffers(gpu) == one_comm and nccl_buffers(cpu) == 0
+    assert communicators(shape_of(cfg, 1, "cuda")) == 0
+    assert communicators(shape_of(lm("--parallel.sp=2"), 8, "cuda")) == 3  # all, sp group, data-parallel
+    assert communicators(shape_of(lm("--parallel.sp=8"), 8, "cuda")) == 2
+    terms = {t.name: t.device for t in plan(cfg, 8, "cuda").terms}
+    assert terms["CUDA context"] == CUDA_CONTEXT_BYTES and terms["NCCL buffers"] == one_comm
+    assert {t.name: t.device for t in plan(cfg, 8, "cpu").terms}["CUDA context"] == 0
+    # the dq accumulator is part of the peak layer's working set on a GPU (attention's gradients dominate
+    # there once the MLP is chunked)
+    chunked = lm("--data.seq_len=32768", "--memory.mlp_chunk=1024")
+    on_gpu = {t.name: t.device for t in plan(chunked, 8, "cuda").terms}["peak layer working set"]
+    on_cpu = {t.name: t.device for t in plan(chunked, 8, "cpu").terms}["peak layer working set"]
+    assert on_gpu - on_cpu == 4 * cfg.model.d_model * 32768
+
+
+def test_plan_says_which_usable_memory_it_assumed():
+    r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "1", "--gpu-mem", "141")
+    assert r.returncode == 0, r.stderr
+    assert "nameplate of an H200; assumed its usable 140.4 GiB" in r.stdout
+    assert "140.40 GiB" in r.stdout.split("available", 2)[-1]
+    r = ctxtrain("plan", str(CONFIGS / "lm_1b.yaml"), "--gpus", "1", "--gpu-mem", "70")
+    assert "--gpu-mem 70 GiB taken as one GPU's usable memory" in r.stdout
+
+
+def test_offload_pins_exactly_the_planners_host_term():
+    """memory.checkpoint=offload pins one block of host memory per step of exactly the planner's host term
+    (torch's pinned caching allocator would round every block input up to a power of two: 1.6x here), and
+    every block input of a micro-batch fits in it, the next step reusing it from the start. (A CPU cannot pin:
+    the arena is allocated unpinned, the arithmetic is the same.)"""
+    from ctxtrain.engine.memory import PinnedArena
+    from ctxtrain.plan import offload_host_bytes
+
+    cfg = lm("--data.seq_len=5000", "--memory.checkpoint=offload")
+    m = cfg.model
+    capacity = offload_host_bytes(cfg, 1)
+    term = {t.name: t for t in plan(cfg, 1, "cuda").terms}["checkpointed activations"].host
+    assert capacity == term == m.n_layers * cfg.data.seq_len * m.d_model * 2
+    arena = PinnedArena(capacity, pin=False)
+    assert arena.buffer.numel() == capacity  # exact, not rounded
+    rounded = m.n_layers * 2 ** (cfg.data.seq_len * m.d_model * 2 - 1).bit_length()
+    assert rounded / capacity > 1.5
+    for _ in range(2):  # two steps
+        arena.reset()
+        for _ in range(m.n_layers):
+            assert arena.take(torch.Size((1, cfg.data.seq_len, m.d_model)), torch.bfloat16) is not None
+        assert arena.offset >= 0.95 * capacity
+    assert arena.take(torch.Size((1, 1024, m.d_model)), torch.bfloat16) is None  # a 17th input does not fit

@@ -265,10 +265,13 @@ def collate_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
             "targets": targets, "unit": units}
 
 
-def to_torch(batch: dict) -> dict:
-    """numpy batch -> tensors (ids as int64), plus `n_tokens`: the target tokens it trains on."""
+def to_torch(batch: dict, pin: bool = False) -> dict:
+    """numpy batch -> tensors (ids as int64), plus `n_tokens`: the target tokens it trains on. pin: in pinned
+    host memory, so that the copy to the GPU runs asynchronously (`.to(device, non_blocking=True)`)."""
     out = {k: torch.from_numpy(np.ascontiguousarray(v).astype(np.int64 if v.dtype != bool else bool))
            for k, v in batch.items()}
+    if pin:
+        out = {k: v.pin_memory() for k, v in out.items()}
     out["n_tokens"] = out["tokens"][:, 1:].numel() if "tokens" in out else int(out["tgt_mask"].sum())
     return out
 
@@ -380,6 +383,7 @@ class StreamingLoader:
         skip_corrupt: bool = False,
         max_src_len: int = 128,
         max_tgt_len: int = 128,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -388,6 +392,7 @@ class StreamingLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer, self.shuffle, self.loop = seed, shuffle_buffer, shuffle, loop
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
+        self.pin_memory = pin_memory  # batches in pinned host memory (training on a GPU)
         self.shards, skipped = self.dataset.usable_shards(split, skip_corrupt)
         if self.dataset.task == "lm":
             self.n_units = WindowSource.n_units(self.shards, seq_len)
@@ -463,7 +468,7 @@ class StreamingLoader:
                     plan, left = self._next_epoch(plan)
                 self.consumed += self.global_batch
                 left -= 1
-                yield to_torch(batch)
+                yield to_torch(batch, self.pin_memory)
         if left == 0:
             self._next_epoch(plan)
 

@@ -27,6 +27,7 @@ from ctxtrain.engine.core import (
     posted,
     shutdown,
     to_universal,
+    wait_posted,
 )
 from ctxtrain.engine.memory import Levers, apply_levers
 
@@ -52,4 +53,5 @@ __all__ = [
     "posted",
     "shutdown",
     "to_universal",
+    "wait_posted",
 ]

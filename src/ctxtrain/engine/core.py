@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
-import torch
+# The caching allocator grows segments in place instead of carving fixed blocks: far less fragmentation when
+# long sequences allocate and free activations of many sizes. Read at the first CUDA allocation; a user's own
+# setting stands.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 # DeepSpeed calls torch's older collective names on every step; torch warns on each call.
@@ -28,7 +33,7 @@ import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ctxtrain.config import Config, OptimConfig  # noqa: E402
+from ctxtrain.config import Config, OptimConfig, deepspeed_zero_stage, overlap_comm  # noqa: E402
 from ctxtrain.engine.sequence import (  # noqa: E402
     SequenceParallel,
     init_sequence_parallel,
@@ -67,15 +72,21 @@ class DistInfo:
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    """This worker's device: the GPU its launcher assigned (Ray: CTXTRAIN_CUDA_DEVICE, the one Ray Train gave
+    it; else the local rank's), or the CPU. One line when DeepSpeed's accelerator names another kind."""
+    from ctxtrain.devices import check_accelerator
+    from ctxtrain.errors import UserError
+
     want = cfg.train.device
+    device = torch.device("cpu")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from ctxtrain.errors import UserError
-
             raise UserError("train.device=cuda but this worker sees no GPU; use train.device=auto or cpu")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        index = os.environ.get("CTXTRAIN_CUDA_DEVICE")
+        torch.cuda.set_device(int(index) if index else local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    check_accelerator(device.type)
+    return device
 
 
 def group_timeout(cfg: Config) -> timedelta:
@@ -167,20 +178,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def ds_config(cfg: Config, world_size: int) -> dict:
+def ds_config(cfg: Config, world_size: int, device: str = "cpu") -> dict:
     """The DeepSpeed config, derived from the typed config (saved as RUN_DIR/ds_config.json); world_size
-    counts the data-parallel groups (the ranks of a sequence-parallel group share their samples)."""
-    z = cfg.zero
-    zero: dict = {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": True}
+    counts the data-parallel groups (the ranks of a sequence-parallel group share their samples).
+
+    Nothing in it waits on the device per step: DeepSpeed's throughput timer (on by default, synchronizing the
+    device twice per micro-batch) is off, and so is bf16's gradient-overflow check (an all-reduce and a host
+    read per step): the training loop checks the losses and gradient norms it reads every train.log_every
+    steps instead. bf16 without ZeRO runs ZeRO-1 (`deepspeed_zero_stage`), bf16 accumulates gradients in
+    float32 across micro-batches."""
+    z, stage, gpu = cfg.zero, deepspeed_zero_stage(cfg), device == "cuda"
+    zero: dict = {"stage": stage, "overlap_comm": overlap_comm(cfg, device), "contiguous_gradients": True}
     if z.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if z.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if z.stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     bucket = bucket_elements(cfg.model)
     zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = bucket
-    if z.stage == 3:
+    if stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
         if cfg.parallel.sp > 1:
             # ZeRO-3's reduce-scatter path averages gradients over every rank; only its all-reduce path sums
@@ -188,18 +205,25 @@ def ds_config(cfg: Config, world_size: int) -> dict:
             # factor). That path takes buckets up to reduce_bucket_size, which bucket_elements keeps >= every
             # parameter.
             zero["reduce_scatter"] = False
-    return {
+    bf16 = cfg.train.dtype == "bf16"
+    config = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": cfg.train.dtype == "bf16"},
+        "bf16": {"enabled": bf16, **({"check_grad_overflow": False} if bf16 else {})},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
+    if bf16 and cfg.train.grad_accum > 1:
+        # bf16 sums of many micro-batches' gradients lose bits; fp32 accumulation (ZeRO-1: DeepSpeed's
+        # BF16_Optimizer, which reads the gradient norm's finiteness once per step)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +275,7 @@ class Engine:
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay),
                                       lr=lr_at(1, o, cfg.train.max_steps), betas=(o.beta1, o.beta2),
                                       eps=o.eps, fused=True)
-        self.config = ds_config(cfg, dist_info.dp_size)
+        self.config = ds_config(cfg, dist_info.dp_size, dist_info.device.type)
         if dist_info.sp is not None:
             wrap_attention(model, dist_info.sp)
         _import_deepspeed_muon_uncompiled()
@@ -259,7 +283,7 @@ class Engine:
                                                              config=self.config,
                                                              dist_init_required=False,
                                                              mpu=dist_info.sp.mpu if dist_info.sp else None)
-        if dist_info.world_size == 1 and cfg.zero.stage == 0:
+        if dist_info.world_size == 1 and deepspeed_zero_stage(cfg) == 0:
             # Nothing to reduce on one rank, and DeepSpeed's fallback all-reduce would still flatten every
             # gradient into a copy (up to 5e8 elements): a whole model's gradients of memory at the peak.
             self.ds.enable_backward_allreduce = False
@@ -346,6 +370,15 @@ def post_once(key: str, value: str) -> None:
     """Put value under key in the process group's store unless a value is there already (the first post
     wins)."""
     dist.distributed_c10d._get_default_store().compare_set(key, "", value)  # private: no public accessor
+
+
+def wait_posted(key: str, timeout_s: float) -> str:
+    """The value under key in the process group's store, waiting for it up to timeout_s: a wait that does not
+    count against the group's collective deadline (rank 0 converting a large checkpoint while the others
+    wait)."""
+    store = dist.distributed_c10d._get_default_store()
+    store.wait([key], timedelta(seconds=timeout_s))
+    return store.get(key).decode()
 
 
 def posted(key: str) -> Optional[str]:
