@@ -269,6 +269,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     loaded = infer.load_source(args.source)
+    if args.data:
+        loaded.data_path = infer.matching_data(loaded, args.data)
     if loaded.kind == "lm":
         r = infer.evaluate_lm(loaded, args.split, args.seq_len, args.limit)
         print(f"{args.split}: {r['windows']:,} windows of {r['seq_len']:,} tokens ({r['tokens']:,} tokens), "
@@ -349,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (data.path of a config)")
     p.add_argument("--task", default="auto", choices=["auto", "lm", "translation"])
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary to train (default 8192)")
-    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer.json, or a pretrained model "
+                                                       "folder's (its vocabulary and special ids), instead "
+                                                       "of training one")
     p.add_argument("--shard-size", default="64MB", help="target size of each tar shard (default 64MB)")
     p.add_argument("--val-fraction", type=float, default=0.02, help="documents held out for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle and the val split")
@@ -400,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("generate", help=VERBS["generate"])
-    p.add_argument("source", help="a run directory or an export folder")
+    p.add_argument("source", help="a run directory, an export folder or a Hugging Face model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new", type=int, default=64, help="tokens to add")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -410,12 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help=VERBS["eval"])
-    p.add_argument("source", help="a run directory")
+    p.add_argument("source", help="a run directory, an export folder or a Hugging Face model folder")
     p.add_argument("--split", default="val")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--limit", type=int, help="score only the first N pairs (LM: windows)")
     p.add_argument("--seq-len", type=int, help="LM: tokens per window (default: the run's data.seq_len)")
+    p.add_argument("--data", metavar="DIR", help="the prepared data to score (default: the run's data.path; "
+                                                 "needed for an export or a Hugging Face folder)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("submit", help=VERBS["submit"],

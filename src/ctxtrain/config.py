@@ -61,6 +61,15 @@ class DataConfig:
     max_tgt_len: int = 128
     """Translation: target ids (with BOS/EOS) beyond this are cut."""
 
+    doc_mask: bool = False
+    """Keep the documents packed into a window apart: each token attends only to the earlier tokens of its own
+    document, and the prediction across a document boundary (of the next document's first token) is not
+    trained. How Llama 3 trained long context; the loss of a window is then the mean of its documents'."""
+
+    doc_positions: bool = False
+    """Positions restart at 0 at each document of a packed window (with data.doc_mask): a document sees the
+    positions it would see alone, which matters for sinusoidal positions (RoPE is relative already)."""
+
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "shuffle_buffer", "max_src_len", "max_tgt_len"):
             if getattr(self, name) < 1:
@@ -455,6 +464,7 @@ class Config:
     def __post_init__(self) -> None:
         self._check_sequence_parallel()
         self._check_bleu()
+        self._check_documents()
         self._check_batch_split()
         f = self.fault
         if f.kill_rank is not None:
@@ -467,6 +477,15 @@ class Config:
                 )
         if f.repeat < 1 or (f.repeat > 1 and f.during == "checkpoint"):
             raise ValueError(f"fault.repeat={f.repeat}: must be 1, or more with fault.during=step or read")
+
+    def _check_documents(self) -> None:
+        if self.data.doc_positions and not self.data.doc_mask:
+            raise ValueError("data.doc_positions=true restarts positions at each document: it needs "
+                             "data.doc_mask=true (documents that attend to each other share one position "
+                             "line)")
+        if self.data.doc_mask and self.model.kind != "lm":
+            raise ValueError(f"data.doc_mask=true: model.kind={self.model.kind} trains on sentence pairs, "
+                             "not on packed documents; set data.doc_mask=false")
 
     def _check_bleu(self) -> None:
         if self.train.bleu_every and self.model.kind != "encdec":
@@ -704,8 +723,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML experiment file (or the defaults, with path None) and apply command-line overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), resolve: bool = True) -> Config:
+    """Read a YAML experiment file (or the defaults, with path None) and apply command-line overrides.
+    resolve: read model.init_from's folder into the model section (False for a run's own config.yaml, which
+    holds it already: the folder need not exist any more)."""
     data: dict = {}
     source = "the defaults"
     if path is not None:
@@ -730,7 +751,39 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     source = source if not overrides else f"{source} or the command line"
     for line in migrate(data, source):
         print(f"ctxtrain: {line}", file=sys.stderr)
+    if resolve:
+        resolve_init_from(data, source)
     return from_dict(data, source)
+
+
+# What a run may set for itself when it starts from a pretrained model: the context it extends to, and
+# dropout.
+OWN_MODEL_FIELDS = ("init_from", "rope_scaling", "max_position", "dropout")
+
+
+def resolve_init_from(data: dict, source: str) -> None:
+    """model.init_from: fill the model section from the folder (a Hugging Face config, or a ctxtrain export's
+    model), in place. A field given explicitly must agree with the folder, except OWN_MODEL_FIELDS; one line
+    names those that do not."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("init_from"):
+        return
+    from ctxtrain.model.hf import UnsupportedModel, pretrained_fields
+
+    folder = str(model["init_from"])
+    try:
+        fields = pretrained_fields(folder)
+    except UnsupportedModel as e:
+        raise ConfigError(f"model.init_from={folder}: {e}") from None
+    given = {k: v for k, v in model.items() if k not in OWN_MODEL_FIELDS}
+    theirs = dataclasses.asdict(ModelConfig(**fields))
+    ours = dataclasses.asdict(_build(ModelConfig, {**fields, **given}, "model.", source))
+    clash = [f"model.{k}={ours[k]!r} (the folder has {theirs[k]!r})" for k in given if ours[k] != theirs[k]]
+    if clash:
+        raise ConfigError(f"model.init_from={folder}: {'; '.join(clash)} in {source}; drop them (the folder "
+                          "decides the model's shape) or start from another folder")
+    own = {k: model[k] for k in OWN_MODEL_FIELDS if k in model}
+    data["model"] = {**{k: v for k, v in fields.items()}, **own}
 
 
 def to_yaml(cfg: Config, comments: bool = False) -> str:
@@ -745,8 +798,14 @@ def to_yaml(cfg: Config, comments: bool = False) -> str:
         for f in dataclasses.fields(sub):
             for doc_line in textwrap.wrap(docs.get(f.name, ""), 100):
                 lines.append(f"  # {doc_line}")
-            dumped = yaml.safe_dump({f.name: getattr(sub, f.name)}, sort_keys=False, default_flow_style=True)
-            lines.append("  " + dumped.strip().strip("{}"))
+            value = getattr(sub, f.name)
+            if dataclasses.is_dataclass(value):  # a nested section (model.rope_scaling): one field a line
+                lines.append(f"  {f.name}:")
+                for key, item in dataclasses.asdict(value).items():
+                    lines.append("    " + yaml.safe_dump({key: item}, default_flow_style=True).strip()[1:-1])
+                continue
+            dumped = yaml.safe_dump({f.name: value}, sort_keys=False, default_flow_style=True)
+            lines.append("  " + dumped.strip()[1:-1])
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,7 @@ def resolve_export_checkpoint(run_dir: Path, step: Optional[int]) -> tuple[Confi
     run = RunDir(run_dir)
     if not run_dir.is_dir() or not run.is_run():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the train.run_dir of a run")
-    cfg = load_config(run.config)
+    cfg = load_config(run.config, resolve=False)  # the run holds its model; its init_from folder may be gone
     cfg.train.run_dir = str(run_dir)  # the directory as given (the run may have been moved)
     storage = open_storage(cfg)
     steps = committed_steps(storage)
@@ -73,7 +73,7 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
     Llama-shaped LM also OUT/hf/ (config.json, model.safetensors, tokenizer.json) for transformers."""
     from safetensors.torch import save_file
 
-    from ctxtrain.model.hf import check_llama_shaped, llama_config_dict, to_llama_state_dict
+    from ctxtrain.model.hf import check_llama_shaped, hf_config, to_hf_state_dict
     from ctxtrain.progress import bar as progress_bar
 
     run_dir, out = Path(run_dir), Path(out)
@@ -110,12 +110,17 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
         full = dict(state)
         if cfg.model.tie_embeddings:
             full["lm_head.weight"] = full["tok_embed.weight"]
-        hf_state = {k: v.contiguous() for k, v in to_llama_state_dict(full, cfg.model).items()}
+        hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(full, cfg.model).items()}
         save_file(hf_state, str(hf / "model.safetensors"), metadata={"format": "pt"})
-        write_atomic(hf / "config.json", json.dumps(llama_config_dict(cfg.model), indent=1) + "\n")
+        write_atomic(hf / "config.json", json.dumps(hf_config(cfg.model), indent=1) + "\n")
         tokenizer = Path(cfg.data.path) / "tokenizer.json"
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, hf / "tokenizer.json")
+        source = Path(cfg.model.init_from) if cfg.model.init_from else None
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            # the pretrained folder's special ids travel on
+            if source is not None and (source / name).is_file():
+                shutil.copyfile(source / name, hf / name)
     bar.update()
     bar.close()
     return out

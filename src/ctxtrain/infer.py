@@ -39,10 +39,12 @@ class Loaded:
 
 
 def load_source(source: str | Path) -> Loaded:
-    """The model and tokenizer of a run directory or an export folder; one line when SOURCE is neither."""
+    """The model and tokenizer of a run directory, an export folder or a Hugging Face model folder; one line
+    when SOURCE is none of them."""
     from ctxtrain.data.tokenizer import load_tokenizer
     from ctxtrain.model import build_model
     from ctxtrain.model.config import ModelConfig
+    from ctxtrain.model.hf import is_hf_folder
 
     p = Path(source)
     if RunDir(p).is_run():
@@ -54,6 +56,17 @@ def load_source(source: str | Path) -> Loaded:
         special, max_src, seq_len = _special(data_path), cfg.data.max_src_len, cfg.data.seq_len
         tokenizer = load_tokenizer(data_path / "tokenizer.json")
         where = f"{p} ({tag_of(meta['step'])})"
+    elif is_hf_folder(p):  # a Hugging Face model folder (Llama, Mistral, Qwen2): compare before and after
+        from ctxtrain.data.tokenizer import special_ids
+        from ctxtrain.model.hf import UnsupportedModel, pretrained_fields, read_weights
+
+        try:
+            model_cfg = ModelConfig(**pretrained_fields(p))
+            state = dict(read_weights(p, model_cfg))
+        except UnsupportedModel as e:
+            raise UserError(str(e)) from None
+        tokenizer = load_tokenizer(p)
+        special, max_src, data_path, where, seq_len = special_ids(p, tokenizer), 0, None, str(p), None
     elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():
         from safetensors.torch import load_file
 
@@ -68,9 +81,9 @@ def load_source(source: str | Path) -> Loaded:
         tokenizer = load_tokenizer(p / "tokenizer.json")
         data_path, where, seq_len = None, str(p), None
     else:
-        raise UserError(f"{p} is neither a run directory (no config.yaml) nor an export folder (no "
-                        "model.safetensors + config.json); pass a train.run_dir or the --out of `ctxtrain "
-                        "export`")
+        raise UserError(f"{p} is neither a run directory (no config.yaml), an export folder (no "
+                        "model.safetensors + config.json) nor a Hugging Face model folder; pass a "
+                        "train.run_dir, the --out of `ctxtrain export` or a model folder")
     model = build_model(model_cfg)
     if model_cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("tok_embed.weight", state.get("src_tok_embed.weight")))
@@ -81,6 +94,21 @@ def load_source(source: str | Path) -> Loaded:
                         f"unexpected {unexpected[:3]}); re-run `ctxtrain export`")
     model.eval()
     return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len)
+
+
+def matching_data(loaded: Loaded, data: str) -> Path:
+    """--data for `eval`: a prepared dataset tokenized with the source's own tokenizer (one line
+    otherwise)."""
+    from ctxtrain.data.dataset import Dataset
+
+    ds = Dataset(data)
+    ours = loaded.tokenizer.to_str()
+    file = Path(data) / "tokenizer.json"
+    theirs = file.read_text() if file.is_file() else None
+    if theirs is not None and json.loads(theirs) != json.loads(ours):
+        raise UserError(f"--data {data} was tokenized with another tokenizer than {loaded.where}'s; prepare "
+                        f"it with `ctxtrain prepare --tokenizer {loaded.where}`")
+    return ds.path
 
 
 def _special(data_path: Path) -> dict:
@@ -262,8 +290,11 @@ def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = Non
     from ctxtrain.data.loader import StreamingLoader
 
     if loaded.data_path is None:
-        raise UserError(f"{loaded.where} is an export folder; `eval` needs the run directory (its data)")
+        raise UserError(f"{loaded.where} is not a run directory: `eval` needs its held-out data; pass --data "
+                        "DIR (prepared with its tokenizer) and --seq-len")
     seq_len = seq_len or loaded.seq_len
+    if seq_len is None:
+        raise UserError(f"{loaded.where} is not a run directory: pass --seq-len, the window length to score")
     batch = max(1, min(8, (1 << 14) // seq_len))  # ~16k tokens a forward pass, a window at least
     loader = StreamingLoader(loaded.data_path, split=split, seq_len=seq_len, batch_size=batch, rank=0,
                              world_size=1, num_workers=0, seed=0, shuffle=False, loop=False)

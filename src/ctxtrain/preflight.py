@@ -7,7 +7,9 @@ and importing those (~4 s on 2 CPU cores) is the workers' business.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ctxtrain import checkpoint as ckpt
@@ -30,6 +32,16 @@ def check_data(cfg: Config) -> Dataset:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer of {cfg.data.path} has "
                         f"{ds.vocab_size} ids; set model.vocab_size >= {ds.vocab_size}")
     ds.usable_shards("train", cfg.data.skip_corrupt)
+    if cfg.model.init_from:
+        tokenizer = Path(cfg.model.init_from) / "tokenizer.json"
+        theirs = hashlib.sha256(tokenizer.read_bytes()).hexdigest() if tokenizer.is_file() else None
+        if theirs is not None and theirs != ds.index["tokenizer_sha256"]:
+            raise UserError(f"data.path={cfg.data.path} was tokenized with another tokenizer than "
+                            f"model.init_from={cfg.model.init_from} (its tokenizer.json); prepare the data "
+                            f"with `ctxtrain prepare --tokenizer {cfg.model.init_from}`")
+    if cfg.data.doc_mask and ds.task != "lm":
+        raise UserError(f"data.doc_mask=true: {cfg.data.path} holds translation pairs, one sentence pair a "
+                        "sample, with no packed documents to keep apart; set data.doc_mask=false")
     return ds
 
 

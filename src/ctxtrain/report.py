@@ -62,7 +62,7 @@ def _checkpoints(run_dir: Path) -> list[dict]:
     from ctxtrain.config import load_config
 
     try:
-        cfg = load_config(RunDir(run_dir).config)
+        cfg = load_config(RunDir(run_dir).config, resolve=False)
         cfg.train.run_dir = str(run_dir)
         storage = open_storage(cfg)
         steps = storage.list_steps()

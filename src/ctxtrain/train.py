@@ -30,6 +30,7 @@ from ctxtrain.engine import (
     Engine,
     all_reduce_sum,
     apply_levers,
+    build,
     gather_objects,
     init_distributed,
     lr_at,
@@ -39,7 +40,7 @@ from ctxtrain.engine import (
 from ctxtrain.engine.memory import return_freed_host_memory
 from ctxtrain.errors import UserError
 from ctxtrain.faults import Faults, Preemption, forget_preemption, request_preemption
-from ctxtrain.model import batch_train_flops, build_model, param_count
+from ctxtrain.model import batch_train_flops, param_count
 from ctxtrain.plan import offload_host_bytes, plan
 from ctxtrain.preflight import check_data, check_memory
 from ctxtrain.progress import log_line
@@ -120,7 +121,7 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     memory = {"rss_before": M.rss_bytes(),  # CPU: the planner predicts the peak RSS growth over this
               "predicted": plan(cfg, world, device.type).device_peak}
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model)
+    model = build(cfg, info, pretrained=target is None)  # model.init_from's weights unless resuming
     apply_levers(model, cfg.memory, device, offload_host_bytes(cfg, world) if device.type == "cuda" else None)
     engine = Engine(cfg, model, info)
     if rank == 0:
@@ -159,6 +160,7 @@ def _open_records(cfg: Config, info, state: TrainState, target, storage, tracker
     print(f"ctxtrain: {kind} {param_count(cfg.model) / 1e6:.1f}M params, {info.world_size} workers{layout} "
           f"on {info.device.type}, ZeRO-{cfg.zero.stage}, {cfg.train.dtype}, run dir {run.path}"
           + (f", resumed from {resumed_from}" if target else "")
+          + (f", weights from {cfg.model.init_from}" if cfg.model.init_from and not target else "")
           + (f", W&B run {tracker.run_id} ({tracker.mode})" if tracker.run_id else ""), flush=True)
     return tracker, metrics_file
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ctxtrain.config import load_config
 from ctxtrain.model import DecoderLM, EncoderDecoder, ModelConfig, lm_train_flops_per_token, param_count
-from ctxtrain.model.hf import from_llama_state_dict, llama_config_dict, to_llama_state_dict
+from ctxtrain.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from ctxtrain.model.transformer import build_model, embed
 from tests.conftest import CONFIGS
 
@@ -71,17 +71,16 @@ def test_lm_matches_hugging_face_llama():
                       rope_theta=5e5)
     torch.manual_seed(0)
     ours = DecoderLM(cfg).eval()
-    hf_cfg = transformers.LlamaConfig(**{k: v for k,
-                                         v in llama_config_dict(cfg).items() if k != "architectures"})
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(cfg).items() if k != "architectures"})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(to_llama_state_dict(ours.state_dict(), cfg), strict=False)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg), strict=False)
     assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     tokens = torch.randint(0, 211, (2, 37))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
         # And back: Llama weights loaded into ours give the same logits.
         again = DecoderLM(cfg).eval()
-        again.load_state_dict(from_llama_state_dict(hf.state_dict(), cfg))
+        again.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
         torch.testing.assert_close(again(tokens), hf(tokens).logits, rtol=1e-5, atol=1e-5)
 
 

@@ -68,7 +68,7 @@ def test_block_formula_counts_exactly_what_autograd_keeps(variant, dtype):
     torch.manual_seed(0)
     block = Block(model, causal=True).to(dtype).train()
     x = torch.randn(1, T, 32, dtype=dtype, requires_grad=True)
-    rope = Rotary(model.head_dim, 1e4)(T, x.device, dtype) if model.pos == "rope" else None
+    rope = Rotary(model)(T, x.device, dtype) if model.pos == "rope" else None
     shared = [*block.parameters(), *(rope or ())]
     measured = saved_bytes(lambda: block(x, rope, None), shared)
     sh = shape_for(model, dtype, T)

@@ -31,7 +31,17 @@ from tqdm import tqdm
 
 from ctxtrain.data import corpora
 from ctxtrain.data.shards import ShardSet
-from ctxtrain.data.tokenizer import EOS, file_sha256, lang_tag, load_tokenizer, train_bpe
+from ctxtrain.data.tokenizer import (
+    BOS,
+    EOS,
+    PAD,
+    file_sha256,
+    lang_tag,
+    load_tokenizer,
+    special_ids,
+    tokenizer_file,
+    train_bpe,
+)
 from ctxtrain.errors import UserError
 from ctxtrain.progress import bar as progress_bar
 
@@ -125,7 +135,11 @@ def prepare(opts: PrepareOptions) -> dict:
         raise UserError(f"--out {out}: cannot create it ({e.strerror or e}); pick a writable place") from None
     try:
         tok = _tokenizer(opts, task, files, pairs, extra)
-        tok.save(str(tmp / "tokenizer.json"))
+        if opts.tokenizer:  # byte for byte: `train` compares its hash with a pretrained model folder's
+            shutil.copyfile(tokenizer_file(opts.tokenizer), tmp / "tokenizer.json")
+        else:
+            tok.save(str(tmp / "tokenizer.json"))
+        special = special_ids(opts.tokenizer, tok) if opts.tokenizer else {"pad": PAD, "bos": BOS, "eos": EOS}
         vocab = tok.get_vocab_size()
         dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
         every = _val_every(opts.val_fraction, n_units)
@@ -137,8 +151,7 @@ def prepare(opts: PrepareOptions) -> dict:
             "dtype": np.dtype(dtype).name,
             "tokenizer": "tokenizer.json",
             "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
-            "special": {"pad": 0, "bos": 1, "eos": EOS,
-                        **({"lang_tag": tok.token_to_id(extra[0])} if extra else {})},
+            "special": {**special, **({"lang_tag": tok.token_to_id(extra[0])} if extra else {})},
             "src_lang": opts.src_lang if task == "translation" else None,
             "tgt_lang": opts.tgt_lang if task == "translation" else None,
             "source": source,

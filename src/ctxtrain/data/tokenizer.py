@@ -1,12 +1,14 @@
 """Byte-level BPE (the `tokenizers` library): trained on the corpus or loaded, saved beside the shards.
 
-Special tokens take the first ids: <pad>=0, <bos>=1, <eos>=2, then any language tags (`<2fr>`), so
-every prepared dataset agrees on them.
+A trained tokenizer's special tokens take the first ids: <pad>=0, <bos>=1, <eos>=2, then any language tags
+(`<2fr>`). A pretrained model's tokenizer (`prepare --tokenizer FOLDER`) keeps its own vocabulary and special
+ids, read from the folder as transformers reads them; index.json records the special ids either way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -43,20 +45,58 @@ def train_bpe(texts: Iterable[str], vocab_size: int, extra_specials: list[str] =
     return tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
+def tokenizer_file(path: str | Path) -> Path:
+    """A tokenizer.json, or the one in a model folder."""
     p = Path(path)
+    return p / "tokenizer.json" if p.is_dir() else p
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A `tokenizers` JSON file (or a model folder's tokenizer.json): ctxtrain's own or a pretrained
+    model's."""
+    p = tokenizer_file(path)
     if not p.is_file():
-        raise UserError(f"tokenizer {p} not found; pass the tokenizer.json written by `ctxtrain prepare`")
+        raise UserError(f"tokenizer {p} not found; pass the tokenizer.json written by `ctxtrain prepare`, or "
+                        "a model folder that holds one (ctxtrain reads the `tokenizers` format)")
     try:
-        tok = Tokenizer.from_file(str(p))
+        return Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise UserError(f"tokenizer {p} cannot be read ({str(e).splitlines()[0]}); pass a tokenizers JSON "
                         "file") from None
-    for i, name in enumerate(SPECIALS):
-        if tok.token_to_id(name) != i:
-            raise UserError(f"tokenizer {p}: special token {name} must have id {i}; train one with `ctxtrain "
-                            "prepare`")
-    return tok
+
+
+def special_ids(path: str | Path, tok: Tokenizer) -> dict:
+    """pad, bos and eos of a tokenizer: ctxtrain's own (<pad>=0, <bos>=1, <eos>=2), else a model folder's as
+    transformers reads them (generation_config.json, then config.json, then tokenizer_config.json's tokens).
+    No pad: the eos (padding is masked in the loss). One line when no eos can be found."""
+    if all(tok.token_to_id(name) == i for i, name in enumerate(SPECIALS)):
+        return {"pad": PAD, "bos": BOS, "eos": EOS}
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    found: dict = {}
+    for name in ("generation_config.json", "config.json"):
+        try:
+            config = json.loads((folder / name).read_bytes())
+        except (OSError, ValueError):
+            continue
+        for key in ("bos", "eos", "pad"):
+            value = config.get(f"{key}_token_id")
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, int):
+                found.setdefault(key, value)
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_bytes())
+    except (OSError, ValueError):
+        config = {}
+    for key in ("bos", "eos", "pad"):
+        token = config.get(f"{key}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tok.token_to_id(token) is not None:
+            found.setdefault(key, tok.token_to_id(token))
+    if "eos" not in found:
+        raise UserError(f"tokenizer {path}: no end-of-sequence id found (eos_token_id in "
+                        "generation_config.json or config.json, or eos_token in tokenizer_config.json); "
+                        "documents are separated by it")
+    return {"pad": found.get("pad", found["eos"]), "bos": found.get("bos"), "eos": found["eos"]}
 
 
 def file_sha256(path: str | Path) -> str:

@@ -170,11 +170,12 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights); no decay on norms and biases (1-D parameters)."""
+    """Decay matrices (linear and embedding weights); no decay on norms and biases (1-D parameters; a
+    parameter that ZeRO-3 built partitioned keeps its shape in ds_shape)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -224,6 +225,48 @@ def ds_config(cfg: Config, world_size: int, device: str = "cpu") -> dict:
         # BF16_Optimizer, which reads the gradient norm's finiteness once per step)
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model, and the pretrained weights it starts from
+
+
+def build(cfg: Config, info: DistInfo, pretrained: bool) -> nn.Module:
+    """The model of cfg.model; with `pretrained` (a run starting fresh: a resume's checkpoint brings its own
+    weights) and model.init_from, holding that folder's weights before DeepSpeed wraps it. Under ZeRO-3 the
+    model is built partitioned (deepspeed.zero.Init) and filled one parameter at a time, gathered, from rank
+    0's memory-mapped read of the folder: no rank ever holds the whole model. ZeRO 0-2 keep every weight on
+    every rank anyway: each rank loads them all."""
+    from ctxtrain.errors import UserError
+    from ctxtrain.model import build_model
+    from ctxtrain.model.hf import PretrainedWeights, UnsupportedModel
+
+    if not (pretrained and cfg.model.init_from):
+        return build_model(cfg.model)
+    try:
+        weights = PretrainedWeights(cfg.model.init_from, cfg.model)
+    except UnsupportedModel as e:
+        raise UserError(f"model.init_from={cfg.model.init_from}: {e}") from None
+    zero3 = deepspeed_zero_stage(cfg) == 3
+    if zero3:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, info.dp_size, info.device.type)):
+            model = build_model(cfg.model)
+    else:
+        model = build_model(cfg.model)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - weights.names())
+    if missing:
+        raise UserError(f"model.init_from={cfg.model.init_from} lacks {len(missing)} weight(s) the model "
+                        f"needs ({', '.join(missing[:3])}); is it the folder of this model?")
+    with torch.no_grad():
+        for name, param in params.items():
+            if not zero3:
+                param.copy_(weights.get(name))
+                continue
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if info.rank == 0:
+                    param.copy_(weights.get(name))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,8 +6,44 @@ package stays free of the rest of ctxtrain; `ctxtrain.config` nests it as the `m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
+
+
+@dataclass
+class RopeScaling:
+    """A RoPE scaling rule, as transformers implements it for Llama-family models (`rope_scaling` /
+    `rope_parameters` in a Hugging Face config): how a pretrained model's rotary positions stretch to a longer
+    context."""
+
+    type: Optional[Literal["linear", "dynamic", "yarn", "llama3"]] = None
+    """linear: positions divided by factor. dynamic: NTK-aware base, grown with the sequence past the original
+    context. yarn: NTK-by-parts interpolation with an attention factor. llama3: Llama 3.1's by-wavelength
+    rule. null: plain RoPE."""
+
+    factor: float = 1.0
+    """How many times the original context the positions are stretched over (>= 1)."""
+
+    original_max_position: Optional[int] = None
+    """The context the pretrained model was trained for (yarn, llama3, dynamic); null: model.max_position."""
+
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position / low_freq_factor are divided by factor."""
+
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position / high_freq_factor are kept."""
+
+    beta_fast: float = 32.0
+    """yarn: rotations below which a dimension is extrapolated (kept)."""
+
+    beta_slow: float = 1.0
+    """yarn: rotations above which a dimension is interpolated (divided by factor)."""
+
+    attention_factor: Optional[float] = None
+    """yarn: the scale of cos and sin (of attention's logits); null: 0.1 ln(factor) + 1, the paper's."""
+
+    truncate: bool = True
+    """yarn: round the ramp's ends to whole dimensions (transformers' default)."""
 
 
 @dataclass
@@ -53,8 +89,19 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base; larger bases are the usual long-context choice."""
 
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    """RoPE scaling rule (transformers' linear, dynamic, yarn, llama3) for a context past the pretrained
+    one."""
+
+    max_position: Optional[int] = None
+    """The context the model is trained for (a Hugging Face config's max_position_embeddings); null: not
+    stated. Sinusoidal positions and the probes refuse longer ones."""
+
     bias: bool = False
     """Biases in the linear layers (the seed has them, Llama does not)."""
+
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections only (Qwen2)."""
 
     tie_embeddings: bool = False
     """Share the token embedding with the output projection (and, for `encdec`, source with target)."""
@@ -68,7 +115,18 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of weights."""
 
+    init_from: Optional[str] = None
+    """Start from these weights: a Hugging Face model folder (Llama, Mistral, Qwen2: config.json and
+    safetensors) or a ctxtrain export. The rest of this section is then read from it (fields given here must
+    agree, except rope_scaling, max_position and dropout)."""
+
+    architecture: Optional[str] = None
+    """The Hugging Face architecture the weights came from (llama, mistral, qwen2); an export writes it back.
+    null: ctxtrain's own model (exported as Llama when it is Llama-shaped)."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
             value = getattr(self, name)
             if value < 1:
@@ -99,6 +157,28 @@ class ModelConfig:
             raise ValueError(f"model.dropout={self.dropout}: must be in [0, 1)")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
             raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")
+        if self.max_position is not None and self.max_position < 1:
+            raise ValueError(f"model.max_position={self.max_position}: must be a positive number of tokens "
+                             "or null")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        r = self.rope_scaling
+        if r.type is None:
+            return
+        if self.pos != "rope":
+            raise ValueError(f"model.rope_scaling.type={r.type}: scales RoPE, and model.pos={self.pos}")
+        if r.factor < 1:
+            raise ValueError(f"model.rope_scaling.factor={r.factor}: must be >= 1 (how many times the "
+                             "original context the positions stretch over)")
+        if r.type != "linear" and self.original_context is None:
+            raise ValueError(f"model.rope_scaling.type={r.type} needs the original context: set "
+                             "model.rope_scaling.original_max_position (or model.max_position)")
+
+    @property
+    def original_context(self) -> Optional[int]:
+        """The pretrained context a RoPE scaling rule starts from."""
+        return self.rope_scaling.original_max_position or self.max_position
 
     @property
     def head_dim(self) -> int:

@@ -22,8 +22,10 @@ def _norm_params(cfg: ModelConfig) -> int:
 def _attention_params(cfg: ModelConfig) -> int:
     d, qd, kvd = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     n = d * qd + 2 * d * kvd + qd * d
+    if cfg.bias or cfg.qkv_bias:
+        n += qd + 2 * kvd
     if cfg.bias:
-        n += qd + 2 * kvd + d
+        n += d
     return n
 
 

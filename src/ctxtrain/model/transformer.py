@@ -76,27 +76,85 @@ def sinusoidal_table(length: int, dim: int, device=None, offset: int = 0) -> tor
     return table
 
 
-class Rotary(nn.Module):
-    """RoPE angles for positions offset..offset+T-1; no parameters, nothing in the state dict."""
+def rope_frequencies(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies (D/2,) and the scale of cos and sin under the model's scaling rule, as
+    transformers computes them for Llama-family models (modeling_rope_utils), so that a pretrained model's
+    positions mean here what they meant there. seq_len: the positions' extent (only `dynamic` grows with it).
 
-    def __init__(self, head_dim: int, theta: float):
+    linear divides the frequencies by factor. dynamic (NTK) raises the base once seq_len passes the original
+    context: base x (factor x seq_len / original - (factor - 1))^(D / (D - 2)). yarn blends each dimension
+    between the original frequency (fast-rotating dimensions, kept) and it divided by factor (slow ones) along
+    a linear ramp between the dimensions that turn beta_fast and beta_slow times over the original context,
+    and scales cos and sin by its attention factor. llama3 divides the frequencies of wavelengths longer than
+    original / low_freq_factor by factor, keeps those shorter than original / high_freq_factor, and blends
+    between."""
+    D, theta, r = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+    exponents = torch.arange(0, D, 2, device=device, dtype=torch.float32) / D
+    inv = 1.0 / (theta ** exponents)
+    if r.type is None:
+        return inv, 1.0
+    original = cfg.original_context
+    if r.type == "linear":
+        return inv / r.factor, 1.0
+    if r.type == "dynamic":
+        extent = max(seq_len, original)
+        base = theta * ((r.factor * extent / original) - (r.factor - 1)) ** (D / (D - 2))
+        return 1.0 / (base ** exponents), 1.0
+    if r.type == "yarn":
+        def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the context
+            return D * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(r.beta_fast), dim_of(r.beta_slow)
+        if r.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, D - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(D // 2, device=device, dtype=torch.float32) - low) / (high - low), 0,
+                           1)
+        kept = 1 - ramp  # the share of the original (extrapolated) frequency
+        inv = (inv / r.factor) * (1 - kept) + inv * kept
+        scale = r.attention_factor if r.attention_factor is not None else (
+            0.1 * math.log(r.factor) + 1.0 if r.factor > 1 else 1.0)
+        return inv, scale
+    # llama3
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = original / r.low_freq_factor, original / r.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv / r.factor, inv)
+    smooth = (original / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+    blended = (1 - smooth) * scaled / r.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled), 1.0
+
+
+class Rotary(nn.Module):
+    """RoPE angles for positions offset..offset+T-1 (or given per token: (B, T) positions, for documents that
+    restart them); no parameters, nothing in the state dict."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
+        self.cfg = cfg
         self._cache: dict = {}
 
-    def forward(self, length: int, device: torch.device, dtype: torch.dtype, offset: int = 0) -> Rope:
+    def forward(self, length: int, device: torch.device, dtype: torch.dtype, offset: int = 0,
+                positions: Optional[torch.Tensor] = None) -> Rope:
+        extent = offset + length  # (dynamic scaling grows with the extent of the positions)
+        if positions is not None:
+            inv_freq, scale = rope_frequencies(self.cfg, extent, device)
+            freqs = positions[..., None].to(torch.float32) * inv_freq  # (B, T, D/2)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
         key = (offset, length, device, dtype)
         if key not in self._cache:
             self._cache.clear()
-            inv_freq = 1.0 / (
-                self.theta ** (torch.arange(0, self.head_dim, 2, device=device,
-                                            dtype=torch.float32) / self.head_dim)
-            )
+            inv_freq, scale = rope_frequencies(self.cfg, extent, device)
             positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
             freqs = positions[:, None] * inv_freq  # (T, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-            self._cache[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+            cos, sin = emb.cos(), emb.sin()
+            if scale != 1.0:
+                cos, sin = cos * scale, sin * scale
+            self._cache[key] = (cos.to(dtype), sin.to(dtype))
         return self._cache[key]
 
 
@@ -106,9 +164,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate x of shape (B, T, H, D) by the angles of its positions."""
+    """Rotate x of shape (B, T, H, D) by the angles of its positions: cos, sin of shape (T, D), or (B, T, D)
+    when every row has positions of its own."""
     cos, sin = rope
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D)
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D)
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D)
     return x * cos + rotate_half(x) * sin
 
 
@@ -170,9 +232,10 @@ class Attention(nn.Module):
         self.causal = causal
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.core: AttentionCore = attention_core
 
@@ -372,7 +435,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
         self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -428,7 +491,7 @@ class EncoderDecoder(nn.Module):
         self.src_tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.tgt_tok_embed = None if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
+        self.rotary = Rotary(cfg) if cfg.pos == "rope" else None
         self.encoder = nn.ModuleList(Block(cfg, causal=False) for _ in range(cfg.encoder_layers))
         self.encoder_norm = make_norm(cfg)
         self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
