@@ -4,6 +4,7 @@ run.
     python bench/longseq.py --cpu                        # the README's CPU table (~30 min, 2 cores)
     python bench/longseq.py --cpu --lengths 256,512 --arms plain,full+loss+mlp,hf   # CI's smoke run
     python bench/longseq.py --cpu --sp 1,2,4             # bytes per token per worker, sequence parallelism
+    python bench/longseq.py --cpu --docs 300,3000        # tokens/s with data.doc_mask against without
     python bench/longseq.py --gpu                        # one GPU (needs transformers, liger-kernel)
 
 --cpu: a Llama-shaped model (d 256, 4 layers, 4 heads, SwiGLU 704, vocab 32000, RoPE, RMSNorm), batch 1, fp32.
@@ -13,15 +14,18 @@ weights, gradients, optimizer state and the step's activations, as GNU `time -f 
 interpreter and its libraries. Arms:
   - ctxtrain with each lever combination, through its own engine (DeepSpeed ZeRO-0 on one rank, fused AdamW,
     `ctxtrain.engine.apply_levers` as `ctxtrain train` applies them);
+  - full+loss+mlp+docs: full+loss+mlp with data.doc_mask, on windows of documents of 300 tokens
+    (CTXTRAIN_BENCH_DOC_TOKENS): what keeping documents apart costs in memory;
   - hf: `transformers.LlamaForCausalLM` with SDPA and `gradient_checkpointing_enable()`, the same shapes,
-  fused
-    AdamW, in a plain loop.
+    fused AdamW, in a plain loop.
 Both processes give freed memory back to the OS the same way (`return_freed_host_memory`), so RSS follows live
 tensors in both. From the lengths: the slope in bytes per sequence token (least squares) and the intercept,
 and from those the longest length whose growth stays under --budget-gib (extrapolated: a CPU takes hours to
 run a 200k-token step; the fit's largest residual is printed to show how straight the line is). Ratios against
 hf. With --sp 1,2,4 it runs `ctxtrain train` itself on sp workers instead (no lever, ZeRO-1, 2k-8k tokens) and
-reports one worker's bytes per token at each degree.
+reports one worker's bytes per token at each degree. With --docs it times full+loss+mlp with and
+without data.doc_mask on windows (--lengths, default 2k and 8k) of documents of each given length:
+tokens/s, the median of --steps (at least 3) steps after a warm-up step, and their ratio.
 
 --gpu: the ~1B model of configs/lm_1b.yaml in bf16 on one GPU: ctxtrain (full checkpointing, chunked loss and
 MLP, and offload at the longest lengths) against hf and hf + Liger (fused linear cross-entropy, RMSNorm, RoPE,
@@ -55,19 +59,24 @@ ARMS = {
     "selective+loss+mlp": {"checkpoint": "selective", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
     "full+loss+mlp": {"checkpoint": "full", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
     "offload+loss+mlp": {"checkpoint": "offload", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
+    # data.doc_mask on windows of documents of DOC_TOKENS tokens each
+    "full+loss+mlp+docs": {"checkpoint": "full", "loss_chunk": CHUNK, "mlp_chunk": CHUNK},
 }
 PEER = "hf"
+DOCS = "+docs"  # an arm whose name ends so trains with data.doc_mask
+DOC_TOKENS = int(os.environ.get("CTXTRAIN_BENCH_DOC_TOKENS", 300))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # One measurement (a child process): build, one training step, report the peak
 
 
-def ctxtrain_config(model: dict, seq_len: int, memory: dict, dtype: str, device: str):
+def ctxtrain_config(model: dict, seq_len: int, memory: dict, dtype: str, device: str, doc_mask: bool = False):
     from ctxtrain.config import load_config
 
     overrides = [f"--model.{k}={v}" for k, v in model.items()] + [f"--memory.{k}={v}" for k,
                                                                   v in memory.items()]
+    overrides.append(f"--data.doc_mask={str(doc_mask).lower()}")
     return load_config(CONFIG, overrides + [f"--data.seq_len={seq_len}", "--data.batch_size=1",
                                             "--zero.stage=0",
                                             f"--train.dtype={dtype}", "--cluster.workers=1",
@@ -93,8 +102,9 @@ def ctxtrain_stepper(cfg):
                  offload_host_bytes(cfg, 1) if info.device.type == "cuda" else None)  # as `ctxtrain train`
     engine = Engine(cfg, model, info)
 
-    def step(tokens):
-        loss, _ = engine.train_step([{"tokens": tokens}], 1e-4)
+    def step(tokens, docs=None):
+        batch = {"tokens": tokens} if docs is None else {"tokens": tokens, "docs": docs}
+        loss, _ = engine.train_step([batch], 1e-4)
         return loss
 
     return step, info.device
@@ -134,8 +144,10 @@ def hf_stepper(model: dict, dtype, device: str, liger: bool = False):
     return step
 
 
-def child(arm: str, seq_len: int) -> None:
-    """Print {"arm", "seq_len", "growth", "step_s"} for one training step at this length (the CPU mode)."""
+def child(arm: str, seq_len: int, steps: int = 1) -> None:
+    """Print {"arm", "seq_len", "growth", "step_s"} for training steps at this length (the CPU mode): the
+    peak's growth, and the median time of `steps` steps. An arm ending in +docs trains with data.doc_mask on
+    windows of documents of DOC_TOKENS tokens."""
     import resource
 
     import torch
@@ -154,14 +166,19 @@ def child(arm: str, seq_len: int) -> None:
     if arm == PEER:
         step = hf_stepper(CPU_MODEL, torch.float32, "cpu")
     else:
-        step, _ = ctxtrain_stepper(ctxtrain_config(CPU_MODEL, seq_len, ARMS[arm], "fp32", "cpu"))
+        step, _ = ctxtrain_stepper(ctxtrain_config(CPU_MODEL, seq_len, ARMS[arm], "fp32", "cpu",
+                                                   doc_mask=arm.endswith(DOCS)))
     g = torch.Generator().manual_seed(1)
     # the optimizer's state exists from here on
     step(torch.randint(0, CPU_MODEL["vocab_size"], (1, 17), generator=g))
     tokens = torch.randint(0, CPU_MODEL["vocab_size"], (1, seq_len + 1), generator=g)
-    t0 = time.perf_counter()
-    loss = step(tokens)
-    elapsed = time.perf_counter() - t0
+    docs = (torch.arange(seq_len + 1) // DOC_TOKENS)[None] if arm.endswith(DOCS) else None
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step(tokens) if docs is None else step(tokens, docs)
+        times.append(time.perf_counter() - t0)
+    elapsed = sorted(times)[len(times) // 2]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"arm": arm, "seq_len": seq_len, "growth": peak - before, "step_s": elapsed,
                       "loss": float(loss)}), flush=True)
@@ -184,20 +201,25 @@ def fit(points: list[tuple[int, int]]) -> tuple[float, float, float]:
     return slope, intercept, worst
 
 
-def run_cpu(arms: list[str], lengths: list[int], budget_gib: float) -> dict:
+def run_child(arm: str, seq_len: int, steps: int = 1, doc_tokens: int = DOC_TOKENS) -> dict:
+    """One measurement in a fresh process."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}:{REPO}", "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "ignore"}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONWARNINGS": "ignore",
+           "MASTER_PORT": str(29000 + (os.getpid() + seq_len + steps + doc_tokens) % 2000),
+           "CTXTRAIN_BENCH_DOC_TOKENS": str(doc_tokens)}
+    proc = subprocess.run([sys.executable, __file__, "--child", arm, str(seq_len), "--steps", str(steps)],
+                          capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"longseq: {arm} at {seq_len} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def run_cpu(arms: list[str], lengths: list[int], budget_gib: float) -> dict:
     rows = []
     for arm in arms:
         for seq_len in lengths:
-            port = str(29000 + (os.getpid() + len(rows)) % 2000)
-            proc = subprocess.run([sys.executable, __file__, "--child", arm, str(seq_len)],
-                                  capture_output=True,
-                                  text=True, env={**env, "MASTER_PORT": port})
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                raise SystemExit(f"longseq: {arm} at {seq_len} failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(lines[-1]))
+            rows.append(run_child(arm, seq_len))
             r = rows[-1]
             print(f"  {arm:20} {seq_len:>7,} tokens: growth {r['growth'] / 2**20:8.1f} MiB, step "
                   f"{r['step_s']:6.1f} s",
@@ -226,6 +248,29 @@ def print_cpu(result: dict) -> None:
             line += (f" {r['bytes_per_token'] / peer['bytes_per_token']:>18.3f}"
                      f" {(r['longest'] or 0) / max(peer['longest'] or 1, 1):>14.2f}")
         print(line)
+
+
+def run_docs(doc_lengths: list[int], lengths: list[int], steps: int) -> dict:
+    """Tokens/s of full+loss+mlp with data.doc_mask against without, on windows of documents of each length
+    (the median of `steps` steps after a warm-up step, each in a fresh process)."""
+    rows = []
+    for doc_tokens in doc_lengths:
+        for seq_len in lengths:
+            for arm in ("full+loss+mlp", "full+loss+mlp" + DOCS):
+                r = run_child(arm, seq_len, steps, doc_tokens)
+                rows.append({**r, "doc_tokens": doc_tokens, "tokens_per_s": seq_len / r["step_s"]})
+                print(f"  {arm:20} {seq_len:>7,} tokens, documents of {doc_tokens:,}: "
+                      f"{rows[-1]['tokens_per_s']:8.0f} tokens/s", flush=True)
+    return {"rows": rows, "steps": steps}
+
+
+def print_docs(result: dict) -> None:
+    print(f"\nCPU, fp32, batch 1, d 256 x 4 layers, full+loss+mlp; median of {result['steps']} steps")
+    print(f"{'window':>8} {'documents':>10} {'tokens/s':>10} {'with doc_mask':>14} {'ratio':>7}")
+    rows = result["rows"]
+    for plain, masked in zip(rows[0::2], rows[1::2]):
+        print(f"{plain['seq_len']:>8,} {plain['doc_tokens']:>10,} {plain['tokens_per_s']:>10,.0f} "
+              f"{masked['tokens_per_s']:>14,.0f} {masked['tokens_per_s'] / plain['tokens_per_s']:>7.2f}")
 
 
 def run_sp(sps: list[int], lengths: list[int], data: str) -> dict:
@@ -480,11 +525,14 @@ def main() -> int:
                                                                  "(--cpu)")
     p.add_argument("--budget-min", type=float, default=11.0, help="time budget of the whole run (--gpu)")
     p.add_argument("--sp", help="with --cpu: sequence-parallel degrees to compare instead (e.g. 1,2,4)")
+    p.add_argument("--docs", help="with --cpu: tokens/s with data.doc_mask against without instead, on "
+                                  "documents of these lengths (e.g. 300,3000)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per measurement (their median)")
     p.add_argument("--data", default=str(REPO / "data" / "stdlib"), help="shards for --sp (ctxtrain prepare)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]))
+        child(args.child[0], int(args.child[1]), args.steps)
         return 0
     if args.gpu_arm:
         gpu_arm(args.gpu_arm, args.budget_min, [int(x) for x in args.lengths.split(",")], args.dry_run)
@@ -501,6 +549,13 @@ def main() -> int:
         result = run_sp([int(x) for x in args.sp.split(",")],
                         [int(x) for x in (args.lengths or "2048,4096,8192").split(",")], args.data)
         print_sp(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
+    if args.docs:
+        result = run_docs([int(x) for x in args.docs.split(",")],
+                          [int(x) for x in (args.lengths or "2048,8192").split(",")], max(args.steps, 3))
+        print_docs(result)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return 0

@@ -84,6 +84,19 @@ def one_shard_lm(tmp_path_factory, email_pkg_files):
 
 
 @pytest.fixture(scope="session")
+def short_docs_lm(tmp_path_factory, email_pkg_files):
+    """The email package cut at its blank lines into ~1,400 short documents (tens of tokens each, a JSONL
+    record each): a window of 128 tokens holds several, for tests of data.doc_mask."""
+    import json
+
+    base = tmp_path_factory.mktemp("data")
+    parts = [p.strip() for f in email_pkg_files for p in Path(f).read_text().split("\n\n") if p.strip()]
+    jsonl = base / "paragraphs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": p}) + "\n" for p in parts))
+    return _prepare(base / "short", inputs=[str(jsonl)], vocab_size=2048, shard_size="1GB", val_fraction=0.05)
+
+
+@pytest.fixture(scope="session")
 def en_fr_shards(tmp_path_factory):
     """The committed English->French slice, in a few shards."""
     return _prepare(tmp_path_factory.mktemp("data") / "en_fr", inputs=[str(ASSETS / "en_fr_slice.tsv")],

@@ -54,3 +54,58 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 def starts(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "starts.jsonl").read_text().splitlines()]
+
+
+def make_hf_folder(path: Path, arch: str = "llama", rope: dict | None = None, tie: bool = False,
+                   tokenizer: Path | None = None, noise: float = 0.05, **sizes):
+    """A small random Hugging Face model saved with `save_pretrained` (every weight random, norms and biases
+    too: `noise` on top of transformers' init), as a pretrained folder in tests. sizes: the config's own names
+    (vocab_size, hidden_size, ...). tokenizer: a ctxtrain tokenizer.json to save beside the weights, with its
+    <bos>/<eos>/<pad> ids in generation_config.json. Returns the transformers model (eval mode)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "mistral": ("MistralConfig", "MistralForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, name) for name in classes[arch])
+    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rope_theta=10000.0,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    kwargs.update(sizes)
+    if rope:
+        kwargs["rope_scaling"] = dict(rope)
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    if tokenizer is not None:  # ctxtrain's specials: <pad>=0, <bos>=1, <eos>=2
+        kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, Path(path) / "tokenizer.json")
+        transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
+    return model
+
+
+def load_shipped(path: Path, tmp: Path):
+    """A config of configs/ as a user loads it. One that starts from a pretrained folder (model.init_from)
+    gets a small Qwen2 folder of the same head layout (14 heads over 2 key/value heads) made here instead of
+    the model it names, which a test cannot download."""
+    import yaml
+
+    from ctxtrain.config import load_config
+
+    if not (yaml.safe_load(Path(path).read_text()).get("model") or {}).get("init_from"):
+        return load_config(path)
+    folder = tmp / "pretrained"
+    if not folder.is_dir():
+        make_hf_folder(folder, "qwen2", tie=True, vocab_size=512, hidden_size=112, intermediate_size=160,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rope_theta=1e6)
+    return load_config(path, [f"--model.init_from={folder}"])

@@ -70,6 +70,12 @@ class DataConfig:
     """Positions restart at 0 at each document of a packed window (with data.doc_mask): a document sees the
     positions it would see alone, which matters for sinusoidal positions (RoPE is relative already)."""
 
+    @property
+    def documents(self) -> str:
+        """What the loader adds to LM batches: "" nothing, "ids" the documents' ids, "positions" also each
+        token's position in its document."""
+        return "positions" if self.doc_positions else "ids" if self.doc_mask else ""
+
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "shuffle_buffer", "max_src_len", "max_tgt_len"):
             if getattr(self, name) < 1:
@@ -247,8 +253,9 @@ class ParallelConfig:
     sp: int = 1
     """Sequence-parallel degree (DeepSpeed-Ulysses): each window is split across groups of `sp` consecutive
     workers, which exchange attention's heads with an all-to-all; data parallelism runs across the groups
-    (workers = data-parallel groups x sp). Must divide cluster.workers, model.n_heads, the key/value heads and
-    data.seq_len."""
+    (workers = data-parallel groups x sp). Must divide cluster.workers, model.n_heads and data.seq_len, and
+    divide the key/value heads or be a multiple of them (past them, as in ALST, each key/value head is
+    replicated over sp / n_kv_heads ranks: a Llama-3-8B with 8 of them spreads one sequence over up to 32)."""
 
     def __post_init__(self) -> None:
         if self.sp < 1:
@@ -486,6 +493,10 @@ class Config:
         if self.data.doc_mask and self.model.kind != "lm":
             raise ValueError(f"data.doc_mask=true: model.kind={self.model.kind} trains on sentence pairs, "
                              "not on packed documents; set data.doc_mask=false")
+        if self.data.doc_mask and self.model.dropout:
+            raise ValueError(f"data.doc_mask=true with model.dropout={self.model.dropout}: the document "
+                             "mask's attention has no dropout; set model.dropout=0 (long-context training of "
+                             "pretrained models runs without it)")
 
     def _check_bleu(self) -> None:
         if self.train.bleu_every and self.model.kind != "encdec":
@@ -503,11 +514,15 @@ class Config:
                              "split, use parallel.sp=1")
         bad = [f"{name}={value}" for name, value in (("cluster.workers", self.cluster.workers),
                                                      ("model.n_heads", self.model.n_heads),
-                                                     ("model.n_kv_heads", self.model.kv_heads),
                                                      ("data.seq_len", self.data.seq_len)) if value % sp]
         if bad:
             raise ValueError(f"parallel.sp={sp} must divide {', '.join(bad)}; choose an sp that divides "
                              "the workers, the heads and the sequence length")
+        kv = self.model.kv_heads
+        if kv % sp and sp % kv:  # past the key/value heads, each is replicated over sp / kv ranks
+            raise ValueError(f"parallel.sp={sp} and model.n_kv_heads={kv}: one must divide the other (each "
+                             "rank takes kv / sp key/value heads, or sp / kv ranks share one); choose sp "
+                             f"among the divisors and multiples of {kv} that divide model.n_heads")
 
     def _check_batch_split(self) -> None:
         c = self.cluster
@@ -774,7 +789,7 @@ def resolve_init_from(data: dict, source: str) -> None:
     try:
         fields = pretrained_fields(folder)
     except UnsupportedModel as e:
-        raise ConfigError(f"model.init_from={folder}: {e}") from None
+        raise ConfigError(f"model.init_from: {e}") from None
     given = {k: v for k, v in model.items() if k not in OWN_MODEL_FIELDS}
     theirs = dataclasses.asdict(ModelConfig(**fields))
     ours = dataclasses.asdict(_build(ModelConfig, {**fields, **given}, "model.", source))

@@ -36,6 +36,7 @@ class Loaded:
     data_path: Optional[Path]  # the prepared data (eval's held-out split); None for an export folder
     where: str
     seq_len: Optional[int] = None  # the run's data.seq_len (LM windows); None for an export folder
+    documents: str = ""  # the run's data.documents: its windows' documents kept apart ("ids", "positions")
 
 
 def load_source(source: str | Path) -> Loaded:
@@ -47,6 +48,7 @@ def load_source(source: str | Path) -> Loaded:
     from ctxtrain.model.hf import is_hf_folder
 
     p = Path(source)
+    documents = ""
     if RunDir(p).is_run():
         from ctxtrain.checkpoint import tag_of
         from ctxtrain.export import consolidated
@@ -56,6 +58,7 @@ def load_source(source: str | Path) -> Loaded:
         special, max_src, seq_len = _special(data_path), cfg.data.max_src_len, cfg.data.seq_len
         tokenizer = load_tokenizer(data_path / "tokenizer.json")
         where = f"{p} ({tag_of(meta['step'])})"
+        documents = cfg.data.documents
     elif is_hf_folder(p):  # a Hugging Face model folder (Llama, Mistral, Qwen2): compare before and after
         from ctxtrain.data.tokenizer import special_ids
         from ctxtrain.model.hf import UnsupportedModel, pretrained_fields, read_weights
@@ -93,7 +96,8 @@ def load_source(source: str | Path) -> Loaded:
         raise UserError(f"{where}: the weights do not fit the model config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); re-run `ctxtrain export`")
     model.eval()
-    return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len)
+    return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len,
+                  documents)
 
 
 def matching_data(loaded: Loaded, data: str) -> Path:
@@ -286,8 +290,10 @@ class ValBleu:
 def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = None,
                 limit: Optional[int] = None) -> dict:
     """Mean token loss and perplexity on the split's first `limit` windows (all of them: None) of seq_len
-    tokens (default: the run's data.seq_len), read in order as the training's evaluation reads them."""
+    tokens (default: the run's data.seq_len), read in order as the training's evaluation reads them (a run
+    trained with data.doc_mask: its documents kept apart, the loss of a window that of its documents)."""
     from ctxtrain.data.loader import StreamingLoader
+    from ctxtrain.model.transformer import IGNORE_INDEX, lm_targets
 
     if loaded.data_path is None:
         raise UserError(f"{loaded.where} is not a run directory: `eval` needs its held-out data; pass --data "
@@ -297,13 +303,20 @@ def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = Non
         raise UserError(f"{loaded.where} is not a run directory: pass --seq-len, the window length to score")
     batch = max(1, min(8, (1 << 14) // seq_len))  # ~16k tokens a forward pass, a window at least
     loader = StreamingLoader(loaded.data_path, split=split, seq_len=seq_len, batch_size=batch, rank=0,
-                             world_size=1, num_workers=0, seed=0, shuffle=False, loop=False)
+                             world_size=1, num_workers=0, seed=0, shuffle=False, loop=False,
+                             documents=loaded.documents)
     total, windows, n = 0.0, 0, 0
     with torch.no_grad():
         for batch_ in loader:
-            tokens = batch_["tokens"][: None if limit is None else limit - windows]
-            total += float(loaded.model(tokens[:, :-1], tokens[:, 1:])) * tokens[:, 1:].numel()
-            n += tokens[:, 1:].numel()
+            rows = slice(None if limit is None else limit - windows)
+            tokens, docs, positions = (batch_.get(k) for k in ("tokens", "docs", "positions"))
+            tokens, docs, positions = (None if t is None else t[rows] for t in (tokens, docs, positions))
+            inputs, targets = lm_targets(tokens, docs)
+            count = int((targets != IGNORE_INDEX).sum())
+            loss = loaded.model(inputs, targets, docs=None if docs is None else docs[:, :-1],
+                                positions=None if positions is None else positions[:, :-1])
+            total += float(loss) * count
+            n += count
             windows += tokens.shape[0]
             if limit is not None and windows >= limit:
                 break

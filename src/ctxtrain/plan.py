@@ -66,6 +66,14 @@ class Shape:
     dropout: float
     device: str  # "cuda" or "cpu"
     sp: int = 1
+    doc_mask: bool = False
+
+    @property
+    def kv_width(self) -> int:
+        """Key/value width of a token as attention holds it: n_kv_heads x head_dim, or, with sequence
+        parallelism past the key/value heads (sp > n_kv_heads), the sp replicas that the all-to-all spreads
+        one to a rank."""
+        return max(self.model.kv_heads, self.sp) * self.model.head_dim
 
     @property
     def tokens(self) -> int:
@@ -89,8 +97,7 @@ def shape_of(cfg: Config, world: int, device: str, seq_len: Optional[int] = None
                  offload_optimizer=cfg.zero.offload_optimizer, offload_params=cfg.zero.offload_params,
                  overlap_comm=overlap_comm(cfg, device), checkpoint=checkpoint or cfg.memory.checkpoint,
                  loss_chunk=cfg.memory.loss_chunk, mlp_chunk=cfg.memory.mlp_chunk, dropout=m.dropout,
-                 device=device,
-                 sp=cfg.parallel.sp)
+                 device=device, sp=cfg.parallel.sp, doc_mask=lm and cfg.data.doc_mask)
 
 
 def bucket_elements(model: ModelConfig) -> int:
@@ -185,12 +192,14 @@ def norm_kept(m: ModelConfig, s: int) -> int:
     return s * d + 2 * (4 if s == 4 else s)
 
 
-def attention_kept(m: ModelConfig, s: int, q_tokens: int = 1, kv_tokens: int = 1) -> int:
-    """Bytes that one attention keeps for q_tokens queries over kv_tokens keys: q, k and v as SDPA's inputs,
-    its output (also the output projection's input) and its float32 log-sum-exp per head. (Its input, the
-    norm's output, is counted with the norm.)"""
-    d, kv = m.d_model, m.kv_heads * m.head_dim
-    return s * (2 * d * q_tokens + 2 * kv * kv_tokens) + 4 * m.n_heads * q_tokens
+def attention_kept(sh: Shape) -> int:
+    """Bytes per token that one self-attention keeps: q, k and v as SDPA's inputs, its output (also the output
+    projection's input) and its float32 log-sum-exp per head. (Its input, the norm's output, is counted with
+    the norm.) With data.doc_mask on a CPU (`DocumentAttention`) no log-sum-exp: each document's attention is
+    recomputed in the backward pass; FlexAttention on a GPU keeps one, as SDPA does."""
+    m, s = sh.model, sh.s
+    lse = 0 if sh.doc_mask and sh.device == "cpu" else 4 * m.n_heads
+    return s * (2 * m.d_model + 2 * sh.kv_width) + lse
 
 
 def mlp_kept(m: ModelConfig, s: int, dropout: float) -> int:
@@ -218,7 +227,7 @@ def block_kept(sh: Shape, decoder: bool = False) -> int:
     norm's kept input; the residual sum after attention is the next norm's."""
     m, s = sh.model, sh.s
     norms = 3 if decoder else 2
-    kept = norms * (norm_kept(m, s) + s * m.d_model) + attention_kept(m, s) + mlp_kept(m, s, sh.dropout)
+    kept = norms * (norm_kept(m, s) + s * m.d_model) + attention_kept(sh) + mlp_kept(m, s, sh.dropout)
     if decoder:
         kept += 2 * s * m.d_model + 4 * m.n_heads  # cross-attention: q, output, log-sum-exp
     return kept + residual_dropout_kept(m, s, sh.dropout, norms)
@@ -304,7 +313,7 @@ def layer_gradients(sh: Shape, tokens: int) -> int:
     m, s = sh.model, sh.s
     mlp_tokens = min(tokens, sh.mlp_chunk) if sh.mlp_chunk else tokens
     mlp = (3 if m.mlp == "swiglu" else 2) * m.d_ff * s * mlp_tokens
-    attn = (2 * m.d_model + 2 * m.kv_heads * m.head_dim) * s * tokens + attention_dq_accumulator(sh, tokens)
+    attn = (2 * m.d_model + 2 * sh.kv_width) * s * tokens + attention_dq_accumulator(sh, tokens)
     return 2 * s * m.d_model * tokens + max(mlp, attn)
 
 
@@ -326,6 +335,17 @@ def peak_layer(sh: Shape) -> int:
             sh, tokens, dec) + sh.s * sh.model.d_model * tokens
         best = max(best, recomputed + layer_gradients(sh, tokens))
     return best
+
+
+def document_block_mask(sh: Shape) -> int:
+    """data.doc_mask on a GPU: FlexAttention's block mask of a window, built once per micro-batch and kept
+    through its backward pass: for the partial and the full blocks, and their transposes for the backward, a
+    count per row of 128-token blocks and an int32 index per pair of blocks (4 x 4 x (T/128)^2 bytes per
+    window: 16 MiB at 128k tokens, 1 GiB at 1M). Nothing on a CPU (one SDPA call per document)."""
+    if not sh.doc_mask or sh.device != "cuda":
+        return 0
+    blocks = -(-sh.seq_len // 128)
+    return sh.batch * 4 * (4 * blocks * blocks + 4 * blocks)
 
 
 def all_to_all_buffers(sh: Shape) -> int:
@@ -418,6 +438,7 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
     (p_dev, p_host), (g_dev, g_host), (o_dev, o_host) = parameters(sh), gradients(sh), optimizer_state(sh)
     a_dev, a_host = checkpointed_activations(sh)
     layer, loss, a2a = peak_layer(sh), loss_buffer(sh), all_to_all_buffers(sh)
+    docs = document_block_mask(sh)
     scores = max(math_attention_scores(sh, dec) for _, dec in _layers(sh))
     step = optimizer_step_transients(sh)
     terms = [
@@ -434,6 +455,8 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
         Term("attention workspace", scores, 0, "math kernel's scores, largest layer (in the layer terms)"
              if scores else "flash/cuDNN tiles: the log-sum-exp, in the layer terms"),
         Term("all-to-all buffers", a2a, 0, f"sequence parallel over {sh.sp}" if a2a else "parallel.sp=1"),
+        Term("document block mask", docs, 0, "FlexAttention's, per window" if docs else
+             "data.doc_mask off" if not sh.doc_mask else "CPU: one SDPA call per document, nothing kept"),
         Term("optimizer step temporaries", step, 0, "when activations are freed"),
         Term("CUDA context", cuda_context(sh), 0, "context, cuBLAS/cuDNN workspaces (stated)"
              if sh.device == "cuda" else "CPU: none"),
@@ -441,7 +464,7 @@ def plan(cfg: Config, world: int, device: str, seq_len: Optional[int] = None,
              if sh.device == "cuda" else "CPU: gloo, host memory"),
     ]
     static = p_dev + g_dev + o_dev + terms[3].device + cuda_context(sh) + nccl_buffers(sh)
-    backward = a_dev + max(layer + a2a, loss)
+    backward = a_dev + docs + max(layer + a2a, loss)
     raw = static + max(backward, step)
     host = p_host + g_host + o_host + a_host
     if device == "cpu":  # one memory: what is "offloaded" stays in the worker's RSS

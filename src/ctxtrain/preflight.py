@@ -28,6 +28,11 @@ def check_data(cfg: Config) -> Dataset:
     if ds.task != want:
         raise UserError(f"data.path={cfg.data.path} holds {ds.task} data but model.kind={cfg.model.kind} "
                         f"needs {want} data; point data.path at a {want} dataset")
+    if ds.vocab_size > cfg.model.vocab_size and cfg.model.init_from:
+        raise UserError(f"data.path={cfg.data.path}: its tokenizer has {ds.vocab_size} ids, past the "
+                        f"vocabulary of model.init_from={cfg.model.init_from} ({cfg.model.vocab_size}); "
+                        f"prepare the data with the model's own tokenizer (`ctxtrain prepare --tokenizer "
+                        f"{cfg.model.init_from}`)")
     if ds.vocab_size > cfg.model.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer of {cfg.data.path} has "
                         f"{ds.vocab_size} ids; set model.vocab_size >= {ds.vocab_size}")
@@ -39,9 +44,6 @@ def check_data(cfg: Config) -> Dataset:
             raise UserError(f"data.path={cfg.data.path} was tokenized with another tokenizer than "
                             f"model.init_from={cfg.model.init_from} (its tokenizer.json); prepare the data "
                             f"with `ctxtrain prepare --tokenizer {cfg.model.init_from}`")
-    if cfg.data.doc_mask and ds.task != "lm":
-        raise UserError(f"data.doc_mask=true: {cfg.data.path} holds translation pairs, one sentence pair a "
-                        "sample, with no packed documents to keep apart; set data.doc_mask=false")
     return ds
 
 
@@ -93,4 +95,11 @@ def preflight(cfg: Config) -> None:
     if cfg.tracking.enabled and wandb_mode(cfg) == "online" and not logged_in():
         raise UserError("W&B mode is online but this machine has no W&B login; run `wandb login`, set "
                         "WANDB_API_KEY, or use --tracking.mode=offline (or WANDB_MODE=offline)")
-    ckpt.resume_target(cfg, ckpt.open_storage(cfg), share=None)  # sizes only; workers check CRCs
+    target = ckpt.resume_target(cfg, ckpt.open_storage(cfg), share=None)  # sizes only; workers check CRCs
+    if target is None and cfg.model.init_from:  # a fresh start reads the folder's weights (a resume: its own)
+        from ctxtrain.model.hf import UnsupportedModel, weight_files
+
+        try:
+            weight_files(cfg.model.init_from)
+        except UnsupportedModel as e:
+            raise UserError(f"model.init_from: {e}") from None

@@ -15,8 +15,8 @@ PROBE_TOKENS = torch.arange(64).reshape(2, 32) * 97 % 8000
 
 
 def engine_logits(cfg) -> None:
-    """Restore the newest committed checkpoint into a fresh ZeRO engine and save its logits on fixed
-    tokens."""
+    """Restore the newest committed checkpoint into a fresh ZeRO engine and save its logits on fixed tokens
+    (the run directory's probe_tokens.pt when a test put one there)."""
     info = init_distributed(cfg)
     try:
         torch.manual_seed(0)
@@ -25,8 +25,10 @@ def engine_logits(cfg) -> None:
         target = ckpt.resume_target(cfg, storage)
         ckpt.load(engine, target, cfg)
         engine.ds.eval()
+        given = Path(cfg.train.run_dir) / "probe_tokens.pt"
+        tokens = torch.load(given) if given.is_file() else PROBE_TOKENS
         with torch.no_grad():
-            logits = engine.ds(PROBE_TOKENS.to(info.device))
+            logits = engine.ds(tokens.to(info.device))
         if info.rank == 0:
             torch.save({"tag": target.tag, "logits": logits.float().cpu()},
                        Path(cfg.train.run_dir) / "probe_logits.pt")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS
-from tests.helpers import ctxtrain, env, train
+from tests.helpers import ctxtrain, env, make_hf_folder, train
 
 pytestmark = pytest.mark.slow
 
@@ -218,6 +218,21 @@ CASES = {
         ["report", str(_garbage_metrics(t, b)), "--out", str(t / "r.html")], None),
     "report-out-is-a-directory": lambda t, b: (["report", str(b["run"]), "--out", str(t)], b["run"]),
     "plan-zero-gpus": lambda t, b: (["plan", CFG, "--gpus", "0"], None),
+    # --- pretrained folders, RoPE scaling, documents --------------------------------------------------------
+    "pretrained-folder-without-weights": lambda t, b: (_init_from(t, b, _pretrained(t, b, weights=False)),
+                                                       None),
+    "pretrained-unsupported-architecture": lambda t, b: (
+        _init_from(t, b, _pretrained(t, b, architectures=["GPT2LMHeadModel"])), None),
+    "pretrained-tokenizer-past-model-vocabulary": lambda t, b: (
+        ["prepare", "--input", str(_write(t / "doc.txt", "def f():\n    return 1\n")), "--tokenizer",
+         str(_pretrained(t, b, vocab_size=100)), "--out", str(t / "x")], None),
+    "pretrained-data-of-another-tokenizer": lambda t, b: (
+        _init_from(t, b, _pretrained(t, b, other_tokenizer=True)), None),
+    "config-unknown-rope-scaling": lambda t, b: (["config", "show", CFG,
+                                                  "--model.rope_scaling.type=longrope"],
+                                                 None),
+    "config-doc-mask-on-translation": lambda t, b: (["config", "show", str(CONFIGS / "translate_tiny.yaml"),
+                                                     "--data.doc_mask=true"], None),
     "plan-negative-memory": lambda t, b: (["plan", CFG, "--gpu-mem", "-1"], None),
 }
 
@@ -240,6 +255,13 @@ EXPECT = {
     "data-token-ids-past-vocab-under-ray": "past the vocabulary",
     "prepare-binary-input": "binary file",
     "address-closed-host-port": "cannot reach the Ray cluster at 127.0.0.1:",
+    "pretrained-folder-without-weights": "holds no weights",
+    "pretrained-unsupported-architecture": "GPT2LMHeadModel is not supported; ctxtrain loads "
+                                           "LlamaForCausalLM",
+    "pretrained-tokenizer-past-model-vocabulary": "vocabulary",
+    "pretrained-data-of-another-tokenizer": "tokenized with another tokenizer",
+    "config-unknown-rope-scaling": "longrope",
+    "config-doc-mask-on-translation": "data.doc_mask",
 }
 
 
@@ -305,6 +327,34 @@ def _no_checkpoints(tmp: Path, base: dict) -> Path:
     run = _run_copy(tmp, base)
     shutil.rmtree(run / "checkpoints")
     return run
+
+
+def _pretrained(tmp: Path, base: dict, weights: bool = True, other_tokenizer: bool = False, **config) -> Path:
+    """A small Llama folder (save_pretrained) with the base data's tokenizer, edited: without its weights,
+    with other config.json values, or with another tokenizer (one token renamed)."""
+    folder = tmp / "llama"
+    vocab = json.loads((base["data"] / "index.json").read_text())["vocab_size"]
+    make_hf_folder(folder, tokenizer=base["data"] / "tokenizer.json", vocab_size=vocab, hidden_size=32,
+                   intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    if not weights:
+        (folder / "model.safetensors").unlink()
+    if config:
+        _write(folder / "config.json", json.dumps({**json.loads((folder / "config.json").read_text()),
+                                                   **config}))
+    if other_tokenizer:
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        vocab_map = tok["model"]["vocab"]
+        name = next(k for k, v in vocab_map.items() if v == 1000)
+        vocab_map["renamed"] = vocab_map.pop(name)
+        _write(folder / "tokenizer.json", json.dumps(tok))
+    return folder
+
+
+def _init_from(tmp: Path, base: dict, folder: Path) -> list[str]:
+    config = _write(tmp / "extend.yaml", f"model:\n  init_from: {folder}\n")
+    return ["train", str(config), f"--train.run_dir={tmp / 'r'}", f"--data.path={base['data']}",
+            "--data.seq_len=64", "--data.batch_size=2", "--cluster.workers=1", "--cluster.launcher=local",
+            "--tracking.enabled=false", "--data.num_workers=0", "--train.max_steps=2"]
 
 
 def _garbage_metrics(tmp: Path, base: dict) -> Path:

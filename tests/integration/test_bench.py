@@ -29,6 +29,20 @@ def test_longseq_cpu_smoke(tmp_path):
     assert any(line.startswith("full+loss+mlp") for line in table) and "bytes/token vs hf" in proc.stdout
 
 
+def test_keeping_documents_apart_costs_under_a_tenth_of_the_memory_slope(tmp_path):
+    """data.doc_mask with the levers on (bench/longseq.py --cpu, documents of 300 tokens): bytes per token
+    within 10% of the same levers without the mask; no [T, T] mask, no per-document copy of the window."""
+    out = tmp_path / "docs.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "longseq.py"), "--cpu", "--lengths",
+                           "6144,12288,18432", "--arms", "full+loss+mlp,full+loss+mlp+docs", "--json",
+                           str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    plain, masked = (summary[arm]["bytes_per_token"] for arm in ("full+loss+mlp", "full+loss+mlp+docs"))
+    assert abs(masked - plain) <= 0.10 * plain, (masked, plain)
+
+
 def test_longseq_gpu_dry_run_exercises_every_gpu_arm(tmp_path):
     """`bench/longseq.py --gpu --dry-run`: the GPU bench's arms on this CPU at tiny lengths with lm_1b's
     shapes (one layer): ctxtrain under `full` and, with an engine of its own, `offload`, transformers' Llama,
@@ -50,3 +64,14 @@ def test_longseq_gpu_dry_run_exercises_every_gpu_arm(tmp_path):
     liger = result["hf+liger"]
     assert liger.get("rows") or "liger-kernel is not installed" in liger.get("missing", ""), liger
     assert "ctxtrain-offload" in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_pretrained_load_bench_compares_both_loaders(tmp_path):
+    """`bench/pretrained_load.py` on the test suite's folder shape: both arms load it and the ratios print."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pretrained_load.py"), "--shapes", "test",
+                           "--runs", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["test"]["summary"]
+    assert all(summary[arm]["seconds"] > 0 and summary[arm]["peak_growth"] > 0 for arm in summary)
+    assert "ratio ctxtrain / transformers" in proc.stdout

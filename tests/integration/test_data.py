@@ -196,6 +196,31 @@ def test_epoch_sees_every_window_once(fixture, world, workers, request):
         s.tokens + s.docs for s in ds.shards("train"))
 
 
+def test_windows_carry_their_documents(short_docs_lm):
+    """data.doc_mask: each window comes with its documents' ids (the next one starts after each EOS) and, with
+    data.doc_positions, each token's place in its document; 2 loader workers, as training reads."""
+    eos = Dataset(short_docs_lm).special["eos"]
+    loader = StreamingLoader(short_docs_lm, seq_len=L, batch_size=4, num_workers=2, documents="positions")
+    boundaries = 0
+    for i, b in zip(range(40), loader):
+        tokens, docs, positions = (b[k].numpy() for k in ("tokens", "docs", "positions"))
+        assert docs.shape == positions.shape == tokens.shape == (4, L + 1)
+        np.testing.assert_array_equal(docs[:, 0], 0)
+        # a new document after EOS
+        np.testing.assert_array_equal(np.diff(docs, axis=1), tokens[:, :-1] == eos)
+        starts = np.concatenate([np.ones((4, 1), bool), np.diff(docs, axis=1) == 1], axis=1)
+        np.testing.assert_array_equal(positions == 0, starts)
+        np.testing.assert_array_equal(positions[:, 1:][~starts[:, 1:]], positions[:, :-1][~starts[:, 1:]] + 1)
+        boundaries += int(starts[:, 1:].sum())
+    assert boundaries > 100  # short documents: many in every window
+    # the same windows as without documents
+    plain = StreamingLoader(short_docs_lm, seq_len=L, batch_size=4, num_workers=2)
+    for (a, b), _ in zip(zip(plain, StreamingLoader(short_docs_lm, seq_len=L, batch_size=4, documents="ids")),
+                         range(10)):
+        np.testing.assert_array_equal(a["tokens"].numpy(), b["tokens"].numpy())
+        assert "positions" not in b and "docs" not in a
+
+
 def test_order_is_a_seeded_permutation(four_shard_lm):
     a, _ = _read(four_shard_lm, 1, 0, limit=30)
     b, _ = _read(four_shard_lm, 1, 0, limit=30)

@@ -46,6 +46,34 @@ def test_sp2_trains_the_model_that_sp1_trains(stdlib_shards, tmp_path, variant):
         assert (b[name] - a[name]).norm() <= 1e-5 * a[name].norm(), name
 
 
+def test_sp2_keeps_documents_apart_as_sp1_does(short_docs_lm, tmp_path):
+    """data.doc_mask + data.doc_positions over a split window: every rank of the group passes the whole
+    window's document ids, so the attention inside the all-to-all masks what the unsplit one masks."""
+    docs = ["--data.doc_mask=true", "--data.doc_positions=true", "--model.pos=sinusoidal",
+            "--model.n_kv_heads=2",
+            "--memory.checkpoint=selective", "--zero.stage=3", "--model.vocab_size=2048"]
+    _, one = train(tmp_path / "sp1", short_docs_lm, *SHORT, *docs, "--cluster.workers=1")
+    _, two = train(tmp_path / "sp2", short_docs_lm, *SHORT, *docs, "--cluster.workers=2", "--parallel.sp=2")
+    same_losses(two, one, range(1, 6))
+    # the mask is at work: the same run without it trains on other losses
+    _, plain = train(tmp_path / "plain", short_docs_lm, *SHORT, *docs[3:], "--cluster.workers=1")
+    assert all(abs(plain[s]["loss"] - one[s]["loss"]) > 1e-4 * one[s]["loss"] for s in range(2, 6))
+
+
+def test_sp4_past_two_key_value_heads_trains_the_model_that_sp1_trains(stdlib_shards, tmp_path):
+    """Grouped-query heads fewer than the ranks (n_kv_heads=2, sp=4): each key/value head is replicated over
+    the 2 ranks whose query heads use it, and the 4 ranks train the model one worker trains."""
+    gqa = ["--model.n_kv_heads=2", "--zero.stage=1"]
+    _, one = train(tmp_path / "sp1", stdlib_shards, *SHORT, *gqa, "--cluster.workers=1")
+    proc, four = train(tmp_path / "sp4", stdlib_shards, *SHORT, *gqa, "--cluster.workers=4",
+                       "--parallel.sp=4")
+    assert "1 data-parallel x sp 4" in proc.stdout
+    same_losses(four, one, range(1, 6))
+    a, b = final_parameters(tmp_path / "sp1"), final_parameters(tmp_path / "sp4")
+    for name in a:
+        assert (b[name] - a[name]).norm() <= 1e-5 * a[name].norm(), name
+
+
 def test_sp2_dp2_matches_dp2_and_resumes_exactly(stdlib_shards, tmp_path):
     common = ["--train.max_steps=4", "--data.seq_len=128", "--data.batch_size=2", "--train.log_every=1",
               "--zero.stage=2", "--checkpoint.every=2"]

@@ -12,11 +12,12 @@ import pytest
 from ctxtrain import cli
 from ctxtrain.config import Config, ConfigError, field_docs, load_config, to_yaml
 from tests.conftest import CONFIGS
+from tests.helpers import load_shipped
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_file_loads(path, tmp_path):
-    cfg = load_config(path)
+    cfg = load_shipped(path, tmp_path)
     assert isinstance(cfg, Config)
     # What `config show` prints loads back to the same tree.
     (tmp_path / "shown.yaml").write_text(to_yaml(cfg))

@@ -20,6 +20,7 @@ from ctxtrain.model.hf import (
     to_hf_state_dict,
     weight_files,
 )
+from tests.helpers import make_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,29 +34,8 @@ RULES = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": ORIGINAL},
 }
-CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-           "mistral": ("MistralConfig", "MistralForCausalLM")}
-
-
-def make_folder(path, arch="llama", rope=None, tie=False, **extra):
-    """A small random model of `arch` saved with save_pretrained (every weight random, norms and biases
-    too)."""
-    config_cls, model_cls = (getattr(transformers, name) for name in CLASSES[arch])
-    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=ORIGINAL, rope_theta=10000.0,
-                  tie_word_embeddings=tie, rms_norm_eps=1e-6, **extra)
-    if rope:
-        kwargs["rope_scaling"] = dict(rope)
-    if arch == "mistral":
-        kwargs["sliding_window"] = None
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kwargs)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
-    return model
+def make_folder(path, arch="llama", rope=None, tie=False):
+    return make_hf_folder(path, arch, rope, tie, max_position_embeddings=ORIGINAL)
 
 
 def load_ours(path) -> DecoderLM:

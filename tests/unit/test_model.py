@@ -12,6 +12,7 @@ from ctxtrain.model import DecoderLM, EncoderDecoder, ModelConfig, lm_train_flop
 from ctxtrain.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from ctxtrain.model.transformer import build_model, embed
 from tests.conftest import CONFIGS
+from tests.helpers import load_shipped
 
 TINY_LM = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
 TINY_SEED = ModelConfig(kind="encdec", vocab_size=101, d_model=32, n_layers=2, n_encoder_layers=3, n_heads=4,
@@ -137,8 +138,8 @@ def test_encdec_matches_torch_transformer():
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_param_count_matches_numel(path):
-    cfg = load_config(path).model
+def test_param_count_matches_numel(path, tmp_path):
+    cfg = load_shipped(path, tmp_path).model
     with torch.device("meta"):
         model = build_model(cfg)
     assert param_count(cfg) == sum(p.numel() for p in model.parameters())
@@ -167,7 +168,7 @@ def test_attention_core_is_swappable():
     tokens = torch.randint(0, 97, (2, 9))
     calls = []
 
-    def eager_core(q, k, v, *, causal, key_mask=None, dropout=0.0):
+    def eager_core(q, k, v, *, causal, key_mask=None, dropout=0.0, docs=None):
         calls.append(q.shape)
         k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
         v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)

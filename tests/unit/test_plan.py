@@ -80,6 +80,46 @@ def test_block_formula_counts_exactly_what_autograd_keeps(variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_document_mask_keeps_what_the_formula_counts(dtype):
+    """data.doc_mask on a CPU: one SDPA call per document into one output, recomputed per document in the
+    backward pass: what plain attention keeps but its log-sum-exp (and no [T, T] mask anywhere)."""
+    T = 48
+    model = ModelConfig(vocab_size=50, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48)
+    torch.manual_seed(0)
+    block = Block(model, causal=True).to(dtype).train()
+    x = torch.randn(1, T, 32, dtype=dtype, requires_grad=True)
+    rope = Rotary(model)(T, x.device, dtype)
+    docs = torch.repeat_interleave(torch.arange(4), torch.tensor([5, 20, 1, 22]))[None]
+    measured = saved_bytes(lambda: block(x, rope, None, None, docs), [*block.parameters(), *rope])
+    sh = shape_for(model, dtype, T)
+    masked = sh.__class__(**{**sh.__dict__, "doc_mask": True})
+    assert measured == block_kept(masked) * T
+    assert block_kept(sh) - block_kept(masked) == 4 * model.n_heads
+
+
+def test_document_mask_on_a_gpu_counts_flexattentions_block_mask():
+    masked = plan(lm("--data.doc_mask=true", "--data.seq_len=131072"), 8, "cuda")
+    plain = plan(lm("--data.seq_len=131072"), 8, "cuda")
+    term = next(t for t in masked.terms if t.name == "document block mask")
+    assert term.device == 4 * (4 * 1024 ** 2 + 4 * 1024)  # ~16 MiB at 128k tokens, no [T, T] anywhere
+    assert masked.device_peak - plain.device_peak == pytest.approx(term.device * (1 + masked.margin),
+                                                                   rel=1e-6)
+    assert next(t for t in plan(lm("--data.doc_mask=true"), 8, "cpu").terms
+                if t.name == "document block mask").device == 0
+
+
+def test_sequence_parallel_past_the_key_value_heads_counts_the_replicas():
+    cfg = lm("--model.n_kv_heads=2", "--parallel.sp=8", "--cluster.workers=8")
+    sh = shape_of(cfg, world=8, device="cuda")
+    assert sh.kv_width == 8 * cfg.model.head_dim  # 8 replicas: one key/value head a rank
+    assert shape_of(lm("--model.n_kv_heads=2"), world=8, device="cuda").kv_width == 2 * cfg.model.head_dim
+    # 2 heads replicated over 8 ranks keep what 8 heads keep
+    eight = shape_of(lm("--model.n_kv_heads=8", "--parallel.sp=8", "--cluster.workers=8"), 8, "cuda")
+    assert block_kept(sh) == block_kept(eight) > block_kept(shape_of(lm("--model.n_kv_heads=2",
+                                                                         "--cluster.workers=8"), 8, "cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_decoder_block_formula_counts_exactly_what_autograd_keeps(dtype):
     T, S = 40, 56
     model = ModelConfig(kind="encdec", vocab_size=50, d_model=32, n_heads=4, d_ff=64, mlp="gelu",

@@ -190,12 +190,17 @@ class WindowSource:
             )
 
     def get(self, u: int) -> np.ndarray:
+        return self.get_documents(u)[0]
+
+    def get_documents(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window u and the lengths of its pieces of documents (each with its EOS), in order."""
         L = self.L
         pos = u * L
         if self.doc is not None and self.doc_start <= pos and pos + L + 1 < self.doc_start + self.doc_len:
             # inside one document: a view
-            return self.doc[pos - self.doc_start : pos - self.doc_start + L + 1]
+            return self.doc[pos - self.doc_start : pos - self.doc_start + L + 1], np.array([L + 1])
         out = np.empty(L + 1, dtype=self.dtype)
+        pieces = []
         filled = 0
         while filled < L + 1:
             while self.doc is None or self.doc_start + self.doc_len <= pos:
@@ -207,9 +212,10 @@ class WindowSource:
             out[filled : filled + real] = self.doc[a : a + real]
             if a + take > n_ids:
                 out[filled + take - 1] = self.eos
+            pieces.append(take)
             filled += take
             pos += take
-        return out
+        return out, np.array(pieces)
 
 
 class PairSource:
@@ -242,8 +248,19 @@ class PairSource:
 # torch tensors (moved to shared memory, one file descriptor each) cost ~1 ms. `to_torch` runs in the trainer.
 
 
-def collate_lm(windows: list[np.ndarray], units: np.ndarray) -> dict:
-    return {"tokens": np.stack(windows), "unit": units}  # (B, L+1) in the shards' dtype
+def collate_lm(windows: list, units: np.ndarray, documents: str = "") -> dict:
+    """Windows (B, L+1) in the shards' dtype. documents "ids": each window came with the lengths of its
+    pieces of documents, and the batch gets their ids, `docs` (B, L+1): 0, 1, ... along each window;
+    "positions" also each token's place in its document, `positions` (B, L+1)."""
+    if not documents:
+        return {"tokens": np.stack(windows), "unit": units}
+    tokens = np.stack([w for w, _ in windows])
+    docs = np.stack([np.repeat(np.arange(len(p), dtype=np.int32), p) for _, p in windows])
+    batch = {"tokens": tokens, "docs": docs, "unit": units}
+    if documents == "positions":
+        starts = [np.repeat(np.cumsum(p) - p, p) for _, p in windows]
+        batch["positions"] = (np.arange(tokens.shape[1]) - np.stack(starts)).astype(np.int32)
+    return batch
 
 
 def collate_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray, special: dict,
@@ -344,7 +361,8 @@ class _Stream(IterableDataset):
                 dying = self.kill_at == k and plan.epoch == self.epoch
                 for b in range(loaded_through + 1, int(positions[-1]) // plan.M + 1):
                     for u in plan.owned_units_in_block(b, worker, workers):
-                        cache[int(u)] = source.get(int(u))
+                        cache[int(u)] = source.get_documents(int(u)) if ld.documents else \
+                            source.get(int(u))
                         if dying:
                             _kill_trainer()
                     loaded_through = b
@@ -353,7 +371,7 @@ class _Stream(IterableDataset):
                 units = plan.unit_of(positions)
                 samples = [cache.pop(int(u)) for u in units]
                 if ds.task == "lm":
-                    chunk.append(collate_lm(samples, units))
+                    chunk.append(collate_lm(samples, units, ld.documents))
                 else:
                     chunk.append(collate_pairs(samples, units, ds.special, ld.max_src_len, ld.max_tgt_len))
             yield chunk
@@ -384,6 +402,7 @@ class StreamingLoader:
         max_src_len: int = 128,
         max_tgt_len: int = 128,
         pin_memory: bool = False,
+        documents: str = "",
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -393,6 +412,11 @@ class StreamingLoader:
         self.seed, self.shuffle_buffer, self.shuffle, self.loop = seed, shuffle_buffer, shuffle, loop
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
         self.pin_memory = pin_memory  # batches in pinned host memory (training on a GPU)
+        # LM batches with their windows' document ids ("ids") and also each token's position in its document
+        # ("positions"): data.doc_mask and data.doc_positions
+        if documents not in ("", "ids", "positions"):
+            raise ValueError(f"documents={documents!r}: one of '', 'ids', 'positions'")
+        self.documents = documents
         self.shards, skipped = self.dataset.usable_shards(split, skip_corrupt)
         if self.dataset.task == "lm":
             self.n_units = WindowSource.n_units(self.shards, seq_len)

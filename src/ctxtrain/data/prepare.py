@@ -200,12 +200,27 @@ def _tokenizer(opts: PrepareOptions, task: str, files, pairs, extra: list[str]):
         if missing:
             raise UserError(f"--tokenizer {opts.tokenizer} lacks {missing}; train a new one without "
                             "--tokenizer")
+        _check_model_vocabulary(opts.tokenizer, tok)
         return tok
     if task == "lm":
         texts = corpora.iter_documents(files, opts.text_field)
     else:
         texts = (t for pair in pairs for t in pair)
     return train_bpe(texts, opts.vocab_size, extra)
+
+
+def _check_model_vocabulary(path: str, tok) -> None:
+    """--tokenizer as a model folder: its ids must lie inside the model's vocabulary (config.json's
+    vocab_size), else training could not embed them; one line."""
+    config = Path(path) / "config.json"
+    try:
+        vocab = json.loads(config.read_bytes()).get("vocab_size") if Path(path).is_dir() else None
+    except (OSError, ValueError):
+        vocab = None
+    if isinstance(vocab, int) and tok.get_vocab_size() > vocab:
+        raise UserError(f"--tokenizer {path}: its tokenizer has {tok.get_vocab_size()} ids but the model's "
+                        f"vocabulary ({config}: vocab_size) is {vocab}; the folder's tokenizer.json does not "
+                        "belong to its model: use the tokenizer the model was trained with")
 
 
 def _write_splits(opts: PrepareOptions, task: str, files, pairs, tok, dtype, every: int, n_units: int,

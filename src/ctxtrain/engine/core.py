@@ -40,6 +40,7 @@ from ctxtrain.engine.sequence import (  # noqa: E402
     local_lm_loss,
     wrap_attention,
 )
+from ctxtrain.model.transformer import lm_targets  # noqa: E402
 from ctxtrain.plan import bucket_elements  # noqa: E402
 from ctxtrain.processes import free_port  # noqa: E402
 
@@ -246,7 +247,7 @@ def build(cfg: Config, info: DistInfo, pretrained: bool) -> nn.Module:
     try:
         weights = PretrainedWeights(cfg.model.init_from, cfg.model)
     except UnsupportedModel as e:
-        raise UserError(f"model.init_from={cfg.model.init_from}: {e}") from None
+        raise UserError(f"model.init_from: {e}") from None
     zero3 = deepspeed_zero_stage(cfg) == 3
     if zero3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, info.dp_size, info.device.type)):
@@ -278,10 +279,13 @@ def batch_loss(model: nn.Module, batch: dict, device: torch.device,
     """Mean loss of one micro-batch: LM on packed windows, or teacher-forced translation. Under sequence
     parallelism, this rank's share of the window's mean (the group's shares add up to it)."""
     if "tokens" in batch:
-        tokens = batch["tokens"].to(device, non_blocking=True)
+        tokens, docs, positions = (None if batch.get(k) is None else batch[k].to(device, non_blocking=True)
+                                   for k in ("tokens", "docs", "positions"))
         if sp is not None:
-            return local_lm_loss(model, tokens, sp)
-        return model(tokens[:, :-1], tokens[:, 1:])
+            return local_lm_loss(model, tokens, sp, docs, positions)
+        inputs, targets = lm_targets(tokens, docs)
+        return model(inputs, targets, docs=None if docs is None else docs[:, :-1],
+                     positions=None if positions is None else positions[:, :-1])
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     return model(b["src"], b["tgt"], src_mask=b["src_mask"], tgt_mask=b["tgt_mask"], targets=b["targets"])
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import deepspeed.comm as ds_dist
 import torch
@@ -27,7 +27,7 @@ from deepspeed.runtime.sequence_parallel import parallel_state_sp
 from deepspeed.sequence.layer import DistributedAttention
 from torch import nn
 
-from ctxtrain.model.transformer import IGNORE_INDEX, Attention
+from ctxtrain.model.transformer import IGNORE_INDEX, Attention, lm_targets
 
 
 @dataclass
@@ -65,18 +65,31 @@ def wrap_attention(model: nn.Module, sp: SequenceParallel) -> int:
 
 def _ulysses_core(ulysses: DistributedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs):
     # (B, T/sp, H, D) in and out; inside, (B, T, H/sp, D): batch first (batch_dim_idx 0)
+    sp = ds_dist.get_world_size(ulysses.spg)
+    if k.shape[2] < sp:
+        # Fewer key/value heads than ranks (grouped-query attention): replicate each over the sp / kv ranks
+        # whose query heads use it, so that rank r receives head r // (sp / kv), as ALST does. The replicas'
+        # gradients add up in repeat_interleave's backward.
+        k, v = (t.repeat_interleave(sp // t.shape[2], dim=2) for t in (k, v))
     return ulysses(q, k, v, 0, None, **kwargs)
 
 
-def local_lm_loss(model: nn.Module, tokens: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-    """This rank's share of the window's mean loss: its slice of inputs and targets at their global positions,
-    summed token losses over the window's token count."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+def local_lm_loss(model: nn.Module, tokens: torch.Tensor, sp: SequenceParallel,
+                  docs: Optional[torch.Tensor] = None,
+                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """This rank's share of the window's mean loss: its slice of inputs and targets at their global positions
+    (or their own, positions: restarting at each document), summed token losses over the window's token count.
+    Every rank passes the whole window's document ids: attention inside the all-to-all sees the whole
+    sequence."""
+    inputs, targets = lm_targets(tokens, docs)
     T = inputs.shape[1]
     per = T // sp.size
     start = sp.rank * per
-    local_targets = targets[:, start:start + per]
+    mine = slice(start, start + per)
+    local_targets = targets[:, mine]
     local_count = (local_targets != IGNORE_INDEX).sum()
     window_count = (targets != IGNORE_INDEX).sum()
-    mean = model(inputs[:, start:start + per], local_targets, pos_offset=start)
+    mean = model(inputs[:, mine], local_targets, pos_offset=start, docs=None if docs is None
+                 else docs[:, :-1],
+                 positions=None if positions is None else positions[:, mine], window=T)
     return mean * (local_count / window_count)

@@ -65,15 +65,21 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 # Positions
 
 
-def sinusoidal_table(length: int, dim: int, device=None, offset: int = 0) -> torch.Tensor:
-    """The seed's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same), for positions
-    offset..offset+length-1. Shape (T, dim)."""
-    pos = torch.arange(offset, offset + length, device=device, dtype=torch.float32)[:, None]
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The seed's table: PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same), for positions of any
+    shape (...,) -> (..., dim)."""
+    device = positions.device
+    pos = positions.to(torch.float32)[..., None]
     inv = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim, device=device)
-    table[:, 0::2] = torch.sin(pos * inv)
-    table[:, 1::2] = torch.cos(pos * inv)
+    table = torch.zeros(*positions.shape, dim, device=device)
+    table[..., 0::2] = torch.sin(pos * inv)
+    table[..., 1::2] = torch.cos(pos * inv)
     return table
+
+
+def sinusoidal_table(length: int, dim: int, device=None, offset: int = 0) -> torch.Tensor:
+    """The sinusoids of positions offset..offset+length-1: (T, dim)."""
+    return sinusoids(torch.arange(offset, offset + length, device=device), dim)
 
 
 def rope_frequencies(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
@@ -129,7 +135,9 @@ def rope_frequencies(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch
 
 class Rotary(nn.Module):
     """RoPE angles for positions offset..offset+T-1 (or given per token: (B, T) positions, for documents that
-    restart them); no parameters, nothing in the state dict."""
+    restart them); no parameters, nothing in the state dict. extent: the length of the whole sequence when
+    these tokens are a slice of it (sequence parallelism), which `dynamic` scaling grows with; by default the
+    end of the slice."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -137,14 +145,14 @@ class Rotary(nn.Module):
         self._cache: dict = {}
 
     def forward(self, length: int, device: torch.device, dtype: torch.dtype, offset: int = 0,
-                positions: Optional[torch.Tensor] = None) -> Rope:
-        extent = offset + length  # (dynamic scaling grows with the extent of the positions)
+                positions: Optional[torch.Tensor] = None, extent: Optional[int] = None) -> Rope:
+        extent = extent or offset + length
         if positions is not None:
             inv_freq, scale = rope_frequencies(self.cfg, extent, device)
             freqs = positions[..., None].to(torch.float32) * inv_freq  # (B, T, D/2)
             emb = torch.cat([freqs, freqs], dim=-1)
             return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-        key = (offset, length, device, dtype)
+        key = (offset, length, extent, device, dtype)
         if key not in self._cache:
             self._cache.clear()
             inv_freq, scale = rope_frequencies(self.cfg, extent, device)
@@ -188,13 +196,17 @@ def attention_core(
     causal: bool,
     key_mask: Optional[torch.Tensor] = None,
     dropout: float = 0.0,
+    docs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v through SDPA.
 
     q: (B, T, H, D); k, v: (B, S, KV, D) with H a multiple of KV (grouped-query heads). With S > T the queries
     are the last T positions of the S (decoding after a cache): causal then aligns them at the end.
-    key_mask: (B, S) bool, True for real keys. Returns (B, T, H, D).
+    key_mask: (B, S) bool, True for real keys. docs: (B, T) document ids of a packed window (causal
+    self-attention within each document: `document_attention`). Returns (B, T, H, D).
     """
+    if docs is not None:
+        return document_attention(q, k, v, docs, dropout=dropout)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     T, S = q.shape[-2], k.shape[-2]
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
@@ -207,6 +219,93 @@ def attention_core(
         q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
     )
     return out.transpose(1, 2)  # (B, T, H, D)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor, *,
+                       dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within the documents of packed windows, never building a [T, T] mask: a token sees the
+    earlier tokens of its own document only. q (B, T, H, D), k, v (B, T, KV, D), docs (B, T) document ids,
+    non-decreasing along T. On a GPU FlexAttention with a block mask skips every block of keys outside the
+    query's document; elsewhere `DocumentAttention` runs one causal SDPA call per document. No attention
+    dropout (data.doc_mask needs model.dropout=0)."""
+    if dropout:
+        raise ValueError("document_attention has no attention dropout (data.doc_mask needs model.dropout=0)")
+    if q.is_cuda:
+        return flex_documents(q, k, v, docs)
+    lengths = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in docs]
+    return DocumentAttention.apply(q, k, v, lengths)
+
+
+class DocumentAttention(torch.autograd.Function):
+    """One causal SDPA call per document of each row, written into one output; the backward pass recomputes
+    each document's attention and writes its gradients into whole-window dq, dk, dv. It keeps q, k and v
+    (which attention keeps anyway) and nothing per document, so memory is plain attention's: no copy of the
+    output, no per-document gradients concatenated (autograd through the pieces would hold both)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lengths: list[list[int]]):
+        ctx.save_for_backward(q, k, v)
+        ctx.lengths = lengths
+        out = torch.empty_like(q)
+        for b, start, end in _segments(lengths):
+            out[b, start:end] = _causal(q[b, start:end], k[b, start:end], v[b, start:end])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for b, start, end in _segments(ctx.lengths):
+            with torch.enable_grad():
+                part = [t[b, start:end].detach().requires_grad_() for t in (q, k, v)]
+                grads = torch.autograd.grad(_causal(*part), part, grad_out[b, start:end])
+            dq[b, start:end], dk[b, start:end], dv[b, start:end] = grads
+        return dq, dk, dv, None
+
+
+def _segments(lengths: list[list[int]]):
+    """(row, start, end) of every document of every row."""
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            yield b, start, start + n
+            start += n
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over one document: q (n, H, D), k, v (n, KV, D) -> (n, H, D)."""
+    heads_first = [t.transpose(0, 1)[None] for t in (q, k, v)]  # (1, h, n, D)
+    out = F.scaled_dot_product_attention(*heads_first, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+_FLEX: dict = {}  # the compiled kernel, and the block mask of the last window's documents (its `docs`)
+
+
+def flex_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor,
+                   compiled: bool = True) -> torch.Tensor:
+    """document_attention through FlexAttention's document mask (torchtitan's): the block mask is built once
+    per window (every layer, and the recomputation under activation checkpointing, passes the same `docs`
+    tensor), by the compiled create_block_mask, which evaluates the mask block by block. compiled=False runs
+    both in eager mode: FlexAttention's reference, which forms the whole [T, T] mask (a CPU test of the
+    mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _FLEX.get("docs") is not docs:
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+
+        B, T = docs.shape
+        if compiled and "make_mask" not in _FLEX:  # compiled, it never forms the [T, T] mask
+            _FLEX["make_mask"] = torch.compile(create_block_mask)
+        make = _FLEX["make_mask"] if compiled else create_block_mask
+        _FLEX.update(docs=docs, mask=make(same_document_causal, B, None, T, T, device=docs.device))
+    if compiled and "kernel" not in _FLEX:
+        _FLEX["kernel"] = torch.compile(flex_attention, dynamic=False)
+    kernel = _FLEX["kernel"] if compiled else flex_attention
+    out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_FLEX["mask"],
+                 enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 @dataclass
@@ -246,6 +345,7 @@ class Attention(nn.Module):
         key_mask: Optional[torch.Tensor] = None,
         memory: Optional[torch.Tensor] = None,
         cache: Optional[AttentionCache] = None,
+        docs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
@@ -265,9 +365,8 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache.k, k], dim=1), torch.cat([cache.v, v], dim=1)
             if cache is not None:
                 cache.k, cache.v = k, v
-        out = self.core(
-            q, k, v, causal=self.causal, key_mask=key_mask, dropout=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        out = self.core(q, k, v, causal=self.causal, key_mask=key_mask, dropout=dropout, docs=docs)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -330,8 +429,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: Optional[Rope], mask: Optional[torch.Tensor],
-                cache: Optional[LayerCache] = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask, cache=cache and cache.attn))
+                cache: Optional[LayerCache] = None, docs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_mask=mask, cache=cache and cache.attn,
+                                       docs=docs))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -381,14 +481,30 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def embed(table: nn.Embedding, tokens: torch.Tensor, cfg: ModelConfig, pos_offset: int = 0) -> torch.Tensor:
-    """Token ids -> vectors: table lookup, the seed's optional sqrt(d) scale and sinusoidal positions."""
+def embed(table: nn.Embedding, tokens: torch.Tensor, cfg: ModelConfig, pos_offset: int = 0,
+          positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token ids -> vectors: table lookup, the seed's optional sqrt(d) scale and sinusoidal positions (of
+    pos_offset.., or of each token's own: positions (B, T))."""
     x = table(tokens)  # (B, T, d)
     if cfg.embed_scale:
         x = x * math.sqrt(cfg.d_model)
     if cfg.pos == "sinusoidal":
-        x = x + sinusoidal_table(tokens.shape[1], cfg.d_model, x.device, pos_offset).to(x.dtype)
+        table = sinusoidal_table(tokens.shape[1], cfg.d_model, x.device, pos_offset) if positions is None \
+            else sinusoids(positions, cfg.d_model)
+        x = x + table.to(x.dtype)
     return x
+
+
+def lm_targets(tokens: torch.Tensor, docs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor,
+                                                                                   torch.Tensor]:
+    """A packed window (B, L+1) -> inputs (B, L) and next-token targets (B, L). With the window's document
+    ids (B, L+1), a target of another document than its input (the first token of a document, predicted from
+    the EOS before it) is not trained on (IGNORE_INDEX), as Megatron's eod_mask_loss does: a document's
+    losses are then those of the document alone."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if docs is not None:
+        targets = targets.masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE_INDEX)
+    return inputs, targets
 
 
 @dataclass
@@ -443,18 +559,22 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embed.weight
 
-    def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                      pos_offset: int = 0, cache: Optional[Cache] = None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None, pos_offset: int = 0,
+                      cache: Optional[Cache] = None, docs: Optional[torch.Tensor] = None,
+                      positions: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
         """The trunk: (B, T) token ids at positions pos_offset.. -> (B, T, d) normalized hidden states. With a
         cache (decoding) the tokens follow the cached ones: their positions, and attention over the cache
-        too."""
+        too. A packed window's documents: docs (B, W) their ids over the whole window (attention stays within
+        a document), positions (B, T) each token's own (restarting at each document). window: the whole
+        window's length W when the tokens are a slice of it (sequence parallelism)."""
         if cache is not None:
             pos_offset, mask = cache.length, cache.extend_mask(mask, tokens)
-        x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg, pos_offset))
+        x = self.embed_dropout(embed(self.tok_embed, tokens, self.cfg, pos_offset, positions))
         T = tokens.shape[1]
-        rope = self.rotary(T, x.device, x.dtype, pos_offset) if self.rotary is not None else None
+        rope = None if self.rotary is None else self.rotary(T, x.device, x.dtype, pos_offset, positions,
+                                                             window)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, None if cache is None else cache.layers[i])
+            x = block(x, rope, mask, None if cache is None else cache.layers[i], docs)
         if cache is not None:
             cache.length += T
         return self.norm(x)
@@ -473,9 +593,11 @@ class DecoderLM(nn.Module):
         mask: Optional[torch.Tensor] = None,
         pos_offset: int = 0,
         cache: Optional[Cache] = None,
+        **documents,
     ) -> torch.Tensor:
-        """Logits (B, T, V) without targets; the mean loss with them."""
-        hidden = self.hidden_states(tokens, mask, pos_offset, cache)
+        """Logits (B, T, V) without targets; the mean loss with them. documents: hidden_states' docs,
+        positions and window."""
+        hidden = self.hidden_states(tokens, mask, pos_offset, cache, **documents)
         if targets is None:
             return self.lm_head(hidden)
         return self.head_loss(hidden, targets)
