@@ -68,6 +68,26 @@ def test_tokenizer_round_trips_text(stdlib_shards, en_fr_shards):
     assert fr.token_to_id("<2fr>") == _index(en_fr_shards)["special"]["lang_tag"]
 
 
+def test_a_vocabulary_past_65536_ids_is_kept_in_uint32(tmp_path, one_shard_lm):
+    """A pretrained tokenizer with more than 65,536 ids (Llama 3: 128k): `prepare --tokenizer` writes uint32
+    ids and the loader reads the ids past 65,535 back as they were."""
+    tok = load_tokenizer(one_shard_lm / "tokenizer.json")
+    words = [f"zq{i}x" for i in range(70_000)]
+    tok.add_tokens(words)
+    assert tok.get_vocab_size() > 70_000
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = " ".join(words[-200:]) + " plain text"
+    (tmp_path / "doc.txt").write_text(text)
+    data = _prepare(tmp_path / "wide", inputs=[str(tmp_path / "doc.txt")],
+                    tokenizer=str(tmp_path / "tokenizer.json"),
+                    val_fraction=0.0)
+    assert _index(data)["dtype"] == "uint32"
+    ids = tok.encode(text).ids
+    assert max(ids) > 65_535
+    stream = read_stream_tokens(StreamingLoader(data, seq_len=8, shuffle=False), 0)
+    assert stream.tolist() == ids + [_index(data)["special"]["eos"]]
+
+
 def test_prepare_is_deterministic(tmp_path, email_pkg_files):
     a = _prepare(tmp_path / "a", inputs=email_pkg_files, vocab_size=1024, shard_size="50kB")
     b = _prepare(tmp_path / "b", inputs=email_pkg_files, vocab_size=1024, shard_size="50kB")

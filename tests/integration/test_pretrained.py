@@ -130,3 +130,27 @@ def test_generate_on_a_folder_decodes_what_transformers_decodes(pretrained, tmp_
 
     loaded = infer.load_source(tmp_path / "m")
     assert greedy(loaded.model, ids, 40, 2)[0] == new
+
+
+def test_eval_on_a_folder_scores_what_transformers_scores(pretrained):
+    """`eval HF_FOLDER --data DIR --seq-len T`: the loss of the first windows as transformers computes it
+    (the before of a before/after comparison)."""
+    import re
+
+    import torch.nn.functional as F
+
+    from ctxtrain.data.loader import StreamingLoader
+
+    folder, data = pretrained
+    r = ctxtrain("eval", str(folder), "--data", str(data), "--split", "train", "--seq-len", "64", "--limit",
+                 "4")
+    assert r.returncode == 0, r.stderr
+    assert "4 windows of 64 tokens" in r.stdout, r.stdout
+    loss = float(re.search(r"loss (\d+\.\d+)", r.stdout).group(1))
+    windows = next(iter(StreamingLoader(data, split="train", seq_len=64, batch_size=4, shuffle=False,
+                                        loop=False)))["tokens"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits
+    want = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert loss == pytest.approx(float(want), abs=1e-4)

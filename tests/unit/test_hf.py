@@ -77,9 +77,21 @@ def test_the_legacy_config_form_reads_the_same(tmp_path, rule):
     assert ModelConfig(**model_fields(read_config(tmp_path))) == new
 
 
-@pytest.mark.parametrize("rule", list(RULES))
-def test_our_config_and_weights_load_back_into_transformers(tmp_path, rule):
-    theirs = make_folder(tmp_path / "in", "llama", RULES[rule])
+def test_a_sharded_folder_loads_as_one(tmp_path):
+    """Sharded safetensors (model.safetensors.index.json and its shards), as large published models are."""
+    theirs = make_folder(tmp_path / "one", "qwen2")
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(weight_files(tmp_path / "sharded")) > 3
+    tokens = torch.randint(0, 300, (1, LONG))
+    with torch.no_grad():
+        torch.testing.assert_close(load_ours(tmp_path / "sharded")(tokens), theirs(tokens).logits, rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, rule", [(a, r) for r in RULES for a in ("llama", "qwen2")
+                                        if a == "llama" or r == "yarn"])
+def test_our_config_and_weights_load_back_into_transformers(tmp_path, arch, rule):
+    theirs = make_folder(tmp_path / "in", arch, RULES[rule], tie=arch == "qwen2")
     ours = load_ours(tmp_path / "in")
     out = tmp_path / "out"
     out.mkdir()
@@ -89,6 +101,7 @@ def test_our_config_and_weights_load_back_into_transformers(tmp_path, rule):
     save_file({k: v.contiguous() for k, v in to_hf_state_dict(ours.state_dict(), ours.cfg).items()},
               str(out / "model.safetensors"))
     again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(again) is type(theirs)  # the same architecture back
     tokens = torch.randint(0, 300, (1, LONG))
     with torch.no_grad():
         torch.testing.assert_close(again(tokens).logits, theirs(tokens).logits, rtol=1e-5, atol=1e-5)

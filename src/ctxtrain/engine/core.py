@@ -235,9 +235,9 @@ def ds_config(cfg: Config, world_size: int, device: str = "cpu") -> dict:
 def build(cfg: Config, info: DistInfo, pretrained: bool) -> nn.Module:
     """The model of cfg.model; with `pretrained` (a run starting fresh: a resume's checkpoint brings its own
     weights) and model.init_from, holding that folder's weights before DeepSpeed wraps it. Under ZeRO-3 the
-    model is built partitioned (deepspeed.zero.Init) and filled one parameter at a time, gathered, from rank
-    0's memory-mapped read of the folder: no rank ever holds the whole model. ZeRO 0-2 keep every weight on
-    every rank anyway: each rank loads them all."""
+    model is built partitioned (deepspeed.zero.Init) and each rank copies its own partition of every parameter
+    from the rows of the memory-mapped safetensors that hold it: no rank reads or holds the whole model, and
+    nothing crosses the network. ZeRO 0-2 keep every weight on every rank anyway: each rank loads them all."""
     from ctxtrain.errors import UserError
     from ctxtrain.model import build_model
     from ctxtrain.model.hf import PretrainedWeights, UnsupportedModel
@@ -261,13 +261,29 @@ def build(cfg: Config, info: DistInfo, pretrained: bool) -> nn.Module:
                         f"needs ({', '.join(missing[:3])}); is it the folder of this model?")
     with torch.no_grad():
         for name, param in params.items():
-            if not zero3:
+            if zero3:
+                _load_partition(param, weights, name)
+            else:
                 param.copy_(weights.get(name))
-                continue
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if info.rank == 0:
-                    param.copy_(weights.get(name))
     return model
+
+
+def _load_partition(param: nn.Parameter, weights, name: str) -> None:
+    """This rank's ZeRO-3 partition of a parameter from the folder: DeepSpeed pads the flattened parameter to
+    a multiple of the ranks and gives rank r the r-th equal share (`ds_tensor`); a shape of any other kind
+    (another DeepSpeed) falls back to gathering the parameter and filling it on rank 0."""
+    group = param.ds_process_group
+    rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+    share = param.ds_tensor.numel()
+    if share != -(-param.ds_numel // world):
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.copy_(weights.get(name))
+        return
+    start = rank * share
+    count = max(0, min(param.ds_numel - start, share))
+    if count:
+        param.ds_tensor.data[:count].copy_(weights.get_flat(name, start, start + count))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -296,3 +296,15 @@ class PretrainedWeights:
     def get(self, name: str):
         handle, key = self.where[name]
         return handle.get_tensor(key)
+
+    def get_flat(self, name: str, start: int, end: int):
+        """Elements start..end-1 of the weight flattened, reading only the rows that hold them (a ZeRO-3
+        rank's partition: each rank reads its own share of the file)."""
+        handle, key = self.where[name]
+        part = handle.get_slice(key)
+        shape = part.get_shape()
+        row = 1
+        for n in shape[1:]:
+            row *= n
+        first, last = start // row, -(-end // row)
+        return part[first:last].reshape(-1)[start - first * row:end - first * row]
