@@ -38,6 +38,7 @@ VERBS = {
     "translate": "translate sentences (one a line) with a run's encoder-decoder or an export",
     "generate": "continue a prompt with a run's LM or an export",
     "eval": "score a run on its held-out split: BLEU and chrF against the copy baseline, or perplexity",
+    "probe": "how much of its context an LM uses: loss by position and passkey retrieval",
 }
 
 
@@ -286,6 +287,41 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides("probe", overrides)
+    import json
+
+    from ctxtrain import infer
+    from ctxtrain.probes import format_tables
+    from ctxtrain.rundir import RunDir, write_atomic
+
+    lengths, depths = _numbers("--lengths", args.lengths, int), _numbers("--depths", args.depths, float)
+    if min(lengths) < 1 or args.samples < 1 or args.windows < 1:
+        raise UserError("--lengths, --samples and --windows must be at least 1")
+    loaded = infer.load_source(args.source)
+    if args.data:
+        loaded.data_path = infer.matching_data(loaded, args.data)
+    result = infer.run_probes(loaded, lengths, depths, args.samples, args.filler, args.scoring,
+                              args.extrapolate,
+                              args.seed, args.windows)
+    print(format_tables(result))
+    run = RunDir(args.source)
+    out = Path(args.out) if args.out else (run.path / "probe.json" if run.is_run() else Path("probe.json"))
+    write_atomic(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def _numbers(flag: str, text: str, kind) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected comma-separated numbers") from None
+    if not values:
+        raise UserError(f"{flag} {text}: give at least one number")
+    return values
+
+
 def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from ctxtrain.config import load_config
     from ctxtrain.devices import usable_gib
@@ -423,6 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="the prepared data to score (default: the run's data.path; "
                                                  "needed for an export or a Hugging Face folder)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("probe", help=VERBS["probe"])
+    p.add_argument("source", help="a run directory, an export folder or a Hugging Face model folder")
+    p.add_argument("--lengths", default="256,1024,4096", help="prompt and window lengths, comma-separated")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="the needle's depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=8, help="keys per (length, depth) cell")
+    p.add_argument("--filler", choices=["sentences", "corpus"], default="sentences",
+                   help="the classic repeated sentences, or held-out text of the data")
+    p.add_argument("--scoring", choices=["greedy", "forced"], default="greedy",
+                   help="greedy decoding through the KV cache, or the argmax at the key's positions in one "
+                        "forward pass")
+    p.add_argument("--extrapolate", action="store_true", help="allow lengths past the positions the model "
+                                                              "knows")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows per length for the loss by "
+                                                          "position")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", metavar="DIR", help="held-out data for the loss by position and the corpus "
+                                                 "filler (default: a run's data.path)")
+    p.add_argument("--out", help="the numbers as JSON (default: RUN_DIR/probe.json for a run, else "
+                                 "./probe.json)")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("submit", help=VERBS["submit"],
                        description="Submit `ctxtrain train` to a Ray cluster: "

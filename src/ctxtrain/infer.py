@@ -334,3 +334,89 @@ def write_lines(lines: Iterable[str], out: Optional[str]) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probes: how much of its context a model uses
+
+
+def positionable(loaded: Loaded) -> tuple[Optional[int], str]:
+    """The longest length the model positions without extrapolating, and what sets it: model.max_position
+    (a pretrained or extended model), else a run's data.seq_len (the positions it trained on)."""
+    limit = loaded.model.cfg.max_position
+    if limit:
+        return limit, "model.max_position"
+    if loaded.seq_len:
+        return loaded.seq_len, "the run's data.seq_len (the positions it trained on)"
+    return None, ""
+
+
+def run_probes(loaded: Loaded, lengths: list[int], depths: list[float], samples: int,
+               filler: str = "sentences",
+               scoring: str = "greedy", extrapolate: bool = False, seed: int = 0,
+               windows: int = 8) -> dict:
+    """`ctxtrain probe`: the loss by position at each length (on the held-out split, where there is data) and
+    the passkey grid; one line for a setting the model or the data cannot honour."""
+    from ctxtrain import probes
+
+    if loaded.kind != "lm":
+        raise UserError(f"{loaded.where} is an encoder-decoder; the probes measure a language model's use of "
+                        "its context: pass an LM run, export or model folder")
+    limit, what = positionable(loaded)
+    too_long = [n for n in lengths if limit is not None and n > limit]
+    if too_long and not extrapolate:
+        raise UserError(f"--lengths {too_long[0]} is past the {limit} positions of {what}; pass "
+                        "--extrapolate to probe beyond them (what the model does there is the question the "
+                        "probe answers)")
+    outside = [d for d in depths if not 0.0 <= d <= 1.0]
+    if outside:
+        raise UserError(f"--depths {outside[0]}: a needle's depth lies in [0, 1] (0: right after the "
+                        "instruction, 1: right before the question)")
+    corpus = None
+    if filler == "corpus":
+        corpus = probes.Filler(loaded.tokenizer, held_out_tokens(loaded))
+        if len(corpus.corpus) < max(lengths):
+            raise UserError(f"--filler corpus: the val split of {loaded.data_path} holds "
+                            f"{len(corpus.corpus):,} tokens, fewer than a {max(lengths):,}-token prompt "
+                            "needs; pass shorter --lengths, data with a larger val split, or --filler "
+                            "sentences")
+    out: dict = {"source": loaded.where, "lengths": lengths, "positionable": limit}
+    try:
+        if loaded.data_path is not None:
+            out["loss_by_position"] = {str(n): probes.loss_by_position(
+                loaded.model, held_out_windows(loaded, n, windows)).to_dict() for n in lengths}
+        _, result = probes.passkey(loaded.model, loaded.tokenizer, lengths, depths, samples,
+                                   torch.device("cpu"),
+                                   corpus, scoring, seed)
+    except probes.ProbeError as e:
+        raise UserError(str(e)) from None
+    out["passkey"] = result.to_dict()
+    return out
+
+
+def held_out_windows(loaded: Loaded, seq_len: int, count: int):
+    """Batches of the val split's first `count` windows of seq_len tokens, in order (as `eval` reads them)."""
+    from ctxtrain.data.loader import StreamingLoader
+
+    loader = StreamingLoader(loaded.data_path, split="val", seq_len=seq_len, batch_size=1, shuffle=False,
+                             loop=False)
+    for i, batch in enumerate(loader):
+        if i == count:
+            return
+        yield batch["tokens"]
+
+
+def held_out_tokens(loaded: Loaded) -> list[int]:
+    """The val split's documents' tokens in order (the passkey's corpus filler: text training never saw)."""
+    from ctxtrain.data.dataset import Dataset
+    from ctxtrain.data.shards import iter_shard
+
+    if loaded.data_path is None:
+        raise UserError(f"--filler corpus: {loaded.where} has no prepared data; pass --data DIR (prepared "
+                        "with its tokenizer) or --filler sentences")
+    ds = Dataset(loaded.data_path)
+    tokens: list[int] = []
+    for shard in ds.shards("val"):
+        for (ids,) in iter_shard(shard, ds.dtype, ("ids.npy",)):
+            tokens.extend(ids.tolist())
+    return tokens

@@ -8,6 +8,7 @@ returns the command line and the run directory to watch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -233,6 +234,15 @@ CASES = {
                                                  None),
     "config-doc-mask-on-translation": lambda t, b: (["config", "show", str(CONFIGS / "translate_tiny.yaml"),
                                                      "--data.doc_mask=true"], None),
+    # --- probe ---------------------------------------------------------------------------------------------
+    "probe-length-past-positions": lambda t, b: (["probe", str(b["run"]), "--lengths", "32,128"], b["run"]),
+    "probe-depth-outside-0-1": lambda t, b: (["probe", str(b["run"]), "--lengths", "64", "--depths",
+                                              "0.5,1.5"],
+                                             b["run"]),
+    "probe-filler-corpus-too-short": lambda t, b: (["probe", str(b["run"]), "--lengths", "64,400000",
+                                                    "--extrapolate", "--filler", "corpus"], b["run"]),
+    "probe-a-translation-model": lambda t, b: (["probe", str(_translation_export(t, b)), "--lengths", "64"],
+                                               None),
     "plan-negative-memory": lambda t, b: (["plan", CFG, "--gpu-mem", "-1"], None),
 }
 
@@ -262,6 +272,10 @@ EXPECT = {
     "pretrained-data-of-another-tokenizer": "tokenized with another tokenizer",
     "config-unknown-rope-scaling": "longrope",
     "config-doc-mask-on-translation": "data.doc_mask",
+    "probe-length-past-positions": "past the 64 positions of the run's data.seq_len",
+    "probe-depth-outside-0-1": "lies in [0, 1]",
+    "probe-filler-corpus-too-short": "fewer than a 400,000-token prompt needs",
+    "probe-a-translation-model": "is an encoder-decoder",
 }
 
 
@@ -347,6 +361,29 @@ def _pretrained(tmp: Path, base: dict, weights: bool = True, other_tokenizer: bo
         name = next(k for k, v in vocab_map.items() if v == 1000)
         vocab_map["renamed"] = vocab_map.pop(name)
         _write(folder / "tokenizer.json", json.dumps(tok))
+    return folder
+
+
+def _translation_export(tmp: Path, base: dict) -> Path:
+    """A ctxtrain export of a small (untrained) encoder-decoder: what `export` writes for a translation
+    run."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ctxtrain.model import ModelConfig, build_model
+
+    folder = tmp / "encdec"
+    folder.mkdir()
+    model = ModelConfig(kind="encdec",
+                        vocab_size=json.loads((base["data"] / "index.json").read_text())["vocab_size"],
+                        d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in build_model(model).state_dict().items()},
+              str(folder / "model.safetensors"))
+    meta = {"ctxtrain_model": dataclasses.asdict(model),
+            "data": {"special": {"pad": 0, "bos": 1, "eos": 2}, "max_src_len": 64}}
+    _write(folder / "config.json", json.dumps(meta))
+    shutil.copyfile(base["data"] / "tokenizer.json", folder / "tokenizer.json")
     return folder
 
 

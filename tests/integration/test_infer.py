@@ -107,3 +107,20 @@ def test_generate_continues_a_prompt_with_an_lm(zero3_run):
     sampled = [_run("generate", str(run_dir), "--prompt", "import ", "--max-new", "8", "--temperature", "1",
                     "--top-p", "0.9", "--seed", "5").stdout for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed makes sampling reproducible
+
+
+def test_probe_prints_the_tables_and_writes_the_numbers_into_the_run(zero3_run, tmp_path):
+    """`ctxtrain probe RUN`: loss by position on the run's held-out windows (recombining to `eval`'s loss) and
+    the passkey grid; the JSON lands in the run directory."""
+    import json
+
+    run_dir, _, _ = zero3_run
+    r = _run("probe", str(run_dir), "--lengths", "96,128", "--depths", "0,1", "--samples", "2", "--windows",
+             "4")
+    assert r.returncode == 0, r.stderr
+    assert "loss by position, 128-token windows" in r.stdout and "passkey retrieval" in r.stdout
+    result = json.loads((run_dir / "probe.json").read_text())
+    assert result["passkey"]["lengths"] == [96, 128] and len(result["passkey"]["accuracy"][1]) == 2
+    ev = _run("eval", str(run_dir), "--limit", "4", "--seq-len", "128")
+    loss = float(re.search(r"loss (\d+\.\d+)", ev.stdout).group(1))
+    assert result["loss_by_position"]["128"]["mean"] == pytest.approx(loss, abs=1e-4)
