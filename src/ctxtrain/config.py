@@ -129,6 +129,22 @@ class TrainConfig:
     bleu_pairs: int = 256
     """Held-out pairs that train.bleu_every decodes (the first ones of the val split: a fixed subset)."""
 
+    probe_every: int = 0
+    """LM: steps between context probes (`ctxtrain probe`'s loss by position and passkey retrieval) on the
+    gathered weights, split across the ranks, into metrics.jsonl as probe/... keys (0: never)."""
+
+    probe_lengths: list[int] = field(default_factory=list)
+    """Lengths the in-loop probes run at (empty: data.seq_len)."""
+
+    probe_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """The passkey's depths in [0, 1] (0: right after the instruction, 1: right before the question)."""
+
+    probe_samples: int = 4
+    """Passkey keys per (length, depth) cell of an in-loop probe."""
+
+    probe_windows: int = 8
+    """Held-out windows per length for an in-loop probe's loss by position."""
+
     log_every: int = 10
     """Steps between plain log lines when no terminal shows a progress bar."""
 
@@ -139,7 +155,8 @@ class TrainConfig:
     """Dense bf16 peak of one accelerator for MFU; null: looked up for known GPUs, and MFU is null on CPU."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum", "eval_batches", "log_every", "bleu_pairs"):
+        for name in ("max_steps", "grad_accum", "eval_batches", "log_every", "bleu_pairs", "probe_samples",
+                     "probe_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be a positive integer")
         if self.global_batch is not None and self.global_batch < 1:
@@ -152,6 +169,12 @@ class TrainConfig:
             raise ValueError(f"train.eval_every={self.eval_every}: must be 0 (off) or a positive integer")
         if self.bleu_every < 0:
             raise ValueError(f"train.bleu_every={self.bleu_every}: must be 0 (off) or a positive integer")
+        if self.probe_every < 0:
+            raise ValueError(f"train.probe_every={self.probe_every}: must be 0 (off) or a positive integer")
+        if any(n < 1 for n in self.probe_lengths):
+            raise ValueError(f"train.probe_lengths={self.probe_lengths}: lengths are positive integers")
+        if not self.probe_depths or any(not 0.0 <= d <= 1.0 for d in self.probe_depths):
+            raise ValueError(f"train.probe_depths={self.probe_depths}: one or more depths in [0, 1]")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
             raise ValueError(
                 f"train.stop_at_step={self.stop_at_step}: must lie in 1..train.max_steps={self.max_steps}"
@@ -499,6 +522,10 @@ class Config:
                              "pretrained models runs without it)")
 
     def _check_bleu(self) -> None:
+        if self.train.probe_every and self.model.kind != "lm":
+            raise ValueError(f"train.probe_every={self.train.probe_every}: the probes measure a language "
+                             f"model's use of its context, and model.kind={self.model.kind} translates; set "
+                             "train.probe_every=0 (val_bleu scores translations)")
         if self.train.bleu_every and self.model.kind != "encdec":
             raise ValueError(f"train.bleu_every={self.train.bleu_every}: BLEU scores translations, and "
                              f"model.kind={self.model.kind} does not translate; set train.bleu_every=0 "

@@ -287,6 +287,57 @@ class ValBleu:
         return {"val_bleu": bleu, "val_chrf": chrf}
 
 
+class LoopProbes:
+    """train.probe_every: the context probes on the gathered weights during training. Every data-parallel rank
+    scores its share (windows i and passkey cells i with i % world == rank) with a plain copy of the model,
+    outside DeepSpeed's hooks and the training's random stream; rank 0 merges the shares into probe/...
+    scalars (`probes.flat_metrics`) and probe_s, the probe's seconds."""
+
+    def __init__(self, cfg, rank: int, world: int):
+        from ctxtrain.data.tokenizer import load_tokenizer
+
+        data_path = Path(cfg.data.path)
+        t = cfg.train
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.lengths = t.probe_lengths or [cfg.data.seq_len]
+        self.frame = Loaded(None, "lm", load_tokenizer(data_path / "tokenizer.json"), _special(data_path), 0,
+                            data_path, str(data_path), cfg.data.seq_len)
+
+    def score(self, weights: dict, device: torch.device, gather) -> Optional[dict]:
+        """Every rank calls this; on rank 0 the probe's scalars, elsewhere None."""
+        import time
+
+        from ctxtrain import probes
+        from ctxtrain.model import build_model
+
+        t0, t = time.perf_counter(), self.cfg.train
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(self.cfg.model)
+        model.load_state_dict(weights, strict=False)
+        model.to(device).eval()
+        self.frame.model = model
+        losses = {}
+        for n in self.lengths:
+            windows = (w.to(device) for i, w in enumerate(held_out_windows(self.frame, n, t.probe_windows))
+                       if i % self.world == self.rank)
+            try:
+                losses[n] = probes.loss_by_position(model, windows)
+            except probes.ProbeError:
+                losses[n] = None  # this rank's share of the windows is empty
+        triples, _ = probes.passkey(model, self.frame.tokenizer, self.lengths, t.probe_depths,
+                                    t.probe_samples,
+                                    device, seed=0, share=(self.rank, self.world))
+        shares = gather((losses, triples))
+        if self.rank != 0:
+            return None
+        merged = {n: probes.PositionLoss.merge([s[0][n] for s in shares if s[0][n] is not None])
+                  for n in self.lengths if any(s[0][n] is not None for s in shares)}
+        result = probes.tally([x for s in shares for x in s[1]], self.lengths, t.probe_depths,
+                              t.probe_samples,
+                              "greedy", "sentences")
+        return {**probes.flat_metrics(merged, result), "probe_s": time.perf_counter() - t0}
+
+
 def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = None,
                 limit: Optional[int] = None) -> dict:
     """Mean token loss and perplexity on the split's first `limit` windows (all of them: None) of seq_len

@@ -101,6 +101,14 @@ class PositionLoss:
                 effective = self.buckets[i][1]
         return effective
 
+    @staticmethod
+    def merge(parts: list["PositionLoss"]) -> "PositionLoss":
+        """One result from several ranks' (the same buckets), token-weighted."""
+        first = parts[0]
+        tokens = [sum(p.tokens[i] for p in parts) for i in range(len(first.buckets))]
+        loss = [sum(p.loss[i] * p.tokens[i] for p in parts) / n for i, n in enumerate(tokens)]
+        return PositionLoss(first.buckets, loss, tokens, first.eps)
+
     def to_dict(self) -> dict:
         return {"buckets": [list(b) for b in self.buckets], "loss": self.loss, "tokens": self.tokens,
                 "mean": self.mean, "context_gain": self.context_gain,
@@ -281,6 +289,27 @@ def longest_position(cfg) -> Optional[int]:
     pretrained or extended model), else None (RoPE and sinusoids compute any position; past the training
     length is the extrapolation these probes measure)."""
     return cfg.max_position
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Records and tables
+
+
+def flat_metrics(losses: dict[int, PositionLoss], result: PasskeyResult) -> dict:
+    """The probes as the scalars of one metrics.jsonl record (W&B and TensorBoard plot each):
+    probe/loss/L{length}/{bucket start}, probe/context_gain/L{length}, probe/effective_context/L{length},
+    probe/passkey/L{length}/d{depth} and probe/passkey_effective_length."""
+    out: dict = {}
+    for n, lp in losses.items():
+        for (a, _), loss in zip(lp.buckets, lp.loss):
+            out[f"probe/loss/L{n}/{a}"] = loss
+        out[f"probe/context_gain/L{n}"] = lp.context_gain
+        out[f"probe/effective_context/L{n}"] = lp.effective_context
+    for n, row in zip(result.lengths, result.accuracy):
+        for d, acc in zip(result.depths, row):
+            out[f"probe/passkey/L{n}/d{d:g}"] = acc
+    out["probe/passkey_effective_length"] = result.effective_length
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

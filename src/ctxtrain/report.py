@@ -3,8 +3,9 @@
 
 One self-contained HTML file (inline SVG, inline CSS, no script, nothing fetched): a summary row per run;
 plots of loss and val loss, learning rate, tokens/s, MFU, memory, and step time / data wait against step,
-several runs overlaid (one colour per run); each run's config and checkpoint list. With --png, the same
-plots as PNG files.
+several runs overlaid (one colour per run); a run's context probes (train.probe_every): its loss by position
+per probe step and its passkey heat map; each run's config and checkpoint list. With --png, the same plots as
+PNG files.
 """
 
 from __future__ import annotations
@@ -183,6 +184,67 @@ def _figure(key: str, title: str, ylabel: str, runs: list[Run]):
     return fig, drawn, hover
 
 
+def probe_records(run: Run) -> list[dict]:
+    """The run's records that carry a context probe (train.probe_every), in step order."""
+    return [r for r in run.rows if r.get("probe/passkey_effective_length") is not None]
+
+
+def _probe_grid(record: dict) -> tuple[list[int], list[float], list[list[float]]]:
+    """(lengths, depths, accuracy[length][depth]) of one probe record's passkey cells."""
+    cells = {}
+    for key, value in record.items():
+        if key.startswith("probe/passkey/L"):
+            length, depth = key[len("probe/passkey/L"):].split("/d")
+            cells[(int(length), float(depth))] = value
+    lengths, depths = sorted({n for n, _ in cells}), sorted({d for _, d in cells})
+    return lengths, depths, [[cells.get((n, d), float("nan")) for d in depths] for n in lengths]
+
+
+def probe_figures(run: Run, index: int) -> list[tuple[str, object]]:
+    """A run's context probes: the loss by position at its longest probe length, one line per probe step
+    (light to dark), and the passkey accuracy of the last probe (length x depth heat map)."""
+    import matplotlib.pyplot as plt
+
+    rows = probe_records(run)
+    if not rows:
+        return []
+    lengths = sorted({int(k.split("/")[2][1:]) for k in rows[-1] if k.startswith("probe/loss/L")})
+    figures = []
+    if lengths:
+        n = lengths[-1]
+        fig, ax = plt.subplots(figsize=(7.2, 3.6), dpi=100)
+        cmap = plt.get_cmap("viridis")
+        for j, r in enumerate(rows):
+            pts = sorted((int(k.rsplit("/", 1)[1]), v) for k,
+                         v in r.items() if k.startswith(f"probe/loss/L{n}/"))
+            ax.plot([a + 1 for a, _ in pts], [v for _, v in pts], marker="o", markersize=3,
+                    color=cmap(j / max(1, len(rows) - 1)), label=f"step {r['step']}",
+                    gid=f"r{index}-probe-{j}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{run.name}: held-out loss by position ({n:,}-token windows)")
+        ax.set_xlabel("position in the window (bucket start + 1)")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best", ncol=2)
+        fig.tight_layout()
+        figures.append(("probe-loss", fig))
+    lens, depths, acc = _probe_grid(rows[-1])
+    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.5 * len(lens)), dpi=100)
+    ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for y, row in enumerate(acc):
+        for x, value in enumerate(row):
+            ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_yticks(range(len(lens)), [f"{n:,}" for n in lens])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("prompt length")
+    ax.set_title(f"{run.name}: passkey accuracy at step {rows[-1]['step']} (effective length "
+                 f"{rows[-1]['probe/passkey_effective_length']:,})")
+    fig.tight_layout()
+    figures.append(("probe-passkey", fig))
+    return figures
+
+
 def _line(ax, series, color, label, style="-", hover: Optional[_Hover] = None, gid: str = "",
           unit: str = "") -> int:
     x, y = series
@@ -332,6 +394,17 @@ def render(run_dirs: list[str], png_dir: Optional[str] = None, refresh_s: Option
             fig.savefig(Path(png_dir) / f"{key}.png", dpi=100)
         plt.close(fig)
     parts.append("</div>")
+    for i, run in enumerate(runs):
+        figures = probe_figures(run, i)
+        if figures:
+            parts.append(f"<h2>Context probes: {html.escape(run.name)}</h2><div class='plots'>")
+        for key, fig in figures:
+            parts.append(f"<figure class='plot' id='plot-{key}-{i}'>{_svg(fig)}</figure>")
+            if png_dir:
+                fig.savefig(Path(png_dir) / f"{key}-{i}.png", dpi=100)
+            plt.close(fig)
+        if figures:
+            parts.append("</div>")
 
     for run in runs:
         parts.append(f"<h2>{html.escape(run.name)}</h2><p>{html.escape(str(run.path.resolve()))}</p>")

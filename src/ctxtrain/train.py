@@ -172,11 +172,10 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
     faults, preemption = Faults(cfg, rank), Preemption(RunDir(t.run_dir), rank)
     faults.arm_read(state.step, state.loader)
     batches = iter(state.loader)
-    bleu = None
-    if t.bleu_every:
-        from ctxtrain.infer import ValBleu
+    from ctxtrain.infer import LoopProbes, ValBleu
 
-        bleu = ValBleu(cfg, info.dp_rank, info.dp_size)
+    bleu = ValBleu(cfg, info.dp_rank, info.dp_size) if t.bleu_every else None
+    probes = LoopProbes(cfg, info.dp_rank, info.dp_size) if t.probe_every else None
     peak = M.peak_flops(device, t.peak_tflops)
     show_lines = os.environ.get("CTXTRAIN_PROGRESS", "lines") != "bar"  # a terminal's bar draws metrics.jsonl
     pending, watch, last, first_line = M.PendingSteps(device, info.dp_size), M.Stopwatch(), {}, True
@@ -199,9 +198,10 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
             state.stop_reason = "preempted"
         evaluating = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
         scoring = bleu is not None and (step % t.bleu_every == 0 or step == t.max_steps)
+        probing = probes is not None and (step % t.probe_every == 0 or step == t.max_steps)
         saving = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if not (step % t.log_every == 0 or step == 1 or evaluating or scoring or saving or state.stop_reason
-                or step == t.max_steps):
+        if not (step % t.log_every == 0 or step == 1 or evaluating or scoring or probing or saving
+                or state.stop_reason or step == t.max_steps):
             continue
 
         # Every log_every steps (and before an evaluation or a checkpoint): the one host sync of the interval.
@@ -227,6 +227,8 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
             record.update(evaluate(cfg, engine) or {})
         if scoring:
             record.update(bleu.score(engine.full_weights(), device, gather_objects) or {})
+        if probing:
+            record.update(probes.score(engine.full_weights(), device, gather_objects) or {})
         if final or saving:
             t_ckpt = time.perf_counter()
             ckpt.save(engine, storage, cfg, state, faults)

@@ -4,6 +4,7 @@ started in a terminal (a pseudo-terminal here) against the plain lines of one st
 from __future__ import annotations
 
 import io
+import json
 import os
 import pty
 import re
@@ -181,3 +182,46 @@ def test_prepare_and_export_show_progress_in_a_terminal(zero3_run, tmp_path):
     code, out = in_pty([sys.executable, "-m", "ctxtrain", "export", str(run_dir), "--out",
                         str(tmp_path / "x")])
     assert code == 0 and re.search(r"export:\s+100%\|", out), out[-2000:]
+
+
+@pytest.mark.skipif(BROWSER is None, reason="Debian's chromium is not installed (launch/install.sh dev "
+                                            "installs it)")
+def test_probes_in_the_loop_survive_a_kill_and_show_in_the_report(stdlib_shards, tmp_path):
+    """train.probe_every under ZeRO-3 on 2 workers: the probe's scalars at steps 3, 6 and the last, each step
+    once in metrics.jsonl across a kill (step 7) and the resume from step 4; the training itself is the run's
+    without probes; the report draws the loss-by-position curves and the passkey heat map."""
+    from PIL import Image
+
+    common = ["--train.max_steps=8", "--train.log_every=1", "--checkpoint.every=4", "--zero.stage=3",
+              "--train.probe_lengths=96,128", "--train.probe_depths=0,0.5,1", "--train.probe_samples=2",
+              "--train.probe_windows=2"]
+    probing = [*common, "--train.probe_every=3"]
+    run_dir = tmp_path / "probed"
+    proc, m = train(run_dir, stdlib_shards, *probing, "--fault.kill_rank=1", "--fault.at_step=7", check=False)
+    assert proc.returncode != 0 and [s for s in m if "probe_s" in m[s]] == [3, 6]
+    proc, m = train(run_dir, stdlib_shards, *probing)
+    assert "resumed from step_000004" in proc.stdout
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # each step once
+    assert [s for s in m if "probe_s" in m[s]] == [3, 6, 8]
+    record = m[8]
+    assert {f"probe/passkey/L{n}/d{d}" for n in (96, 128) for d in ("0", "0.5", "1")} <= set(record)
+    assert record["probe/loss/L128/64"] > 0 and "probe/effective_context/L96" in record
+    _, plain = train(tmp_path / "plain", stdlib_shards, *common)
+    assert [m[s]["loss"] for s in range(1, 9)] == [plain[s]["loss"] for s in range(1, 9)]
+
+    out = tmp_path / "report.html"
+    r = ctxtrain("report", str(run_dir), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    browser = Chromium(BROWSER, tmp_path / "profile")
+    try:
+        browser.load(out.as_uri())
+        boxes = {b["id"]: b for b in browser.boxes("figure.plot")}
+        assert {"plot-probe-loss-0", "plot-probe-passkey-0"} <= set(boxes)
+        shots = {k: Image.open(io.BytesIO(browser.screenshot(boxes[k]))).convert("RGB")
+                 for k in ("plot-probe-loss-0", "plot-probe-passkey-0")}
+    finally:
+        browser.close()
+    for key, image in shots.items():
+        assert image.size[0] > 800 and share(image) > 0.03, key
+    assert "passkey accuracy at step 8" in out.read_text()
