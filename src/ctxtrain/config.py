@@ -145,6 +145,13 @@ class TrainConfig:
     probe_windows: int = 8
     """Held-out windows per length for an in-loop probe's loss by position."""
 
+    probe_scoring: Literal["auto", "greedy", "forced"] = "auto"
+    """How an in-loop probe runs. greedy: on the gathered weights, one plain copy of the model per rank,
+    passkey decoded through the KV cache. forced: through the training engine itself, forward only (ZeRO-3's
+    partitions, the run's parallel.sp groups and memory levers: the lengths the run trains at), passkey scored
+    by the teacher-forced argmax over the key's tokens (both give the same verdicts where both run). auto:
+    forced when parallel.sp > 1 or a memory lever is on (one device may not hold the window), else greedy."""
+
     log_every: int = 10
     """Steps between plain log lines when no terminal shows a progress bar."""
 

@@ -288,54 +288,122 @@ class ValBleu:
 
 
 class LoopProbes:
-    """train.probe_every: the context probes on the gathered weights during training. Every data-parallel rank
-    scores its share (windows i and passkey cells i with i % world == rank) with a plain copy of the model,
-    outside DeepSpeed's hooks and the training's random stream; rank 0 merges the shares into probe/...
-    scalars (`probes.flat_metrics`) and probe_s, the probe's seconds."""
+    """train.probe_every: the context probes during training, split across the data-parallel ranks (windows
+    and passkey prompts i with i % world == rank), outside the training's random stream; rank 0 merges the
+    shares into probe/... scalars (`probes.flat_metrics`) and probe_s, the probe's seconds.
+
+    greedy scoring: every rank scores its share with a plain copy of the gathered weights (outside DeepSpeed's
+    hooks), passkey decoded through the KV cache. forced scoring: through the engine, forward only (its ZeRO-3
+    partitions, sp groups and levers; the ranks of an sp group score one sequence between them), passkey by
+    the teacher-forced argmax over the key's tokens; every rank runs as many forward passes as the others."""
 
     def __init__(self, cfg, rank: int, world: int):
         from ctxtrain.data.tokenizer import load_tokenizer
 
         data_path = Path(cfg.data.path)
-        t = cfg.train
+        t, m = cfg.train, cfg.memory
         self.cfg, self.rank, self.world = cfg, rank, world
         self.lengths = t.probe_lengths or [cfg.data.seq_len]
         self.frame = Loaded(None, "lm", load_tokenizer(data_path / "tokenizer.json"), _special(data_path), 0,
                             data_path, str(data_path), cfg.data.seq_len)
+        levers = m.checkpoint != "none" or bool(m.loss_chunk) or bool(m.mlp_chunk)
+        self.scoring = t.probe_scoring if t.probe_scoring != "auto" else (
+            "forced" if cfg.parallel.sp > 1 or levers else "greedy")
+        self._check()
 
-    def score(self, weights: dict, device: torch.device, gather) -> Optional[dict]:
-        """Every rank calls this; on rank 0 the probe's scalars, elsewhere None."""
+    def _check(self) -> None:
+        """Refuse, before the first step, lengths the probes cannot run at (one line on every rank)."""
+        from ctxtrain import probes
+
+        t = self.cfg.train
+        limit = self.cfg.model.max_position
+        for n in self.lengths:
+            if limit and n > limit:
+                raise UserError(f"train.probe_lengths: {n} is past model.max_position={limit}, the positions "
+                                "the model knows; probe at most that long (`ctxtrain probe --extrapolate` "
+                                "probes beyond it)")
+            for _, di, key in probes.grid([n], t.probe_depths, t.probe_samples, seed=0):
+                try:
+                    probes.passkey_prompt(self.frame.tokenizer, n, t.probe_depths[di], key,
+                                          probes.Filler(self.frame.tokenizer))
+                except probes.ProbeError as e:
+                    raise UserError(f"train.probe_lengths: {e}") from None
+
+    def score(self, engine, gather) -> Optional[dict]:
+        """Every rank calls this with the training engine; on rank 0 the probe's scalars, elsewhere None."""
         import time
 
         from ctxtrain import probes
-        from ctxtrain.model import build_model
 
         t0, t = time.perf_counter(), self.cfg.train
+        if self.scoring == "greedy":
+            shares = gather(self._greedy(engine.full_weights(), engine.device))
+        else:
+            shares = gather(self._forced(engine.token_scores))
+        if self.rank != 0:
+            return None
+        sums = {n: probes.PositionSums.merge([s[0][n] for s in shares]) for n in self.lengths}
+        merged = {n: s.result() for n, s in sums.items() if all(s.counts)}
+        if self.scoring == "greedy":
+            triples = [x for s in shares for x in s[1]]
+        else:  # a prompt's key is right when the slices of its sp group found every token of it
+            verdicts: dict = {}
+            for item, li, di, hit, need in (x for s in shares for x in s[1]):
+                verdicts.setdefault(item, [li, di, 0, need])[2] += hit
+            triples = [(li, di, hit == need) for li, di, hit, need in verdicts.values()]
+        result = probes.tally(triples, self.lengths, t.probe_depths, t.probe_samples, self.scoring,
+                              "sentences")
+        return {**probes.flat_metrics(merged, result), "probe_s": time.perf_counter() - t0,
+                "probe_scoring": self.scoring}
+
+    def _greedy(self, weights: dict, device: torch.device):
+        from ctxtrain import probes
+        from ctxtrain.model import build_model
+
+        t = self.cfg.train
         with torch.random.fork_rng(devices=[]):
             model = build_model(self.cfg.model)
         model.load_state_dict(weights, strict=False)
         model.to(device).eval()
-        self.frame.model = model
-        losses = {}
-        for n in self.lengths:
-            windows = (w.to(device) for i, w in enumerate(held_out_windows(self.frame, n, t.probe_windows))
-                       if i % self.world == self.rank)
-            try:
-                losses[n] = probes.loss_by_position(model, windows)
-            except probes.ProbeError:
-                losses[n] = None  # this rank's share of the windows is empty
+        sums = {n: probes.position_sums(model, (w.to(device) for i, w in enumerate(
+            held_out_windows(self.frame, n, t.probe_windows)) if i % self.world == self.rank), n)
+                for n in self.lengths}
         triples, _ = probes.passkey(model, self.frame.tokenizer, self.lengths, t.probe_depths,
-                                    t.probe_samples,
-                                    device, seed=0, share=(self.rank, self.world))
-        shares = gather((losses, triples))
-        if self.rank != 0:
-            return None
-        merged = {n: probes.PositionLoss.merge([s[0][n] for s in shares if s[0][n] is not None])
-                  for n in self.lengths if any(s[0][n] is not None for s in shares)}
-        result = probes.tally([x for s in shares for x in s[1]], self.lengths, t.probe_depths,
-                              t.probe_samples,
-                              "greedy", "sentences")
-        return {**probes.flat_metrics(merged, result), "probe_s": time.perf_counter() - t0}
+                                    t.probe_samples, device, seed=0, share=(self.rank, self.world))
+        return sums, triples
+
+    def _forced(self, token_scores):
+        """This rank's bucket sums and passkey verdicts, scored through `token_scores` (Engine.token_scores):
+        each sequence right-padded to a multiple of sp (causal: the padding changes nothing before it)."""
+        from ctxtrain import probes
+        from ctxtrain.model.transformer import IGNORE_INDEX
+
+        t, sp = self.cfg.train, self.cfg.parallel.sp
+        sums, hits = {}, []
+        filler = probes.Filler(self.frame.tokenizer)
+        for li, n in enumerate(self.lengths):
+            sums[n] = probes.PositionSums(n)
+            items = [(None, w[0].tolist()) for w in held_out_windows(self.frame, n, t.probe_windows)]
+            for _, di, key in probes.grid([n], t.probe_depths, t.probe_samples, seed=0):
+                p = probes.passkey_prompt(self.frame.tokenizer, n, t.probe_depths[di], key, filler)
+                items.append(((li, di, p), p.ids + p.answer))
+            width = -(-max(len(ids) - 1 for _, ids in items) // sp) * sp
+            for i in range(self.rank, -(-len(items) // self.world) * self.world, self.world):
+                # past the end: a pass like the others'
+                what, ids = items[i] if i < len(items) else (None, [])
+                real = max(len(ids) - 1, 0)
+                inputs = torch.zeros(1, width, dtype=torch.long)
+                targets = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+                inputs[0, :real], targets[0, :real] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+                start, scores = token_scores(inputs, targets)
+                if what is None and real:  # a held-out window (positions past n: padding, left out)
+                    sums[n].add(scores[..., 0], start)
+                elif what is not None:
+                    _, di, p = what
+                    first = len(p.ids) - 1 - start  # the key's first target in this rank's slice
+                    mine = scores[0, max(first, 0):max(first + len(p.answer), 0), 1]
+                    hits.append(((li, i), li, di, int(mine.sum()), len(p.answer)))
+        return sums, hits
 
 
 def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = None,

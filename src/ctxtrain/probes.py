@@ -58,18 +58,10 @@ def buckets(length: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def token_losses(model, windows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Next-token losses (B, L) of windows (B, L + 1), in float32; the LM head runs `chunk` positions at a
-    time, so the [L, V] logits never exist whole."""
-    hidden = model.hidden_states(windows[:, :-1])
-    targets = windows[:, 1:]
-    out = torch.empty(targets.shape, dtype=torch.float32, device=windows.device)
-    for start in range(0, targets.shape[1], chunk):
-        logits = model.lm_head(hidden[:, start:start + chunk]).float()
-        part = targets[:, start:start + chunk]
-        out[:, start:start + chunk] = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), part.flatten(), reduction="none").view(part.shape)
-    return out
+def token_losses(model, windows: torch.Tensor) -> torch.Tensor:
+    """Next-token losses (B, L) of windows (B, L + 1), in float32 (the model's `token_scores`: the [L, V]
+    logits never exist whole)."""
+    return model(windows[:, :-1], windows[:, 1:], scores=True)[..., 0]
 
 
 @dataclass
@@ -101,37 +93,59 @@ class PositionLoss:
                 effective = self.buckets[i][1]
         return effective
 
-    @staticmethod
-    def merge(parts: list["PositionLoss"]) -> "PositionLoss":
-        """One result from several ranks' (the same buckets), token-weighted."""
-        first = parts[0]
-        tokens = [sum(p.tokens[i] for p in parts) for i in range(len(first.buckets))]
-        loss = [sum(p.loss[i] * p.tokens[i] for p in parts) / n for i, n in enumerate(tokens)]
-        return PositionLoss(first.buckets, loss, tokens, first.eps)
-
     def to_dict(self) -> dict:
         return {"buckets": [list(b) for b in self.buckets], "loss": self.loss, "tokens": self.tokens,
                 "mean": self.mean, "context_gain": self.context_gain,
                 "effective_context": self.effective_context, "eps": self.eps}
 
 
+class PositionSums:
+    """Running sums and counts of token losses in the buckets of one window length, from any share of the
+    positions (a rank's slice under sequence parallelism, a rank's windows): they add up across ranks
+    (`merge`), and `result` is the PositionLoss."""
+
+    def __init__(self, length: int):
+        self.spans = buckets(length)
+        self.sums, self.counts = [0.0] * len(self.spans), [0] * len(self.spans)
+
+    def add(self, losses: torch.Tensor, offset: int = 0) -> None:
+        """losses (B, T) of positions offset..offset + T (those past the last bucket are left out)."""
+        for i, (a, b) in enumerate(self.spans):
+            part = losses[:, max(a - offset, 0):max(b - offset, 0)]
+            self.sums[i] += float(part.double().sum())
+            self.counts[i] += part.numel()
+
+    @staticmethod
+    def merge(parts: list["PositionSums"]) -> "PositionSums":
+        out = parts[0]
+        for p in parts[1:]:
+            out.sums = [a + b for a, b in zip(out.sums, p.sums)]
+            out.counts = [a + b for a, b in zip(out.counts, p.counts)]
+        return out
+
+    def result(self, eps: float = 0.01) -> PositionLoss:
+        if not all(self.counts):
+            raise ProbeError("no window to score: the split holds no window of this length; pass a shorter "
+                             "length")
+        return PositionLoss(self.spans, [s / n for s, n in zip(self.sums, self.counts)], self.counts, eps)
+
+
+def position_sums(model, windows: Iterable[torch.Tensor], length: int) -> PositionSums:
+    """The bucket sums of batches of windows (B, length + 1) on a plain model."""
+    sums = PositionSums(length)
+    for batch in windows:
+        sums.add(token_losses(model, batch))
+    return sums
+
+
 def loss_by_position(model, windows: Iterable[torch.Tensor], eps: float = 0.01) -> PositionLoss:
     """The loss by position bucket over batches of windows (B, L + 1), all of one length."""
-    sums: Optional[list[float]] = None
-    counts: list[int] = []
-    spans: list[tuple[int, int]] = []
-    for batch in windows:
-        losses = token_losses(model, batch)
-        if sums is None:
-            spans = buckets(losses.shape[1])
-            sums, counts = [0.0] * len(spans), [0] * len(spans)
-        for i, (a, b) in enumerate(spans):
-            sums[i] += float(losses[:, a:b].double().sum())
-            counts[i] += losses[:, a:b].numel()
-    if sums is None:
+    windows = iter(windows)
+    first = next(windows, None)
+    if first is None:
         raise ProbeError("no window to score: the split holds no window of this length; pass a shorter "
                          "length")
-    return PositionLoss(spans, [s / n for s, n in zip(sums, counts)], counts, eps)
+    return position_sums(model, [first, *windows], first.shape[1] - 1).result(eps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,10 +215,11 @@ def answer_greedy(model, prompt: PasskeyPrompt, device: torch.device) -> list[in
 
 @torch.no_grad()
 def answer_forced(model, prompt: PasskeyPrompt, device: torch.device) -> list[int]:
-    """The argmax at each of the key's positions in one forward pass over prompt + key (teacher forcing)."""
-    tokens = torch.tensor([prompt.ids + prompt.answer[:-1]], device=device)
-    hidden = model.hidden_states(tokens)[:, len(prompt.ids) - 1:]
-    return model.lm_head(hidden).argmax(-1)[0].tolist()
+    """The argmax at each of the key's positions in one forward pass over prompt + key (teacher forcing): the
+    key's tokens where the model's argmax is right, -1 where it is not."""
+    tokens = torch.tensor([prompt.ids + prompt.answer], device=device)
+    hits = model(tokens[:, :-1], tokens[:, 1:], scores=True)[0, len(prompt.ids) - 1:, 1]
+    return [t if hit else -1 for t, hit in zip(prompt.answer, hits.tolist())]
 
 
 def is_correct(tokens: list[int], prompt: PasskeyPrompt) -> bool:
@@ -252,7 +267,7 @@ def passkey(model, tokenizer, lengths: list[int], depths: list[float], samples: 
     filler = filler or Filler(tokenizer)
     answer = answer_greedy if scoring == "greedy" else answer_forced
     triples = []
-    for i, (li, di, key) in enumerate(_grid(lengths, depths, samples, seed)):
+    for i, (li, di, key) in enumerate(grid(lengths, depths, samples, seed)):
         if i % share[1] != share[0]:
             continue
         prompt = passkey_prompt(tokenizer, lengths[li], depths[di], key, filler)
@@ -261,7 +276,8 @@ def passkey(model, tokenizer, lengths: list[int], depths: list[float], samples: 
                           "corpus" if filler.corpus else "sentences")
 
 
-def _grid(lengths: list[int], depths: list[float], samples: int, seed: int):
+def grid(lengths: list[int], depths: list[float], samples: int, seed: int):
+    """Every (length index, depth index, key) cell of the passkey grid; the keys drawn with `seed`."""
     drawn = keys(seed, samples)
     for li in range(len(lengths)):
         for di in range(len(depths)):

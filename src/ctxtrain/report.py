@@ -238,8 +238,9 @@ def probe_figures(run: Run, index: int) -> list[tuple[str, object]]:
     ax.set_yticks(range(len(lens)), [f"{n:,}" for n in lens])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("prompt length")
-    ax.set_title(f"{run.name}: passkey accuracy at step {rows[-1]['step']} (effective length "
-                 f"{rows[-1]['probe/passkey_effective_length']:,})")
+    scoring = rows[-1].get("probe_scoring", "greedy")
+    ax.set_title(f"{run.name}: passkey accuracy at step {rows[-1]['step']} ({scoring} scoring, effective "
+                 f"length {rows[-1]['probe/passkey_effective_length']:,})")
     fig.tight_layout()
     figures.append(("probe-passkey", fig))
     return figures

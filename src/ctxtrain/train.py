@@ -228,7 +228,7 @@ def _loop(cfg: Config, engine: Engine, state: TrainState, storage, tracker: Trac
         if scoring:
             record.update(bleu.score(engine.full_weights(), device, gather_objects) or {})
         if probing:
-            record.update(probes.score(engine.full_weights(), device, gather_objects) or {})
+            record.update(probes.score(engine, gather_objects) or {})
         if final or saving:
             t_ckpt = time.perf_counter()
             ckpt.save(engine, storage, cfg, state, faults)

@@ -41,7 +41,13 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    try:
+        code = main(sys.argv[1:])
+    except BaseException:  # a bug: its traceback, then out at once (no thread left behind keeps it alive)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     # What this worker wrote is committed and closed, its process group destroyed, its DataLoader workers die
     # with it (PR_SET_PDEATHSIG). Python's own teardown would now garbage-collect torch's and DeepSpeed's
     # objects one by one: ~2 s at the end of every run on 2 CPU cores, for memory the exit frees anyway.

@@ -243,6 +243,8 @@ CASES = {
                                                     "--extrapolate", "--filler", "corpus"], b["run"]),
     "probe-a-translation-model": lambda t, b: (["probe", str(_translation_export(t, b)), "--lengths", "64"],
                                                None),
+    "train-probe-length-too-short-for-the-prompt": lambda t, b: (
+        _train(b, t / "r", "--train.probe_every=2", "--train.probe_lengths=32"), None),
     "plan-negative-memory": lambda t, b: (["plan", CFG, "--gpu-mem", "-1"], None),
 }
 
@@ -276,6 +278,7 @@ EXPECT = {
     "probe-depth-outside-0-1": "lies in [0, 1]",
     "probe-filler-corpus-too-short": "fewer than a 400,000-token prompt needs",
     "probe-a-translation-model": "is an encoder-decoder",
+    "train-probe-length-too-short-for-the-prompt": "train.probe_lengths: length 32",
 }
 
 

@@ -118,3 +118,32 @@ def test_each_worker_holds_less_at_sp2(stdlib_shards, tmp_path):
         peaks[sp] = max(m[s]["mem_peak_bytes"] for s in m)
     # parameters and optimizer state stay whole on each worker; the activations halve
     assert peaks[2] < 0.8 * peaks[1], {sp: p / 2**20 for sp, p in peaks.items()}
+
+
+def test_probes_forced_through_sp2_agree_with_greedy_on_one_device(stdlib_shards, tmp_path):
+    """train.probe_scoring auto under sp=2 with the levers on ZeRO-3: the probes run through the engine (each
+    rank scores its slice, the passkey by teacher-forced argmax), and give `ctxtrain probe`'s numbers on the
+    final weights on one device (greedy decoding through the KV cache): the same loss in every bucket, the
+    same passkey cells."""
+    import json
+
+    from tests.helpers import ctxtrain
+
+    probe = ["--train.probe_lengths=96,128", "--train.probe_depths=0,1", "--train.probe_samples=2",
+             "--train.probe_windows=3"]
+    run_dir = tmp_path / "sp2"
+    _, m = train(run_dir, stdlib_shards, *SHORT, "--train.max_steps=2", "--cluster.workers=2",
+                 "--parallel.sp=2", "--zero.stage=3", "--model.n_kv_heads=2", "--memory.checkpoint=full",
+                 "--memory.loss_chunk=48", "--train.probe_every=2", *probe)
+    record = m[2]
+    assert record["probe_scoring"] == "forced"
+    r = ctxtrain("probe", str(run_dir), "--lengths", "96,128", "--depths", "0,1", "--samples", "2",
+                 "--windows", "3", "--scoring", "greedy", "--out", str(tmp_path / "greedy.json"))
+    assert r.returncode == 0, r.stderr
+    greedy = json.loads((tmp_path / "greedy.json").read_text())
+    for n in (96, 128):
+        lp = greedy["loss_by_position"][str(n)]
+        for (start, _), loss in zip(lp["buckets"], lp["loss"]):
+            assert abs(record[f"probe/loss/L{n}/{start}"] - loss) <= 1e-4 * loss, (n, start)
+        for di, d in enumerate(("0", "1")):
+            assert record[f"probe/passkey/L{n}/d{d}"] == greedy["passkey"]["accuracy"][(96, 128).index(n)][di]

@@ -88,14 +88,23 @@ def test_exact_match_scoring_and_both_scorers_agree(tok):
     assert is_correct(p.answer, p)
     wrong = tok.encode(" 48219").ids
     assert wrong != p.answer and not is_correct(wrong, p)
-    # an untrained model: both scorings give the same verdicts
+    # both scorings give the same verdicts: on the model's own continuation as the key (right), on it with
+    # one token changed (wrong), on the real key
+    from dataclasses import replace
+
     model = small_lm(tok.get_vocab_size())
-    device = torch.device("cpu")
+    device, vocab = torch.device("cpu"), tok.get_vocab_size()
     for depth in (0.0, 1.0):
         q = passkey_prompt(tok, 120, depth, "77777", Filler(tok))
-        greedy, forced = answer_greedy(model, q, device), answer_forced(model, q, device)
-        assert is_correct(greedy, q) == is_correct(forced, q)
-        assert greedy[0] == forced[0]  # the first token has the same context in both
+        own = replace(q, answer=answer_greedy(model, q, device))
+        assert is_correct(answer_greedy(model, own, device), own)
+        assert answer_forced(model, own, device) == own.answer
+        for j in range(len(own.answer)):
+            bad = replace(own, answer=own.answer[:j] + [(own.answer[j] + 1) % vocab] + own.answer[j + 1:])
+            assert not is_correct(answer_greedy(model, bad, device), bad)
+            assert not is_correct(answer_forced(model, bad, device), bad)
+        assert is_correct(answer_greedy(model, q, device), q) == is_correct(answer_forced(model, q, device),
+                                                                            q)
 
 
 def test_an_untrained_lm_tiny_scores_at_chance(tok):

@@ -38,6 +38,7 @@ from ctxtrain.engine.sequence import (  # noqa: E402
     SequenceParallel,
     init_sequence_parallel,
     local_lm_loss,
+    local_scores,
     wrap_attention,
 )
 from ctxtrain.model.transformer import lm_targets  # noqa: E402
@@ -379,6 +380,22 @@ class Engine:
         loss = batch_loss(self.ds, batch, self.device, self.dist.sp).detach().float()
         self.ds.train()
         return loss
+
+    @torch.no_grad()
+    def token_scores(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Forward only through the engine (ZeRO-3's partitions, the memory levers, the sp group): every
+        target's loss and argmax hit (the model's `token_scores`) for this rank's positions of the sequence:
+        (first position, (B, T / sp, 2) on the CPU). A collective: every rank calls it, the ranks of an sp
+        group with the same sequence, whose length is a multiple of sp."""
+        self.ds.eval()
+        try:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            if self.dist.sp is None:
+                return 0, self.ds(inputs, targets, scores=True).cpu()
+            start, scores = local_scores(self.ds, inputs, targets, self.dist.sp)
+            return start, scores.cpu()
+        finally:
+            self.ds.train()
 
     def full_weights(self) -> dict[str, torch.Tensor]:
         """The whole model's weights as float32 CPU tensors on every rank, names as `build_model` gives them.

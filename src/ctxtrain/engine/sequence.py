@@ -93,3 +93,15 @@ def local_lm_loss(model: nn.Module, tokens: torch.Tensor, sp: SequenceParallel,
                  else docs[:, :-1],
                  positions=None if positions is None else positions[:, mine], window=T)
     return mean * (local_count / window_count)
+
+
+def local_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 sp: SequenceParallel) -> tuple[int, torch.Tensor]:
+    """This rank's slice of a sequence's token scores (the model's `token_scores`, forward only): its first
+    position and (B, T / sp, 2). T must be a multiple of sp."""
+    T = inputs.shape[1]
+    per = T // sp.size
+    start = sp.rank * per
+    mine = slice(start, start + per)
+    return start, model(inputs[:, mine], targets[:, mine], pos_offset=start, window=T, scores=True)
+

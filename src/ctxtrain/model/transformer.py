@@ -586,6 +586,20 @@ class DecoderLM(nn.Module):
         """LM head + mean cross-entropy; a tiled loss replaces this without touching the trunk."""
         return cross_entropy(self.lm_head(hidden), targets)
 
+    def token_scores(self, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Each target's loss and whether it is the argmax: (B, T, 2) float32, [..., 0] the next-token loss
+        (0 at IGNORE_INDEX), [..., 1] 1.0 where the target is the most likely token. The LM head runs `chunk`
+        positions at a time, so the [T, V] logits never exist whole (the probes' scoring)."""
+        out = torch.zeros(*targets.shape, 2, dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.shape[1], chunk):
+            logits = self.lm_head(hidden[:, start:start + chunk]).float()
+            part = targets[:, start:start + chunk]
+            out[:, start:start + chunk, 0] = F.cross_entropy(logits.flatten(0, 1), part.flatten(),
+                                                             ignore_index=IGNORE_INDEX,
+                                                             reduction="none").view(part.shape)
+            out[:, start:start + chunk, 1] = (logits.argmax(-1) == part).float()
+        return out
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -593,13 +607,16 @@ class DecoderLM(nn.Module):
         mask: Optional[torch.Tensor] = None,
         pos_offset: int = 0,
         cache: Optional[Cache] = None,
+        scores: bool = False,
         **documents,
     ) -> torch.Tensor:
-        """Logits (B, T, V) without targets; the mean loss with them. documents: hidden_states' docs,
-        positions and window."""
+        """Logits (B, T, V) without targets; the mean loss with them (scores: `token_scores` instead).
+        documents: hidden_states' docs, positions and window."""
         hidden = self.hidden_states(tokens, mask, pos_offset, cache, **documents)
         if targets is None:
             return self.lm_head(hidden)
+        if scores:
+            return self.token_scores(hidden, targets)
         return self.head_loss(hidden, targets)
 
 
