@@ -109,3 +109,95 @@ def load_shipped(path: Path, tmp: Path):
                        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                        rope_theta=1e6)
     return load_config(path, [f"--model.init_from={folder}"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stores on 127.0.0.1 for data under a URI: an S3-protocol server (moto) and an HTTP server, in this process
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+_servers: dict = {}
+
+
+def s3_endpoint() -> str:
+    """http://127.0.0.1:PORT of moto's S3 server (started once per test process; nothing leaves the
+    machine)."""
+    if "s3" not in _servers:
+        from moto.server import ThreadedMotoServer
+
+        os.environ.update(S3_ENV)  # the clients of this process and of the subprocesses it starts
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        _servers["s3"] = f"http://{host}:{port}"
+    return _servers["s3"]
+
+
+def s3_endpoint_checking_credentials() -> str:
+    """A second moto S3 server, in a subprocess, that checks credentials (IAM): the tests' keys are
+    refused."""
+    if "s3-auth" not in _servers:
+        import socket
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        import atexit
+
+        atexit.register(proc.kill)
+        _servers["s3-auth"] = url
+    return _servers["s3-auth"]
+
+
+def s3_uri(prefix: str) -> str:
+    return f"s3://ctxtrain-test/{prefix}?endpoint_override={s3_endpoint()}"
+
+
+def upload_to_s3(local: Path, prefix: str) -> str:
+    """A local dataset directory copied to s3://ctxtrain-test/PREFIX; its data.path URI."""
+    from ctxtrain.storage import ObjectStore
+
+    os.environ.update(S3_ENV)
+    store = ObjectStore(f"s3://ctxtrain-test?endpoint_override={s3_endpoint()}&allow_bucket_creation=true",
+                        "test")
+    store.fs.create_dir("ctxtrain-test")
+    store.upload(local, prefix)
+    return s3_uri(prefix)
+
+
+def http_url(directory: Path, flaky: bool = False) -> str:
+    """http://127.0.0.1:PORT serving directory (a thread of this process). flaky: the first request for each
+    path answers 503, as an overloaded server does."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        failed: set = set()
+
+        def do_GET(self):
+            if flaky and self.path not in Handler.failed:
+                Handler.failed.add(self.path)
+                self.send_error(503, "try again")
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"

@@ -48,7 +48,7 @@ def tag_of(step: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Storage: a local (or shared) directory, or an object-store URI through pyarrow's filesystems
+# Storage: a local (or shared) directory, or an object-store URI (ctxtrain.storage)
 
 
 class LocalStorage:
@@ -103,103 +103,72 @@ class LocalStorage:
 
 
 class UriStorage:
-    """Checkpoints in an object store (s3://, gs://, hdfs://, file://) via pyarrow, staged locally."""
+    """Checkpoints in an object store (s3://, gs://, hdfs://, file://; `ctxtrain.storage`), staged locally."""
 
     def __init__(self, uri: str, staging: Path):
-        import pyarrow.fs as pafs
+        from ctxtrain.storage import ObjectStore
 
-        try:
-            self.fs, self.base = pafs.FileSystem.from_uri(uri)
-        except Exception as e:  # pyarrow raises ArrowInvalid / OSError with long messages
-            raise UserError(f"checkpoint.storage={uri}: cannot open ({str(e).splitlines()[0]}); "
-                            "check the URI and credentials") from None
+        self.store = ObjectStore(uri, "checkpoint.storage")
         self.uri = uri.rstrip("/")
         self.local_root = staging
 
-    def _path(self, rel: str) -> str:
-        return f"{self.base.rstrip('/')}/{rel}"
-
     def list_steps(self) -> list[tuple[int, bool]]:
-        import pyarrow.fs as pafs
-
-        infos = self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
         out = []
-        for info in infos:
-            m = STEP_DIR.match(info.base_name)
-            if m and info.type == pafs.FileType.Directory:
-                committed = self.fs.get_file_info(self._path(f"{info.base_name}/{COMMITTED}")).type
-                out.append((int(m.group(1)), committed == pafs.FileType.File))
+        for entry in self.store.list():
+            m = STEP_DIR.match(entry.name)
+            if m and entry.is_dir:
+                out.append((int(m.group(1)), self.store.size(f"{entry.name}/{COMMITTED}") is not None))
         return sorted(out)
 
     def read_meta(self, tag: str) -> dict:
-        with self.fs.open_input_stream(self._path(f"{tag}/{META}")) as fh:
-            return json.loads(fh.read())
+        return json.loads(self.store.read(f"{tag}/{META}"))
 
     def sizes(self, tag: str) -> dict[str, int]:
-        import pyarrow.fs as pafs
-
-        infos = self.fs.get_file_info(pafs.FileSelector(self._path(tag), allow_not_found=True))
-        return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+        return {e.name: e.size for e in self.store.list(tag) if not e.is_dir}
 
     def remove(self, tag: str) -> None:
-        try:
-            self.fs.delete_dir(self._path(tag))
-        except (FileNotFoundError, OSError):
-            pass
+        self.store.remove_dir(tag)
         shutil.rmtree(self.local_root / tag, ignore_errors=True)
 
     def upload_rank_files(self, tag: str, names: list[str]) -> None:
-        import pyarrow.fs as pafs
-
-        self.fs.create_dir(self._path(tag), recursive=True)
+        self.store.make_dir(tag)
         for name in names:
-            pafs.copy_files(str(self.local_root / tag / name), self._path(f"{tag}/{name}"),
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            self.store.upload(self.local_root / tag / name, f"{tag}/{name}")
 
     def put_text(self, rel: str, text: str) -> None:
-        with self.fs.open_output_stream(self._path(rel)) as fh:
-            fh.write(text.encode())
+        self.store.write(rel, text.encode())
 
     def fetch(self, tag: str, rank: int, every_rank: bool = False) -> None:
         """Download this rank's shard (every rank's, for a conversion) and the shared files into staging.
         Ranks of one node share the staging directory, so each file lands under a temporary name and is
         renamed."""
-        import pyarrow.fs as pafs
-
         dest = self.local_root / tag
         dest.mkdir(parents=True, exist_ok=True)
-        for info in self.fs.get_file_info(pafs.FileSelector(self._path(tag))):
-            m = re.search(r"zero_pp_rank_(\d+)_", info.base_name)
-            if info.type != pafs.FileType.File or (m and int(m.group(1)) != rank and not every_rank):
+        for entry in self.store.list(tag):
+            m = re.search(r"zero_pp_rank_(\d+)_", entry.name)
+            if entry.is_dir or (m and int(m.group(1)) != rank and not every_rank):
                 continue
-            target = dest / info.base_name
-            if target.is_file() and target.stat().st_size == info.size:
+            target = dest / entry.name
+            if target.is_file() and target.stat().st_size == entry.size:
                 continue
-            tmp = dest / f".{info.base_name}.rank{rank}"
-            pafs.copy_files(info.path, str(tmp), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            tmp = dest / f".{entry.name}.rank{rank}"
+            self.store.download(f"{tag}/{entry.name}", tmp)
             os.replace(tmp, target)
 
     def share_universal(self, tag: str) -> None:
         """Upload the checkpoint's universal conversion beside it, for the ranks of other nodes (and later
         runs)."""
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(self._path(f"{tag}/{UNIVERSAL}/{COMMITTED}")).type == pafs.FileType.File:
+        if self.store.size(f"{tag}/{UNIVERSAL}/{COMMITTED}") is not None:
             return
-        pafs.copy_files(str(self.local_root / tag / UNIVERSAL), self._path(f"{tag}/{UNIVERSAL}"),
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        self.store.upload(self.local_root / tag / UNIVERSAL, f"{tag}/{UNIVERSAL}")
 
     def fetch_universal(self, tag: str) -> None:
         """The conversion, downloaded into this node's staging unless a rank of this node already has it."""
-        import pyarrow.fs as pafs
-
         out = self.local_root / tag / UNIVERSAL
         if (out / COMMITTED).is_file():
             return
         tmp = self.local_root / tag / f".{UNIVERSAL}.fetch-{os.getpid()}"
-        pafs.copy_files(self._path(f"{tag}/{UNIVERSAL}"), str(tmp), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        self.store.download(f"{tag}/{UNIVERSAL}", tmp)
         try:
             os.replace(tmp, out)
         except OSError:  # another rank of this node was first

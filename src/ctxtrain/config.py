@@ -36,7 +36,9 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class DataConfig:
     path: str = "data/stdlib"
-    """Shard directory written by `ctxtrain prepare` (holds index.json, tokenizer.json and the tars)."""
+    """Shard directory written by `ctxtrain prepare` (holds index.json, tokenizer.json and the tars), or the
+    same under a URI: s3://bucket/path, gs://..., http(s)://host/path, file:///path (shards are fetched into
+    data.cache_dir; an S3-compatible endpoint: s3://bucket/path?endpoint_override=http://host:port)."""
 
     seq_len: int = 256
     """Tokens per LM training sample; the loader packs documents into windows of seq_len + 1 ids."""
@@ -66,9 +68,27 @@ class DataConfig:
     document, and the prediction across a document boundary (of the next document's first token) is not
     trained. How Llama 3 trained long context; the loss of a window is then the mean of its documents'."""
 
+    cache_dir: Optional[str] = None
+    """Where shards of a data.path under a URI (s3://, gs://, http(s)://) are cached on each node (null:
+    $CTXTRAIN_DATA_CACHE, else ~/.cache/ctxtrain/data); a node fetches a shard once while it stays cached."""
+
+    cache_limit_gb: Optional[float] = None
+    """Size limit of the node's shard cache; past it the shards used longest ago are evicted (null: none)."""
+
+    fetch_deadline_s: float = 120.0
+    """How long a shard fetch that fails for a transient reason (network, server) is retried, with backoff,
+    before the run stops with a line naming the URL."""
+
     doc_positions: bool = False
     """Positions restart at 0 at each document of a packed window (with data.doc_mask): a document sees the
     positions it would see alone, which matters for sinusoidal positions (RoPE is relative already)."""
+
+    @property
+    def cache(self):
+        """The shard cache's settings (ctxtrain.data.remote.CacheSettings)."""
+        from ctxtrain.data.remote import CacheSettings
+
+        return CacheSettings(self.cache_dir, self.cache_limit_gb, self.fetch_deadline_s)
 
     @property
     def documents(self) -> str:

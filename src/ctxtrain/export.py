@@ -17,7 +17,7 @@ from typing import Optional
 
 from ctxtrain.checkpoint import committed_steps, open_storage, tag_of, verify
 from ctxtrain.config import Config
-from ctxtrain.data.dataset import DataError, Dataset
+from ctxtrain.data.dataset import Dataset, data_location
 from ctxtrain.errors import UserError
 from ctxtrain.rundir import RunDir, write_atomic
 
@@ -84,11 +84,11 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores a tensor once
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "step": str(meta["step"])})
-    data = Path(cfg.data.path)
     try:
-        special = Dataset(data).special
-    except DataError:  # the run's data is not here: an export without special ids
-        special = None
+        ds = Dataset(data_location(cfg.data.path), cfg.data.cache)
+        special, tokenizer = ds.special, ds.tokenizer_path
+    except UserError:  # the run's data is not here (or its store not reachable): no special ids, no tokenizer
+        special, tokenizer = None, None
     write_atomic(out / "config.json", json.dumps({"ctxtrain_model": cfg.to_dict()["model"],
                                                   "step": meta["step"],
                                                   "tokens": meta["tokens"],
@@ -96,8 +96,8 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
                                                            "max_src_len": cfg.data.max_src_len,
                                                            "max_tgt_len": cfg.data.max_tgt_len}},
                                                  indent=1) + "\n")
-    if (data / "tokenizer.json").is_file():  # `ctxtrain translate/generate` read it from the export
-        shutil.copyfile(data / "tokenizer.json", out / "tokenizer.json")
+    if tokenizer is not None and tokenizer.is_file():  # `ctxtrain translate/generate` read it from the export
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
     bar.update()
     try:
         check_llama_shaped(cfg.model)
@@ -113,8 +113,7 @@ def export(run_dir: str | Path, out: str | Path, step: Optional[int] = None, pro
         hf_state = {k: v.contiguous() for k, v in to_hf_state_dict(full, cfg.model).items()}
         save_file(hf_state, str(hf / "model.safetensors"), metadata={"format": "pt"})
         write_atomic(hf / "config.json", json.dumps(hf_config(cfg.model), indent=1) + "\n")
-        tokenizer = Path(cfg.data.path) / "tokenizer.json"
-        if tokenizer.is_file():
+        if tokenizer is not None and tokenizer.is_file():
             shutil.copyfile(tokenizer, hf / "tokenizer.json")
         source = Path(cfg.model.init_from) if cfg.model.init_from else None
         for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):

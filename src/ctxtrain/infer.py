@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ctxtrain.data.dataset import Dataset, data_location
 from ctxtrain.errors import UserError
 from ctxtrain.rundir import RunDir
 
@@ -54,9 +55,9 @@ def load_source(source: str | Path) -> Loaded:
         from ctxtrain.export import consolidated
 
         cfg, meta, state = consolidated(p)
-        model_cfg, data_path = cfg.model, Path(cfg.data.path)
+        model_cfg, data_path = cfg.model, data_location(cfg.data.path)
         special, max_src, seq_len = _special(data_path), cfg.data.max_src_len, cfg.data.seq_len
-        tokenizer = load_tokenizer(data_path / "tokenizer.json")
+        tokenizer = load_tokenizer(Dataset(data_path).tokenizer_path)
         where = f"{p} ({tag_of(meta['step'])})"
         documents = cfg.data.documents
     elif is_hf_folder(p):  # a Hugging Face model folder (Llama, Mistral, Qwen2): compare before and after
@@ -103,21 +104,19 @@ def load_source(source: str | Path) -> Loaded:
 def matching_data(loaded: Loaded, data: str) -> Path:
     """--data for `eval`: a prepared dataset tokenized with the source's own tokenizer (one line
     otherwise)."""
-    from ctxtrain.data.dataset import Dataset
 
-    ds = Dataset(data)
+    ds = Dataset(data_location(data))
     ours = loaded.tokenizer.to_str()
-    file = Path(data) / "tokenizer.json"
+    file = ds.tokenizer_path
     theirs = file.read_text() if file.is_file() else None
     if theirs is not None and json.loads(theirs) != json.loads(ours):
         raise UserError(f"--data {data} was tokenized with another tokenizer than {loaded.where}'s; prepare "
                         f"it with `ctxtrain prepare --tokenizer {loaded.where}`")
-    return ds.path
+    return data_location(data)
 
 
 def _special(data_path: Path) -> dict:
     """The special ids of the run's prepared data (its index.json)."""
-    from ctxtrain.data.dataset import Dataset
 
     return Dataset(data_path).special
 
@@ -217,7 +216,6 @@ def bleu_chrf(hypotheses: list[str], references: list[str]) -> tuple[float, floa
 def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> list[tuple[list[int],
                                                                                           list[int]]]:
     """(source ids, target ids) of the split, in shard order: the pairs training never saw (val)."""
-    from ctxtrain.data.dataset import Dataset
     from ctxtrain.data.shards import iter_shard
 
     if loaded.data_path is None:
@@ -257,9 +255,10 @@ class ValBleu:
     def __init__(self, cfg, rank: int, world: int):
         from ctxtrain.data.tokenizer import load_tokenizer
 
-        data_path = Path(cfg.data.path)
+        data_path = data_location(cfg.data.path)
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.frame = Loaded(None, "encdec", load_tokenizer(data_path / "tokenizer.json"), _special(data_path),
+        self.frame = Loaded(None, "encdec", load_tokenizer(Dataset(data_path).tokenizer_path),
+                            _special(data_path),
                             cfg.data.max_src_len, data_path, str(data_path))
         pairs = held_out_pairs(self.frame, "val", cfg.train.bleu_pairs)
         self.sources = [framed_source(self.frame, s) for s, _ in pairs[rank::world]]
@@ -300,11 +299,12 @@ class LoopProbes:
     def __init__(self, cfg, rank: int, world: int):
         from ctxtrain.data.tokenizer import load_tokenizer
 
-        data_path = Path(cfg.data.path)
+        data_path = data_location(cfg.data.path)
         t, m = cfg.train, cfg.memory
         self.cfg, self.rank, self.world = cfg, rank, world
         self.lengths = t.probe_lengths or [cfg.data.seq_len]
-        self.frame = Loaded(None, "lm", load_tokenizer(data_path / "tokenizer.json"), _special(data_path), 0,
+        self.frame = Loaded(None, "lm", load_tokenizer(Dataset(data_path).tokenizer_path),
+                            _special(data_path), 0,
                             data_path, str(data_path), cfg.data.seq_len)
         levers = m.checkpoint != "none" or bool(m.loss_chunk) or bool(m.mlp_chunk)
         self.scoring = t.probe_scoring if t.probe_scoring != "auto" else (
@@ -527,7 +527,6 @@ def held_out_windows(loaded: Loaded, seq_len: int, count: int):
 
 def held_out_tokens(loaded: Loaded) -> list[int]:
     """The val split's documents' tokens in order (the passkey's corpus filler: text training never saw)."""
-    from ctxtrain.data.dataset import Dataset
     from ctxtrain.data.shards import iter_shard
 
     if loaded.data_path is None:

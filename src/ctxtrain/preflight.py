@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def check_data(cfg: Config) -> Dataset:
     """The dataset exists, fits the model, and holds at least one global batch; one-line errors otherwise."""
-    ds = Dataset(cfg.data.path)
+    ds = Dataset(cfg.data.path, cfg.data.cache)
     want = "lm" if cfg.model.kind == "lm" else "translation"
     if ds.task != want:
         raise UserError(f"data.path={cfg.data.path} holds {ds.task} data but model.kind={cfg.model.kind} "

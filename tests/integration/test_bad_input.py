@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS
-from tests.helpers import ctxtrain, env, make_hf_folder, train
+from tests.helpers import (
+    ctxtrain,
+    env,
+    make_hf_folder,
+    s3_endpoint_checking_credentials,
+    s3_uri,
+    train,
+    upload_to_s3,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -246,7 +254,31 @@ CASES = {
     "train-probe-length-too-short-for-the-prompt": lambda t, b: (
         _train(b, t / "r", "--train.probe_every=2", "--train.probe_lengths=32"), None),
     "plan-negative-memory": lambda t, b: (["plan", CFG, "--gpu-mem", "-1"], None),
+    # --- data under a URI
+    # ------------------------------------------------------------------------------------
+    "data-url-unreachable": lambda t, b: (
+        _train(b, t / "r", f"--data.path=http://127.0.0.1:{closed_port()}/data", "--data.fetch_deadline_s=2",
+               f"--data.cache_dir={t / 'cache'}"), None),
+    "data-bucket-without-index": lambda t, b: (
+        _train(b, t / "r", f"--data.path={s3_uri('nothing/here')}", f"--data.cache_dir={t / 'cache'}"), None),
+    "data-shard-missing-from-store": lambda t, b: (
+        _train(b, t / "r", f"--data.path={_store_without_a_shard(b)}", f"--data.cache_dir={t / 'cache'}"),
+        None),
+    "data-credentials-refused": lambda t, b: (
+        _train(b, t / "r", f"--data.path=s3://data/lm?endpoint_override={s3_endpoint_checking_credentials()}",
+               f"--data.cache_dir={t / 'cache'}"), None),
+    "data-cache-dir-not-writable": lambda t, b: (
+        _train(b, t / "r", f"--data.path=http://127.0.0.1:{closed_port()}/data",
+               "--data.cache_dir=/etc/hostname/cache"), None),
 }
+
+
+def _store_without_a_shard(base: dict) -> str:
+    from ctxtrain.storage import ObjectStore
+
+    uri = upload_to_s3(base["data"], "one-shard-less")
+    ObjectStore(uri, "test").fs.delete_file("ctxtrain-test/one-shard-less/train-000000.tar")
+    return uri
 
 
 # What some lines must say, beyond being one line.
@@ -279,6 +311,11 @@ EXPECT = {
     "probe-filler-corpus-too-short": "fewer than a 400,000-token prompt needs",
     "probe-a-translation-model": "is an encoder-decoder",
     "train-probe-length-too-short-for-the-prompt": "train.probe_lengths: length 32",
+    "data-url-unreachable": "tried",
+    "data-bucket-without-index": "holds no index.json",
+    "data-shard-missing-from-store": "is missing from the store",
+    "data-credentials-refused": "the store refused",
+    "data-cache-dir-not-writable": "data.cache_dir=/etc/hostname/cache is not writable",
 }
 
 

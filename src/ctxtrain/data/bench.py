@@ -27,7 +27,7 @@ def plain_read(path: str, epochs: int) -> tuple[int, float]:
     tokens = 0
     for _ in range(epochs):
         for shard in ds.shards("train"):
-            with tarfile.open(shard.path) as tar:
+            with tarfile.open(shard.local()) as tar:
                 for member in tar:
                     tokens += np.load(io.BytesIO(tar.extractfile(member).read())).size
     return tokens, time.perf_counter() - t0

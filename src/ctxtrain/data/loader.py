@@ -403,10 +403,11 @@ class StreamingLoader:
         max_tgt_len: int = 128,
         pin_memory: bool = False,
         documents: str = "",
+        cache=None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.dataset = Dataset(path)
+        self.dataset = Dataset(path, cache)  # cache: data.cache_dir etc. for a dataset under a URI
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer, self.shuffle, self.loop = seed, shuffle_buffer, shuffle, loop
@@ -510,7 +511,7 @@ def read_stream_tokens(loader: StreamingLoader, epoch: int) -> np.ndarray:
     parts = []
     eos = loader.dataset.special["eos"]
     for shard in loader.epoch_shards(epoch):
-        with tarfile.open(shard.path) as tar:
+        with tarfile.open(shard.local()) as tar:
             for member in tar:
                 data = tar.extractfile(member).read()
                 parts.append(np.load(io.BytesIO(data)))

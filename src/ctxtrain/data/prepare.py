@@ -44,6 +44,7 @@ from ctxtrain.data.tokenizer import (
 )
 from ctxtrain.errors import UserError
 from ctxtrain.progress import bar as progress_bar
+from ctxtrain.storage import is_uri
 
 INDEX_FORMAT = "ctxtrain-shards/1"
 ENCODE_CHUNK = 256
@@ -110,6 +111,8 @@ def _resolve_corpus(opts: PrepareOptions):
 
 def prepare(opts: PrepareOptions) -> dict:
     """Run the whole preparation; returns the written index."""
+    if is_uri(opts.out):
+        return _prepare_into_store(opts)
     out = _check_out(opts)
     t0 = time.perf_counter()
     task, files, pairs, source = _resolve_corpus(opts)
@@ -174,6 +177,43 @@ def prepare(opts: PrepareOptions) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _summary(opts, out, index, n_bytes, time.perf_counter() - t0)
+    return index
+
+
+def _prepare_into_store(opts: PrepareOptions) -> dict:
+    """--out as an object-store URI: prepared in a local temporary directory, then uploaded, index.json last
+    (a reader that finds index.json finds every shard it lists)."""
+    import dataclasses
+    import tempfile
+
+    from ctxtrain.storage import HttpStore, NotFound, open_store
+
+    store = open_store(opts.out, "--out")
+    if isinstance(store, HttpStore):
+        raise UserError(f"--out {opts.out}: HTTP is read-only here; write to an object store (s3://, gs://) "
+                        "or a directory, and serve that")
+    try:
+        exists = store.size("index.json") is not None
+    except OSError as e:
+        raise UserError(f"--out {store.describe()}: cannot reach the store ({str(e).splitlines()[0]}); check "
+                        "the URI and the credentials in the environment") from None
+    if exists and not opts.overwrite:
+        raise UserError(f"--out {store.describe()} already holds a dataset (index.json); choose another "
+                        "prefix or pass --overwrite")
+    with tempfile.TemporaryDirectory(prefix="ctxtrain-prepare-") as tmp:
+        local = Path(tmp) / "data"
+        index = prepare(dataclasses.replace(opts, out=str(local)))
+        if exists:
+            store.remove_dir("")
+        files = sorted(local.iterdir(), key=lambda f: f.name == "index.json")  # index.json last
+        try:
+            for f in files:
+                store.upload(f, f.name)
+        except (NotFound, OSError) as e:
+            raise UserError(f"--out {store.describe()}: upload failed ({str(e).splitlines()[0]}); check the "
+                            "store and the credentials, then run prepare again") from None
+        print(f"uploaded {len(files)} files ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB) to "
+              f"{store.describe()}", file=sys.stderr)
     return index
 
 

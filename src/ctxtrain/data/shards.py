@@ -88,7 +88,7 @@ def decode_npy(data: bytes, dtype: np.dtype) -> np.ndarray:
 def iter_shard(shard: Shard, dtype: np.dtype, fields: tuple[str, ...]) -> Iterator[tuple[np.ndarray, ...]]:
     """The samples of one shard in order, each a tuple of arrays (one per field); errors name the shard."""
     try:
-        with open(shard.path, "rb") as fh:
+        with open(shard.local(), "rb") as fh:
             key, parts = None, {}
             for rec in wds.tariterators.tar_file_iterator(fh):
                 base, ext = rec["fname"].split(".", 1)
