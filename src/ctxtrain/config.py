@@ -150,27 +150,8 @@ class TrainConfig:
     """Held-out pairs that train.bleu_every decodes (the first ones of the val split: a fixed subset)."""
 
     probe_every: int = 0
-    """LM: steps between context probes (`ctxtrain probe`'s loss by position and passkey retrieval) on the
-    gathered weights, split across the ranks, into metrics.jsonl as probe/... keys (0: never)."""
-
-    probe_lengths: list[int] = field(default_factory=list)
-    """Lengths the in-loop probes run at (empty: data.seq_len)."""
-
-    probe_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    """The passkey's depths in [0, 1] (0: right after the instruction, 1: right before the question)."""
-
-    probe_samples: int = 4
-    """Passkey keys per (length, depth) cell of an in-loop probe."""
-
-    probe_windows: int = 8
-    """Held-out windows per length for an in-loop probe's loss by position."""
-
-    probe_scoring: Literal["auto", "greedy", "forced"] = "auto"
-    """How an in-loop probe runs. greedy: on the gathered weights, one plain copy of the model per rank,
-    passkey decoded through the KV cache. forced: through the training engine itself, forward only (ZeRO-3's
-    partitions, the run's parallel.sp groups and memory levers: the lengths the run trains at), passkey scored
-    by the teacher-forced argmax over the key's tokens (both give the same verdicts where both run). auto:
-    forced when parallel.sp > 1 or a memory lever is on (one device may not hold the window), else greedy."""
+    """LM: steps between context probes (`ctxtrain probe`'s loss by position and passkey retrieval, as the
+    `probe` section says), split across the ranks, into metrics.jsonl as probe/... keys (0: never)."""
 
     log_every: int = 10
     """Steps between plain log lines when no terminal shows a progress bar."""
@@ -182,8 +163,7 @@ class TrainConfig:
     """Dense bf16 peak of one accelerator for MFU; null: looked up for known GPUs, and MFU is null on CPU."""
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum", "eval_batches", "log_every", "bleu_pairs", "probe_samples",
-                     "probe_windows"):
+        for name in ("max_steps", "grad_accum", "eval_batches", "log_every", "bleu_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)}: must be a positive integer")
         if self.global_batch is not None and self.global_batch < 1:
@@ -198,10 +178,6 @@ class TrainConfig:
             raise ValueError(f"train.bleu_every={self.bleu_every}: must be 0 (off) or a positive integer")
         if self.probe_every < 0:
             raise ValueError(f"train.probe_every={self.probe_every}: must be 0 (off) or a positive integer")
-        if any(n < 1 for n in self.probe_lengths):
-            raise ValueError(f"train.probe_lengths={self.probe_lengths}: lengths are positive integers")
-        if not self.probe_depths or any(not 0.0 <= d <= 1.0 for d in self.probe_depths):
-            raise ValueError(f"train.probe_depths={self.probe_depths}: one or more depths in [0, 1]")
         if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.max_steps:
             raise ValueError(
                 f"train.stop_at_step={self.stop_at_step}: must lie in 1..train.max_steps={self.max_steps}"
@@ -214,6 +190,39 @@ class TrainConfig:
             raise ValueError(f"train.peak_tflops={self.peak_tflops}: must be positive or null")
         if not self.run_dir:
             raise ValueError("train.run_dir is empty: name a run directory, e.g. runs/my_run")
+
+
+@dataclass
+class ProbeConfig:
+    """The context probes that train.probe_every runs during training."""
+
+    lengths: list[int] = field(default_factory=list)
+    """Lengths the probes run at (empty: data.seq_len)."""
+
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """The passkey's depths in [0, 1] (0: right after the instruction, 1: right before the question)."""
+
+    samples: int = 4
+    """Passkey keys per (length, depth) cell ."""
+
+    windows: int = 8
+    """Held-out windows per length for an in-loop probe's loss by position."""
+
+    scoring: Literal["auto", "greedy", "forced"] = "auto"
+    """How an in-loop probe runs. greedy: on the gathered weights, one plain copy of the model per rank,
+    passkey decoded through the KV cache. forced: through the training engine itself, forward only (ZeRO-3's
+    partitions, the run's parallel.sp groups and memory levers: the lengths the run trains at), passkey scored
+    by the teacher-forced argmax over the key's tokens (both give the same verdicts where both run). auto:
+    forced when parallel.sp > 1 or a memory lever is on (one device may not hold the window), else greedy."""
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"probe.{name}={getattr(self, name)}: must be a positive integer")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"probe.lengths={self.lengths}: lengths are positive integers")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"probe.depths={self.depths}: one or more depths in [0, 1]")
 
 
 @dataclass
@@ -514,6 +523,9 @@ class Config:
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Workers and the Ray cluster."""
+
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """The context probes run during training (train.probe_every)."""
 
     fault: FaultConfig = field(default_factory=FaultConfig)
     """Fault injection for recovery rehearsals."""

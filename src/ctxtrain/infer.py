@@ -300,14 +300,14 @@ class LoopProbes:
         from ctxtrain.data.tokenizer import load_tokenizer
 
         data_path = data_location(cfg.data.path)
-        t, m = cfg.train, cfg.memory
+        m = cfg.memory
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.lengths = t.probe_lengths or [cfg.data.seq_len]
+        self.lengths = cfg.probe.lengths or [cfg.data.seq_len]
         self.frame = Loaded(None, "lm", load_tokenizer(Dataset(data_path).tokenizer_path),
                             _special(data_path), 0,
                             data_path, str(data_path), cfg.data.seq_len)
         levers = m.checkpoint != "none" or bool(m.loss_chunk) or bool(m.mlp_chunk)
-        self.scoring = t.probe_scoring if t.probe_scoring != "auto" else (
+        self.scoring = cfg.probe.scoring if cfg.probe.scoring != "auto" else (
             "forced" if cfg.parallel.sp > 1 or levers else "greedy")
         self._check()
 
@@ -315,19 +315,19 @@ class LoopProbes:
         """Refuse, before the first step, lengths the probes cannot run at (one line on every rank)."""
         from ctxtrain import probes
 
-        t = self.cfg.train
+        t = self.cfg.probe
         limit = self.cfg.model.max_position
         for n in self.lengths:
             if limit and n > limit:
-                raise UserError(f"train.probe_lengths: {n} is past model.max_position={limit}, the positions "
+                raise UserError(f"probe.lengths: {n} is past model.max_position={limit}, the positions "
                                 "the model knows; probe at most that long (`ctxtrain probe --extrapolate` "
                                 "probes beyond it)")
-            for _, di, key in probes.grid([n], t.probe_depths, t.probe_samples, seed=0):
+            for _, di, key in probes.grid([n], t.depths, t.samples, seed=0):
                 try:
-                    probes.passkey_prompt(self.frame.tokenizer, n, t.probe_depths[di], key,
+                    probes.passkey_prompt(self.frame.tokenizer, n, t.depths[di], key,
                                           probes.Filler(self.frame.tokenizer))
                 except probes.ProbeError as e:
-                    raise UserError(f"train.probe_lengths: {e}") from None
+                    raise UserError(f"probe.lengths: {e}") from None
 
     def score(self, engine, gather) -> Optional[dict]:
         """Every rank calls this with the training engine; on rank 0 the probe's scalars, elsewhere None."""
@@ -335,7 +335,7 @@ class LoopProbes:
 
         from ctxtrain import probes
 
-        t0, t = time.perf_counter(), self.cfg.train
+        t0, t = time.perf_counter(), self.cfg.probe
         if self.scoring == "greedy":
             shares = gather(self._greedy(engine.full_weights(), engine.device))
         else:
@@ -351,7 +351,7 @@ class LoopProbes:
             for item, li, di, hit, need in (x for s in shares for x in s[1]):
                 verdicts.setdefault(item, [li, di, 0, need])[2] += hit
             triples = [(li, di, hit == need) for li, di, hit, need in verdicts.values()]
-        result = probes.tally(triples, self.lengths, t.probe_depths, t.probe_samples, self.scoring,
+        result = probes.tally(triples, self.lengths, t.depths, t.samples, self.scoring,
                               "sentences")
         return {**probes.flat_metrics(merged, result), "probe_s": time.perf_counter() - t0,
                 "probe_scoring": self.scoring}
@@ -360,16 +360,16 @@ class LoopProbes:
         from ctxtrain import probes
         from ctxtrain.model import build_model
 
-        t = self.cfg.train
+        t = self.cfg.probe
         with torch.random.fork_rng(devices=[]):
             model = build_model(self.cfg.model)
         model.load_state_dict(weights, strict=False)
         model.to(device).eval()
         sums = {n: probes.position_sums(model, (w.to(device) for i, w in enumerate(
-            held_out_windows(self.frame, n, t.probe_windows)) if i % self.world == self.rank), n)
+            held_out_windows(self.frame, n, t.windows)) if i % self.world == self.rank), n)
                 for n in self.lengths}
-        triples, _ = probes.passkey(model, self.frame.tokenizer, self.lengths, t.probe_depths,
-                                    t.probe_samples, device, seed=0, share=(self.rank, self.world))
+        triples, _ = probes.passkey(model, self.frame.tokenizer, self.lengths, t.depths,
+                                    t.samples, device, seed=0, share=(self.rank, self.world))
         return sums, triples
 
     def _forced(self, token_scores):
@@ -378,14 +378,14 @@ class LoopProbes:
         from ctxtrain import probes
         from ctxtrain.model.transformer import IGNORE_INDEX
 
-        t, sp = self.cfg.train, self.cfg.parallel.sp
+        t, sp = self.cfg.probe, self.cfg.parallel.sp
         sums, hits = {}, []
         filler = probes.Filler(self.frame.tokenizer)
         for li, n in enumerate(self.lengths):
             sums[n] = probes.PositionSums(n)
-            items = [(None, w[0].tolist()) for w in held_out_windows(self.frame, n, t.probe_windows)]
-            for _, di, key in probes.grid([n], t.probe_depths, t.probe_samples, seed=0):
-                p = probes.passkey_prompt(self.frame.tokenizer, n, t.probe_depths[di], key, filler)
+            items = [(None, w[0].tolist()) for w in held_out_windows(self.frame, n, t.windows)]
+            for _, di, key in probes.grid([n], t.depths, t.samples, seed=0):
+                p = probes.passkey_prompt(self.frame.tokenizer, n, t.depths[di], key, filler)
                 items.append(((li, di, p), p.ids + p.answer))
             width = -(-max(len(ids) - 1 for _, ids in items) // sp) * sp
             for i in range(self.rank, -(-len(items) // self.world) * self.world, self.world):

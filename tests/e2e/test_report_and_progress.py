@@ -193,8 +193,8 @@ def test_probes_in_the_loop_survive_a_kill_and_show_in_the_report(stdlib_shards,
     from PIL import Image
 
     common = ["--train.max_steps=8", "--train.log_every=1", "--checkpoint.every=4", "--zero.stage=3",
-              "--train.probe_lengths=96,128", "--train.probe_depths=0,0.5,1", "--train.probe_samples=2",
-              "--train.probe_windows=2"]
+              "--probe.lengths=96,128", "--probe.depths=0,0.5,1", "--probe.samples=2",
+              "--probe.windows=2"]
     probing = [*common, "--train.probe_every=3"]
     run_dir = tmp_path / "probed"
     proc, m = train(run_dir, stdlib_shards, *probing, "--fault.kill_rank=1", "--fault.at_step=7", check=False)

@@ -252,7 +252,7 @@ CASES = {
     "probe-a-translation-model": lambda t, b: (["probe", str(_translation_export(t, b)), "--lengths", "64"],
                                                None),
     "train-probe-length-too-short-for-the-prompt": lambda t, b: (
-        _train(b, t / "r", "--train.probe_every=2", "--train.probe_lengths=32"), None),
+        _train(b, t / "r", "--train.probe_every=2", "--probe.lengths=32"), None),
     "plan-negative-memory": lambda t, b: (["plan", CFG, "--gpu-mem", "-1"], None),
     # --- data under a URI
     # ------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ EXPECT = {
     "probe-depth-outside-0-1": "lies in [0, 1]",
     "probe-filler-corpus-too-short": "fewer than a 400,000-token prompt needs",
     "probe-a-translation-model": "is an encoder-decoder",
-    "train-probe-length-too-short-for-the-prompt": "train.probe_lengths: length 32",
+    "train-probe-length-too-short-for-the-prompt": "probe.lengths: length 32",
     "data-url-unreachable": "tried",
     "data-bucket-without-index": "holds no index.json",
     "data-shard-missing-from-store": "is missing from the store",

@@ -121,7 +121,7 @@ def test_each_worker_holds_less_at_sp2(stdlib_shards, tmp_path):
 
 
 def test_probes_forced_through_sp2_agree_with_greedy_on_one_device(stdlib_shards, tmp_path):
-    """train.probe_scoring auto under sp=2 with the levers on ZeRO-3: the probes run through the engine (each
+    """probe.scoring auto under sp=2 with the levers on ZeRO-3: the probes run through the engine (each
     rank scores its slice, the passkey by teacher-forced argmax), and give `ctxtrain probe`'s numbers on the
     final weights on one device (greedy decoding through the KV cache): the same loss in every bucket, the
     same passkey cells."""
@@ -129,8 +129,8 @@ def test_probes_forced_through_sp2_agree_with_greedy_on_one_device(stdlib_shards
 
     from tests.helpers import ctxtrain
 
-    probe = ["--train.probe_lengths=96,128", "--train.probe_depths=0,1", "--train.probe_samples=2",
-             "--train.probe_windows=3"]
+    probe = ["--probe.lengths=96,128", "--probe.depths=0,1", "--probe.samples=2",
+             "--probe.windows=3"]
     run_dir = tmp_path / "sp2"
     _, m = train(run_dir, stdlib_shards, *SHORT, "--train.max_steps=2", "--cluster.workers=2",
                  "--parallel.sp=2", "--zero.stage=3", "--model.n_kv_heads=2", "--memory.checkpoint=full",
