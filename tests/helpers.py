@@ -177,15 +177,16 @@ def upload_to_s3(local: Path, prefix: str) -> str:
     return s3_uri(prefix)
 
 
-def http_url(directory: Path, flaky: bool = False) -> str:
+def http_url(directory: Path, flaky: bool = False, served: dict | None = None) -> str:
     """http://127.0.0.1:PORT serving directory (a thread of this process). flaky: the first request for each
-    path answers 503, as an overloaded server does."""
+    path answers 503, as an overloaded server does. served: filled with the bytes sent for each path."""
     import functools
     import http.server
     import threading
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         failed: set = set()
+        sizes: dict = {}
 
         def do_GET(self):
             if flaky and self.path not in Handler.failed:
@@ -193,6 +194,14 @@ def http_url(directory: Path, flaky: bool = False) -> str:
                 self.send_error(503, "try again")
                 return
             super().do_GET()
+            if served is not None and self.path in Handler.sizes:
+                served[self.path] = served.get(self.path, 0) + Handler.sizes[self.path]
+
+        def send_head(self):
+            f = super().send_head()
+            if f is not None and hasattr(f, "fileno"):
+                Handler.sizes[self.path] = os.fstat(f.fileno()).st_size
+            return f
 
         def log_message(self, *args):
             pass

@@ -68,6 +68,11 @@ class DataConfig:
     document, and the prediction across a document boundary (of the next document's first token) is not
     trained. How Llama 3 trained long context; the loss of a window is then the mean of its documents'."""
 
+    partitions: Optional[int] = None
+    """Contiguous spans of each epoch's stream, each read by one data-parallel rank, so that a shard is read
+    (fetched, under a URI) about once per epoch across the job (null: the data-parallel world size of the
+    run's first start; a resume keeps its cursor's). 1: every rank reads the whole stream."""
+
     cache_dir: Optional[str] = None
     """Where shards of a data.path under a URI (s3://, gs://, http(s)://) are cached on each node (null:
     $CTXTRAIN_DATA_CACHE, else ~/.cache/ctxtrain/data); a node fetches a shard once while it stays cached."""
@@ -102,6 +107,8 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)}: must be a positive integer")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers}: must be 0 or more")
+        if self.partitions is not None and self.partitions < 1:
+            raise ValueError(f"data.partitions={self.partitions}: must be a positive integer or null")
 
 
 @dataclass

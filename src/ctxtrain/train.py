@@ -56,7 +56,8 @@ def _loader(cfg: Config, rank: int, world: int, split: str, device: torch.device
                            world_size=world, num_workers=d.num_workers if train else 0, seed=cfg.train.seed,
                            shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train,
                            skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len,
-                           pin_memory=device.type == "cuda", documents=d.documents, cache=d.cache)
+                           pin_memory=device.type == "cuda", documents=d.documents, cache=d.cache,
+                           partitions=d.partitions)
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:

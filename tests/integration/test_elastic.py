@@ -93,14 +93,15 @@ def test_resume_on_another_worker_count_continues_exactly(global12, stdlib_shard
 
 def test_every_window_is_read_once_across_a_change_of_worker_count(stdlib_shards):
     """Steps 1-10 on 2 workers (micro-batch 6), then steps 11-20 on 1 worker (6 x 2) and, separately, on 3
-    (4): the windows read are exactly those of 20 uninterrupted steps on 2 workers, none twice."""
+    (4): the windows read are exactly those of 20 uninterrupted steps on 2 workers, none twice. The cursor
+    carries the layout of the run's first start (two partitions), as a checkpoint's does."""
 
     def units(world: int, batch: int, micro_steps: int, consumed: int) -> list[int]:
         out = []
         for rank in range(world):
             loader = StreamingLoader(stdlib_shards, split="train", seq_len=128, batch_size=batch, rank=rank,
                                      world_size=world, num_workers=0, seed=1234, shuffle_buffer=8192)
-            loader.load_state_dict({**loader.state_dict(), "consumed": consumed})
+            loader.load_state_dict({**loader.state_dict(), "consumed": consumed, "partitions": 2})
             it = iter(loader)
             out += [int(u) for _ in range(micro_steps) for u in next(it)["unit"]]
         return out

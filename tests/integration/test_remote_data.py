@@ -67,3 +67,45 @@ def test_prepare_writes_into_a_bucket_what_it_writes_into_a_directory(email_pkg_
         assert shard.local().read_bytes() == (tmp_path / "local" / shard.name).read_bytes()
     again = ctxtrain(*args, "--out", uri)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """120 files of the standard library in ~60 small shards: the edges of four ranks' spans are a few."""
+    from ctxtrain.data.corpora import stdlib_files
+    from tests.helpers import ctxtrain
+
+    out = tmp_path_factory.mktemp("data") / "many"
+    r = ctxtrain("prepare", "--input", *map(str, stdlib_files()[:120]), "--vocab-size", "512",
+                 "--shard-size", "16KB", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _epoch_bytes(data, tmp_path, world: int, partitions=None) -> float:
+    """One epoch read by `world` loader ranks, each with a cache of its own (nodes that share none): the bytes
+    the HTTP server sent for train shards, over the train shards' bytes."""
+    from ctxtrain.data.dataset import Dataset
+    from ctxtrain.data.loader import StreamingLoader
+    from ctxtrain.data.remote import CacheSettings
+
+    served: dict = {}
+    url = f"{http_url(data.parent, served=served)}/{data.name}"
+    units = []
+    for rank in range(world):
+        loader = StreamingLoader(url, seq_len=64, batch_size=4, rank=rank, world_size=world, seed=3,
+                                 shuffle_buffer=256, loop=False, partitions=partitions,
+                                 cache=CacheSettings(dir=str(tmp_path / f"{partitions}-{rank}")))
+        units += [int(u) for b in loader for u in b["unit"]]
+    assert len(units) == len(set(units)) > 0.95 * loader.n_units  # an epoch, each unit once
+    total = sum(s.bytes for s in Dataset(data).shards("train"))
+    return sum(n for path, n in served.items() if "/train-" in path) / total
+
+
+def test_each_shard_is_fetched_about_once_per_epoch_across_four_ranks(many_shards, tmp_path):
+    """Four ranks, no shared cache: each reads its own partition of the stream, so the store serves the train
+    shards about once (those at a partition's edge twice); one partition for all (every rank reading the
+    whole stream, as before partitions) costs about four times that."""
+    assert len(list(many_shards.glob("train-*.tar"))) >= 40
+    assert _epoch_bytes(many_shards, tmp_path, 4) <= 1.1
+    assert _epoch_bytes(many_shards, tmp_path, 4, partitions=1) >= 3.5

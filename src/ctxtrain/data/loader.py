@@ -6,21 +6,28 @@ How an epoch is laid out (all of it arithmetic on index.json, the same on every 
 2. Their contents form one stream of *units*. LM: documents, each followed by EOS, are concatenated and cut
    into windows of seq_len + 1 ids, window u covering stream tokens [u*L, u*L + L] (consecutive windows share
    one token, so every token but the first is a target exactly once). Translation: one unit per pair.
-3. The *global order* visits those N units in blocks of `shuffle_buffer`: within block b, the units of that
-   block in a seeded permutation. Position i of the global order is a single integer.
-4. Optimizer micro-step s consumes global positions [c + s*G, c + (s+1)*G) with G = world_size * batch_size;
-   rank r takes the r-th slice of B positions. DataLoader workers hand over chunks of C consecutive
-   micro-batches (C ~ 256k tokens, to keep the queue's per-message cost low); worker w makes chunks
-   j with j % workers == w, the round-robin order in which torch's DataLoader collects them.
+3. The units form P *partitions* (`data.partitions`, by default the data-parallel world size of the run's
+   first start: one partition per rank), contiguous spans of the stream, as MosaicML Streaming's canonical
+   partition does. The *global order* interleaves them: position q is unit q // P of partition q % P, each
+   partition visiting its units in seeded permutations of blocks of shuffle_buffer / P. Position q is a
+   single integer.
+4. Optimizer micro-step s consumes global positions [c + s*G, c + (s+1)*G) with G = world_size * batch_size:
+   G / P units of every partition. Rank r takes the r-th slice of B positions of the step ordered by
+   partition, so that with world_size dividing P a rank reads its own partitions' shards and no others.
+   DataLoader workers hand over chunks of C consecutive micro-batches (C ~ 256k tokens, to keep the queue's
+   per-message cost low); worker w makes chunks j with j % workers == w, the round-robin order in which
+   torch's DataLoader collects them.
 
-The cursor is (epoch, consumed): the number of global positions already handed to training. Nothing
-in it depends on the world size or worker count, so a restart with other counts continues from the same
-position: no unit is lost or repeated. An epoch ends when fewer than G positions are left; that remainder
+The cursor is (epoch, consumed, P): the number of global positions already handed to training, and the
+layout they count in. Nothing in it depends on the world size or worker count, so a restart with other counts
+continues from the same position: no unit is lost or repeated (where the new world size does not divide P,
+some partitions are read by two ranks). An epoch ends when fewer than G positions are left; that remainder
 (smaller than one global batch) is dropped so that every rank yields the same number of batches, and is
 counted in `stats["dropped_units"]`.
 
-Each reader scans the stream in order and keeps only its own units; shards that hold none of them are
-not opened, so a resume seeks straight to its shard. Within a shard, tar members are read sequentially.
+Each reader scans its part of the stream in order and keeps only its own units; shards that hold none of them
+are not opened (nor fetched, from a remote dataset), so a resume seeks straight to its shard. Within a shard,
+tar members are read sequentially.
 """
 
 from __future__ import annotations
@@ -52,56 +59,87 @@ CHUNK_TOKENS = int(os.environ.get("CTXTRAIN_LOADER_CHUNK_TOKENS", 1 << 18))
 
 
 class EpochPlan:
-    """Which stream unit sits at each global position, and which positions a rank's micro-batch k holds."""
+    """Which stream unit sits at each global position, and which positions a rank's micro-batch k holds.
+
+    The epoch's N units form P partitions, contiguous spans of S = N // P units of the stream (the last N -
+    P*S are dropped). Global position q belongs to partition q % P, at its local index q // P; a partition
+    shuffles its units in blocks of M // P. A step of G positions then holds G / P units of every partition,
+    and when P divides G the rank r of R takes them partition by partition: the step's positions ordered by
+    partition, its slice [r*B, (r+1)*B). With R dividing P a rank reads only its P / R partitions (one
+    contiguous span of the stream when P = R): each shard is read by one rank, those at a span's edge by two.
+    P = 1 is one partition: the whole stream in blocks of M, what every rank reads."""
 
     def __init__(self, n_units: int, start: int, batch_size: int, world_size: int, rank: int,
-                 block: int, seed: int, epoch: int, shuffle: bool, chunk: int = 1, first_chunk: int = 0):
-        self.n_units, self.start, self.chunk, self.first_chunk = n_units, start, chunk, first_chunk
+                 block: int, seed: int, epoch: int, shuffle: bool, chunk: int = 1, first_chunk: int = 0,
+                 partitions: int = 1):
+        self.P = max(1, min(partitions, n_units)) if n_units else 1
+        self.S = n_units // self.P  # units in each partition
+        self.n_units, self.start, self.chunk, self.first_chunk = self.S * self.P, start, chunk, first_chunk
         self.B, self.R, self.rank = batch_size, world_size, rank
         self.G = batch_size * world_size
-        self.M = block if shuffle else 1
+        self.Mp = max(1, block // self.P) if shuffle else 1  # a partition's shuffle block
+        self.M = self.Mp * self.P  # global positions in a block: Mp local indices of every partition
         self.seed, self.epoch = seed, epoch
-        self.n_steps = max(0, (n_units - start) // self.G)
+        self.n_steps = max(0, (self.n_units - start) // self.G)
         self.dropped = max(0, n_units - start - self.n_steps * self.G)
         self.n_chunks = -(-self.n_steps // chunk)
-        self._perms: dict[int, np.ndarray] = {}
+        # partition by partition within a step where every partition has G / P positions in it
+        self.by_partition = self.P > 1 and self.G % self.P == 0 and start % self.P == 0
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     def positions(self, k: int) -> np.ndarray:
         """Global positions of this rank's micro-batch k."""
-        return self.start + k * self.G + self.rank * self.B + np.arange(self.B)
+        a = self.start + k * self.G
+        idx = self.rank * self.B + np.arange(self.B)  # this rank's slice of the step
+        if not self.by_partition:
+            return a + idx
+        per = self.G // self.P  # positions of each partition in a step
+        return a + (idx % per) * self.P + idx // per
 
-    def _perm(self, b: int) -> np.ndarray:
-        if b not in self._perms:
-            size = min(self.M, self.n_units - b * self.M)
-            rng = np.random.default_rng([self.seed, self.epoch, b, 0x51CE])
-            perm = rng.permutation(size) if self.M > 1 else np.zeros(1, dtype=np.int64)
-            # a batch spans at most two blocks
-            self._perms = {k: v for k, v in self._perms.items() if k == b - 1}
-            self._perms[b] = perm
-        return self._perms[b]
+    def _slice_index(self, q: np.ndarray) -> np.ndarray:
+        """Each position's index in its step's order (the inverse of `positions`)."""
+        o = (q - self.start) % self.G
+        if not self.by_partition:
+            return o
+        return (o % self.P) * (self.G // self.P) + o // self.P
+
+    def _perm(self, p: int, c: int) -> np.ndarray:
+        """The shuffle of partition p's block c (local indices c*Mp ..)."""
+        key = (p, c)
+        if key not in self._perms:
+            size = min(self.Mp, self.S - c * self.Mp)
+            # one partition: the seeds of the unpartitioned layout, whose orders stay as they were
+            seed = [self.seed, self.epoch, c, 0x51CE] if self.P == 1 else [self.seed, self.epoch, p, c,
+                                                                           0x9A27]
+            perm = (np.random.default_rng(seed).permutation(size) if self.Mp > 1
+                    else np.zeros(1, dtype=np.int64))
+            if len(self._perms) > 4 * self.P:  # a batch spans at most two blocks of each partition
+                self._perms = {k: v for k, v in self._perms.items() if k[1] >= c - 1}
+            self._perms[key] = perm
+        return self._perms[key]
 
     def unit_of(self, positions: np.ndarray) -> np.ndarray:
-        """Global positions -> stream units (a permutation within each block of M)."""
-        first, last = int(positions[0]) // self.M, int(positions[-1]) // self.M
-        if first == last:
-            return first * self.M + self._perm(first)[positions - first * self.M]
-        blocks = positions // self.M
+        """Global positions -> stream units: partition q % P, its local index q // P through its block's
+        shuffle."""
+        p, i = positions % self.P, positions // self.P
+        c = i // self.Mp
+        key = c * self.P + p  # one (partition, block) pair each
         out = np.empty_like(positions)
-        for b in np.unique(blocks):
-            sel = blocks == b
-            out[sel] = b * self.M + self._perm(int(b))[positions[sel] - b * self.M]
+        for k in np.unique(key):
+            sel = key == k
+            pk, ck = int(k % self.P), int(k // self.P)
+            out[sel] = pk * self.S + ck * self.Mp + self._perm(pk, ck)[i[sel] - ck * self.Mp]
         return out
 
     def owned_units_in_block(self, b: int, worker: int, workers: int) -> np.ndarray:
-        """Sorted stream units of block b that this rank's worker will need (its chunks: (first_chunk + j) %
-        workers == worker)."""
+        """Sorted stream units of block b (global positions b*M ..) that this rank's worker will need (its
+        chunks: (first_chunk + j) % workers == worker)."""
         lo, hi = b * self.M, min((b + 1) * self.M, self.n_units)
-        p = np.arange(lo, hi)
-        q = p - self.start
-        step = q // self.G
-        mine = (q >= 0) & (step < self.n_steps) & ((q % self.G) // self.B == self.rank)
+        q = np.arange(lo, hi)
+        step = (q - self.start) // self.G
+        mine = (q >= self.start) & (step < self.n_steps) & (self._slice_index(q) // self.B == self.rank)
         mine &= (self.first_chunk + step // self.chunk) % workers == worker
-        return np.sort(lo + self._perm(b)[p[mine] - lo])
+        return np.sort(self.unit_of(q[mine])) if mine.any() else np.zeros(0, dtype=np.int64)
 
 
 def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -344,10 +382,16 @@ class _Stream(IterableDataset):
         """This worker's chunks of one epoch: lists of consecutive micro-batches."""
         ld = self.loader
         ds = ld.dataset
-        if ds.task == "lm":
-            source = WindowSource(shards, ld.seq_len, ds.special["eos"], ds.dtype, ds.vocab_size)
-        else:
-            source = PairSource(shards, ds.dtype, ds.vocab_size)
+        sources: dict[int, object] = {}
+
+        def source(u: int):
+            """A reader per partition: each reads its span forward (units come sorted within a block)."""
+            p = u // plan.S
+            if p not in sources:
+                sources[p] = (WindowSource(shards, ld.seq_len, ds.special["eos"], ds.dtype, ds.vocab_size)
+                              if ds.task == "lm" else PairSource(shards, ds.dtype, ds.vocab_size))
+            return sources[p]
+
         C = plan.chunk
         cache: dict[int, object] = {}
         loaded_through = plan.start // plan.M - 1  # blocks before the cursor hold nothing for us
@@ -359,10 +403,9 @@ class _Stream(IterableDataset):
                 positions = plan.positions(k)
                 # k counts from the cursor in its epoch
                 dying = self.kill_at == k and plan.epoch == self.epoch
-                for b in range(loaded_through + 1, int(positions[-1]) // plan.M + 1):
-                    for u in plan.owned_units_in_block(b, worker, workers):
-                        cache[int(u)] = source.get_documents(int(u)) if ld.documents else \
-                            source.get(int(u))
+                for b in range(loaded_through + 1, int(positions.max()) // plan.M + 1):
+                    for u in map(int, plan.owned_units_in_block(b, worker, workers)):
+                        cache[u] = source(u).get_documents(u) if ld.documents else source(u).get(u)
                         if dying:
                             _kill_trainer()
                     loaded_through = b
@@ -404,6 +447,7 @@ class StreamingLoader:
         pin_memory: bool = False,
         documents: str = "",
         cache=None,
+        partitions: Optional[int] = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -418,6 +462,8 @@ class StreamingLoader:
         if documents not in ("", "ids", "positions"):
             raise ValueError(f"documents={documents!r}: one of '', 'ids', 'positions'")
         self.documents = documents
+        # the epoch's partitions (EpochPlan): a fresh start takes one per rank, a resume keeps its cursor's
+        self.partitions = partitions or world_size
         self.shards, skipped = self.dataset.usable_shards(split, skip_corrupt)
         if self.dataset.task == "lm":
             self.n_units = WindowSource.n_units(self.shards, seq_len)
@@ -442,7 +488,8 @@ class StreamingLoader:
 
     def plan(self, epoch: int, start: int, first_chunk: int = 0) -> EpochPlan:
         return EpochPlan(self.n_units, start, self.batch_size, self.world_size, self.rank,
-                         self.shuffle_buffer, self.seed, epoch, self.shuffle, self.chunk, first_chunk)
+                         self.shuffle_buffer, self.seed, epoch, self.shuffle, self.chunk, first_chunk,
+                         self.partitions)
 
     def batches_per_epoch(self) -> int:
         return self.n_units // self.global_batch
@@ -451,7 +498,8 @@ class StreamingLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
-                "split": self.split, "dataset": self.dataset.fingerprint, "units_per_epoch": self.n_units}
+                "split": self.split, "dataset": self.dataset.fingerprint, "units_per_epoch": self.n_units,
+                "partitions": self.partitions}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "seq_len", "split", "dataset"):
@@ -468,6 +516,8 @@ class StreamingLoader:
                 "fresh (--no-resume)"
             )
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        # the layout the cursor counts in (a cursor from before partitions: the one-partition layout)
+        self.partitions = int(state.get("partitions", 1))
 
     # Iteration -------------------------------------------------------------------------------------------
 
