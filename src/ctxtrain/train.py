@@ -57,7 +57,7 @@ def _loader(cfg: Config, rank: int, world: int, split: str, device: torch.device
                            shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train,
                            skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len,
                            pin_memory=device.type == "cuda", documents=d.documents, cache=d.cache,
-                           partitions=d.partitions)
+                           partitions=d.partitions if train else 1)  # eval: the split's first windows
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
