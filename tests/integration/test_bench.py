@@ -75,3 +75,22 @@ def test_pretrained_load_bench_compares_both_loaders(tmp_path):
     summary = json.loads(out.read_text())["test"]["summary"]
     assert all(summary[arm]["seconds"] > 0 and summary[arm]["peak_growth"] > 0 for arm in summary)
     assert "ratio ctxtrain / transformers" in proc.stdout
+
+
+def test_context_extension_bench_runs_every_scheme_before_and_after(tmp_path):
+    """`bench/context_extension.py` at toy size (a few stdlib files, a few steps, 96 -> 192 tokens): both
+    stage-1 models, the three stage-2 continuations, every probe before and after, the tables and the two
+    pictures."""
+    out = tmp_path / "ext"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "context_extension.py"), "--files", "40",
+                           "--steps", "6,3", "--short", "96", "--factor", "2", "--samples", "1", "--out",
+                           str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    for scheme in ("rope", "rope+yarn", "sinusoidal"):
+        for when in ("before", "after"):
+            r = result[scheme][when]
+            assert r["passkey"]["lengths"] == [96, 192] and set(r["loss_by_position"]) == {"96", "192"}
+    assert (out / "loss_by_position.png").stat().st_size > 10_000 and (out / "passkey.png").is_file()
+    assert "rope+yarn    after" in proc.stdout
