@@ -109,3 +109,35 @@ def test_each_shard_is_fetched_about_once_per_epoch_across_four_ranks(many_shard
     assert len(list(many_shards.glob("train-*.tar"))) >= 40
     assert _epoch_bytes(many_shards, tmp_path, 4) <= 1.1
     assert _epoch_bytes(many_shards, tmp_path, 4, partitions=1) >= 3.5
+
+
+def test_a_resume_from_two_ranks_on_three_reads_every_unit_of_the_epoch_once(many_shards, tmp_path):
+    """Remote shards, two ranks for 6 steps, then three ranks from the cursor (which keeps the two
+    partitions): every unit of the epoch once across the change, as one uninterrupted two-rank epoch reads
+    them."""
+    from ctxtrain.data.loader import StreamingLoader
+    from ctxtrain.data.remote import CacheSettings
+
+    url = f"{http_url(many_shards.parent)}/{many_shards.name}"
+
+    def read(world: int, batch: int, state: dict | None, steps: int | None) -> tuple[list[int], dict]:
+        units, cursor = [], None
+        for rank in range(world):
+            loader = StreamingLoader(url, seq_len=64, batch_size=batch, rank=rank, world_size=world, seed=3,
+                                     shuffle_buffer=256, loop=False,
+                                     cache=CacheSettings(dir=str(tmp_path / f"w{world}-r{rank}")))
+            if state is not None:
+                loader.load_state_dict(state)
+            for i, b in enumerate(loader):
+                units += [int(u) for u in b["unit"]]
+                if steps is not None and i + 1 == steps:
+                    break
+            cursor = loader.state_dict()
+        return units, cursor
+
+    whole, _ = read(2, 6, None, None)
+    first, cursor = read(2, 6, None, 6)
+    assert cursor["consumed"] == 72 and cursor["partitions"] == 2
+    rest, _ = read(3, 4, cursor, None)
+    assert not set(first) & set(rest) and len(first + rest) == len(set(first + rest))
+    assert sorted(first + rest) == sorted(whole)
