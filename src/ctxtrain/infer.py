@@ -38,6 +38,18 @@ class Loaded:
     where: str
     seq_len: Optional[int] = None  # the run's data.seq_len (LM windows); None for an export folder
     documents: str = ""  # the run's data.documents: its windows' documents kept apart ("ids", "positions")
+    cache: object = None  # the run's data.cache (where a dataset under a URI is cached); None: the default
+
+
+def run_data(cfg, kind: str) -> Loaded:
+    """A run's data as `eval`, the probes and val_bleu read it, without a model: its tokenizer, special ids
+    and held-out split, index.json read once (through the run's data cache for a dataset under a URI)."""
+    from ctxtrain.data.tokenizer import load_tokenizer
+
+    data_path = data_location(cfg.data.path)
+    ds = Dataset(data_path, cfg.data.cache)
+    return Loaded(None, kind, load_tokenizer(ds.tokenizer_path), ds.special, cfg.data.max_src_len, data_path,
+                  str(data_path), cfg.data.seq_len, cfg.data.documents, cfg.data.cache)
 
 
 def load_source(source: str | Path) -> Loaded:
@@ -49,15 +61,16 @@ def load_source(source: str | Path) -> Loaded:
     from ctxtrain.model.hf import is_hf_folder
 
     p = Path(source)
-    documents = ""
+    documents, cache = "", None
     if RunDir(p).is_run():
         from ctxtrain.checkpoint import tag_of
         from ctxtrain.export import consolidated
 
         cfg, meta, state = consolidated(p)
-        model_cfg, data_path = cfg.model, data_location(cfg.data.path)
-        special, max_src, seq_len = _special(data_path), cfg.data.max_src_len, cfg.data.seq_len
-        tokenizer = load_tokenizer(Dataset(data_path).tokenizer_path)
+        model_cfg, frame = cfg.model, run_data(cfg, cfg.model.kind)
+        special, max_src, seq_len = frame.special, frame.max_src_len, frame.seq_len
+        data_path = frame.data_path
+        tokenizer, cache = frame.tokenizer, frame.cache
         where = f"{p} ({tag_of(meta['step'])})"
         documents = cfg.data.documents
     elif is_hf_folder(p):  # a Hugging Face model folder (Llama, Mistral, Qwen2): compare before and after
@@ -98,7 +111,7 @@ def load_source(source: str | Path) -> Loaded:
                         f"unexpected {unexpected[:3]}); re-run `ctxtrain export`")
     model.eval()
     return Loaded(model, model_cfg.kind, tokenizer, special, max_src, data_path, where, seq_len,
-                  documents)
+                  documents, cache)
 
 
 def matching_data(loaded: Loaded, data: str) -> Path:
@@ -113,12 +126,6 @@ def matching_data(loaded: Loaded, data: str) -> Path:
         raise UserError(f"--data {data} was tokenized with another tokenizer than {loaded.where}'s; prepare "
                         f"it with `ctxtrain prepare --tokenizer {loaded.where}`")
     return data_location(data)
-
-
-def _special(data_path: Path) -> dict:
-    """The special ids of the run's prepared data (its index.json)."""
-
-    return Dataset(data_path).special
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,7 +228,7 @@ def held_out_pairs(loaded: Loaded, split: str, limit: Optional[int] = None) -> l
     if loaded.data_path is None:
         raise UserError(f"{loaded.where} is an export folder; `eval` reads the held-out split of the run's "
                         "data: pass the run directory")
-    ds = Dataset(loaded.data_path)
+    ds = Dataset(loaded.data_path, loaded.cache)
     shards = ds.shards(split)
     if not shards:
         raise UserError(f"data.path={loaded.data_path} has no {split} shards; pass --split with one it has")
@@ -253,13 +260,8 @@ class ValBleu:
     (outside DeepSpeed's hooks), and rank 0 scores the gathered translations in the split's order."""
 
     def __init__(self, cfg, rank: int, world: int):
-        from ctxtrain.data.tokenizer import load_tokenizer
-
-        data_path = data_location(cfg.data.path)
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.frame = Loaded(None, "encdec", load_tokenizer(Dataset(data_path).tokenizer_path),
-                            _special(data_path),
-                            cfg.data.max_src_len, data_path, str(data_path))
+        self.frame = run_data(cfg, "encdec")
         pairs = held_out_pairs(self.frame, "val", cfg.train.bleu_pairs)
         self.sources = [framed_source(self.frame, s) for s, _ in pairs[rank::world]]
         self.references = [self.frame.tokenizer.decode(t) for _, t in pairs] if rank == 0 else []
@@ -297,15 +299,10 @@ class LoopProbes:
     the teacher-forced argmax over the key's tokens; every rank runs as many forward passes as the others."""
 
     def __init__(self, cfg, rank: int, world: int):
-        from ctxtrain.data.tokenizer import load_tokenizer
-
-        data_path = data_location(cfg.data.path)
         m = cfg.memory
         self.cfg, self.rank, self.world = cfg, rank, world
         self.lengths = cfg.probe.lengths or [cfg.data.seq_len]
-        self.frame = Loaded(None, "lm", load_tokenizer(Dataset(data_path).tokenizer_path),
-                            _special(data_path), 0,
-                            data_path, str(data_path), cfg.data.seq_len)
+        self.frame = run_data(cfg, "lm")
         levers = m.checkpoint != "none" or bool(m.loss_chunk) or bool(m.mlp_chunk)
         self.scoring = cfg.probe.scoring if cfg.probe.scoring != "auto" else (
             "forced" if cfg.parallel.sp > 1 or levers else "greedy")
@@ -421,7 +418,9 @@ def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = Non
     if seq_len is None:
         raise UserError(f"{loaded.where} is not a run directory: pass --seq-len, the window length to score")
     batch = max(1, min(8, (1 << 14) // seq_len))  # ~16k tokens a forward pass, a window at least
-    loader = StreamingLoader(loaded.data_path, split=split, seq_len=seq_len, batch_size=batch, rank=0,
+    loader = StreamingLoader(loaded.data_path, cache=loaded.cache, split=split, seq_len=seq_len,
+                             batch_size=batch,
+                             rank=0,
                              world_size=1, num_workers=0, seed=0, shuffle=False, loop=False,
                              documents=loaded.documents)
     total, windows, n = 0.0, 0, 0
@@ -517,7 +516,8 @@ def held_out_windows(loaded: Loaded, seq_len: int, count: int):
     """Batches of the val split's first `count` windows of seq_len tokens, in order (as `eval` reads them)."""
     from ctxtrain.data.loader import StreamingLoader
 
-    loader = StreamingLoader(loaded.data_path, split="val", seq_len=seq_len, batch_size=1, shuffle=False,
+    loader = StreamingLoader(loaded.data_path, cache=loaded.cache, split="val", seq_len=seq_len, batch_size=1,
+                             shuffle=False,
                              loop=False)
     for i, batch in enumerate(loader):
         if i == count:
@@ -532,7 +532,7 @@ def held_out_tokens(loaded: Loaded) -> list[int]:
     if loaded.data_path is None:
         raise UserError(f"--filler corpus: {loaded.where} has no prepared data; pass --data DIR (prepared "
                         "with its tokenizer) or --filler sentences")
-    ds = Dataset(loaded.data_path)
+    ds = Dataset(loaded.data_path, loaded.cache)
     tokens: list[int] = []
     for shard in ds.shards("val"):
         for (ids,) in iter_shard(shard, ds.dtype, ("ids.npy",)):

@@ -83,9 +83,8 @@ def local_lm_loss(model: nn.Module, tokens: torch.Tensor, sp: SequenceParallel,
     sequence."""
     inputs, targets = lm_targets(tokens, docs)
     T = inputs.shape[1]
-    per = T // sp.size
-    start = sp.rank * per
-    mine = slice(start, start + per)
+    mine = rank_slice(T, sp)
+    start = mine.start
     local_targets = targets[:, mine]
     local_count = (local_targets != IGNORE_INDEX).sum()
     window_count = (targets != IGNORE_INDEX).sum()
@@ -100,8 +99,12 @@ def local_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     """This rank's slice of a sequence's token scores (the model's `token_scores`, forward only): its first
     position and (B, T / sp, 2). T must be a multiple of sp."""
     T = inputs.shape[1]
+    mine = rank_slice(T, sp)
+    return mine.start, model(inputs[:, mine], targets[:, mine], pos_offset=mine.start, window=T, scores=True)
+
+
+def rank_slice(T: int, sp: SequenceParallel) -> slice:
+    """This rank's positions of a T-token sequence split over its sp group."""
     per = T // sp.size
-    start = sp.rank * per
-    mine = slice(start, start + per)
-    return start, model(inputs[:, mine], targets[:, mine], pos_offset=start, window=T, scores=True)
+    return slice(sp.rank * per, (sp.rank + 1) * per)
 
