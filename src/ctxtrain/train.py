@@ -49,15 +49,19 @@ from ctxtrain.state import TrainState
 from ctxtrain.tracking import Tracker, make_tracker, resend_lost_steps
 
 
-def _loader(cfg: Config, rank: int, world: int, split: str, device: torch.device) -> StreamingLoader:
+def _loader(cfg: Config, info, split: str) -> StreamingLoader:
+    """This rank's loader: its data-parallel group's cursor; in a sequence-parallel group only the first rank
+    reads (the engine broadcasts its windows)."""
     d = cfg.data
     train = split == "train"
-    return StreamingLoader(d.path, split=split, seq_len=d.seq_len, batch_size=d.batch_size, rank=rank,
-                           world_size=world, num_workers=d.num_workers if train else 0, seed=cfg.train.seed,
+    return StreamingLoader(d.path, split=split, seq_len=d.seq_len, batch_size=d.batch_size, rank=info.dp_rank,
+                           world_size=info.dp_size, num_workers=d.num_workers if train else 0,
+                           seed=cfg.train.seed, reads=info.sp is None or info.sp.rank == 0,
                            shuffle_buffer=d.shuffle_buffer, shuffle=train, loop=train,
                            skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len,
-                           pin_memory=device.type == "cuda", documents=d.documents, cache=d.cache,
-                           partitions=d.partitions if train else 1)  # eval: the split's first windows
+                           pin_memory=info.device.type == "cuda", documents=d.documents, cache=d.cache,
+                           partitions=d.partitions if train else 1,  # eval: the split's first windows
+                           buckets=None if d.length_buckets else 0)
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
@@ -65,7 +69,7 @@ def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:
     rank."""
     info = engine.dist
     losses = []
-    for i, batch in enumerate(_loader(cfg, info.dp_rank, info.dp_size, "val", engine.device)):
+    for i, batch in enumerate(_loader(cfg, info, "val")):
         if i == cfg.train.eval_batches:
             break
         losses.append(engine.eval_loss(batch))
@@ -129,7 +133,7 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
         write_atomic(run.ds_config, json.dumps(engine.config, indent=1) + "\n")
     torch.manual_seed(cfg.train.seed + 7919 * (rank + 1))  # dropout differs across ranks
     # one cursor per data-parallel group
-    state = TrainState(_loader(cfg, info.dp_rank, info.dp_size, "train", device),
+    state = TrainState(_loader(cfg, info, "train"),
                        device, rank, world, launch_id, global_batch(given))
     if target is not None:
         ckpt.load(engine, target, cfg, state)

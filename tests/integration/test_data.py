@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from ctxtrain.data.loader import DataError, Dataset, StreamingLoader, read_stream_tokens
+from ctxtrain.data.loader import DataError, Dataset, StreamingLoader, padding_ratio, read_stream_tokens
+from ctxtrain.data.shards import iter_shard
 from ctxtrain.data.tokenizer import load_tokenizer
 from tests.conftest import ASSETS, _prepare
 
@@ -165,7 +166,7 @@ def _read(path, world, workers, *, batch=4, state=None, limit=None, **kw):
     per_rank, states = [], []
     for rank in range(world):
         loader = StreamingLoader(path, seq_len=L, batch_size=batch, rank=rank, world_size=world,
-                                 num_workers=workers, seed=7, shuffle_buffer=16, loop=False, **kw)
+                                 num_workers=workers, seed=7, loop=False, **{"shuffle_buffer": 16, **kw})
         if state is not None:
             loader.load_state_dict(state)
         got = []
@@ -311,6 +312,45 @@ def test_translation_pairs_once_and_padded(en_fr_shards):
         assert b["src"][i, n_src - 1] == eos and (b["src"][i, n_src:] == pad).all()
         assert b["targets"][i, n_tgt - 1] == eos and (b["targets"][i, n_tgt:] == -100).all()
         assert (b["targets"][i, : n_tgt - 1] == b["tgt"][i, 1:n_tgt]).all()  # teacher forcing: shifted by one
+
+
+def test_prepare_records_each_pairs_lengths(en_fr_shards):
+    ds = Dataset(en_fr_shards)
+    for shard in ds.shards("train")[:3]:
+        pairs = list(iter_shard(shard, ds.dtype, ("src.npy", "tgt.npy")))
+        assert shard.lengths.tolist() == [[len(s), len(t)] for s, t in pairs]
+
+
+def _epoch(path, world, state=None, limit=None, buckets=None):
+    return _read(path, world, 0, batch=32, shuffle_buffer=1024, max_src_len=96, max_tgt_len=96, state=state,
+                 limit=limit, buckets=buckets)
+
+
+def test_length_buckets_pad_translation_batches_little(en_fr_shards):
+    """The Debian gettext slice, 2 ranks of 32 pairs: at most 1.25x the real tokens computed (2.5x in one
+    random order), every pair of the epoch once."""
+    bucketed, states = _epoch(en_fr_shards, 2)
+    assert states[0]["buckets"] == 32
+    plain, _ = _epoch(en_fr_shards, 2, buckets=0)
+    ratio, before = padding_ratio(bucketed[0] + bucketed[1]), padding_ratio(plain[0] + plain[1])
+    assert ratio <= 1.25 and before > 2, (ratio, before)
+    units = _units(bucketed)
+    assert len(np.unique(units)) == len(units) == len(_units(plain))
+
+
+def test_length_buckets_resume_on_another_world_size_exactly(en_fr_shards):
+    """2 ranks for 20 steps, then 3 from the cursor (its buckets and partitions): each pair once, and the
+    positions after the cursor hold the units they held for the 2 ranks."""
+    first, states = _epoch(en_fr_shards, 2, limit=20)
+    rest, _ = _epoch(en_fr_shards, 3, state=states[0])
+    units = np.concatenate([_units(first), _units(rest)])
+    assert len(np.unique(units)) == len(units)
+    assert StreamingLoader(en_fr_shards).n_units - len(units) < 3 * 32
+    after = _units(rest)
+    two = StreamingLoader(en_fr_shards, batch_size=32, world_size=2, shuffle_buffer=1024, seed=7,
+                          max_src_len=96, max_tgt_len=96)
+    c = states[0]["consumed"]
+    assert np.array_equal(np.sort(after), np.sort(two.plan(0, 0).unit_of(np.arange(c, c + len(after)))))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -82,21 +82,25 @@ def many_shards(tmp_path_factory):
     return out
 
 
-def _epoch_bytes(data, tmp_path, world: int, partitions=None) -> float:
-    """One epoch read by `world` loader ranks, each with a cache of its own (nodes that share none): the bytes
-    the HTTP server sent for train shards, over the train shards' bytes."""
+def _epoch_bytes(data, tmp_path, world: int, partitions=None, sp: int = 1) -> float:
+    """One epoch read by `world` workers' loaders, each with a cache of its own (nodes that share none), in
+    data-parallel groups of `sp` (each worker's loader as training makes it: its group's cursor, read by the
+    group's first rank): the bytes the HTTP server sent for train shards, over the train shards' bytes."""
     from ctxtrain.data.dataset import Dataset
     from ctxtrain.data.loader import StreamingLoader
     from ctxtrain.data.remote import CacheSettings
 
     served: dict = {}
     url = f"{http_url(data.parent, served=served)}/{data.name}"
-    units = []
+    units, cursors = [], set()
     for rank in range(world):
-        loader = StreamingLoader(url, seq_len=64, batch_size=4, rank=rank, world_size=world, seed=3,
-                                 shuffle_buffer=256, loop=False, partitions=partitions,
-                                 cache=CacheSettings(dir=str(tmp_path / f"{partitions}-{rank}")))
-        units += [int(u) for b in loader for u in b["unit"]]
+        loader = StreamingLoader(url, seq_len=64, batch_size=4, rank=rank // sp, world_size=world // sp,
+                                 seed=3, shuffle_buffer=256, loop=False, partitions=partitions,
+                                 reads=rank % sp == 0,
+                                 cache=CacheSettings(dir=str(tmp_path / f"{partitions}-{sp}-{rank}")))
+        units += [int(u) for b in loader for u in b["unit"] if u >= 0]
+        cursors.add(json.dumps(loader.state_dict()))
+    assert len(cursors) == 1  # every worker's cursor at the end of the epoch, readers' and followers'
     assert len(units) == len(set(units)) > 0.95 * loader.n_units  # an epoch, each unit once
     total = sum(s.bytes for s in Dataset(data).shards("train"))
     return sum(n for path, n in served.items() if "/train-" in path) / total
@@ -109,6 +113,13 @@ def test_each_shard_is_fetched_about_once_per_epoch_across_four_ranks(many_shard
     assert len(list(many_shards.glob("train-*.tar"))) >= 40
     assert _epoch_bytes(many_shards, tmp_path, 4) <= 1.1
     assert _epoch_bytes(many_shards, tmp_path, 4, partitions=1) >= 3.5
+
+
+def test_a_sequence_parallel_group_reads_its_windows_once(many_shards, tmp_path):
+    """Four workers in two sp=2 groups, no shared cache: the first rank of a group reads, the other keeps the
+    cursor (training broadcasts the windows: tests/integration/test_sequence_parallel.py), so the store serves
+    the shards about once, as two ranks without sp read them."""
+    assert _epoch_bytes(many_shards, tmp_path, 4, sp=2) <= 1.1
 
 
 def test_a_resume_from_two_ranks_on_three_reads_every_unit_of_the_epoch_once(many_shards, tmp_path):

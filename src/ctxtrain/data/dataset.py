@@ -35,6 +35,8 @@ class Shard:
     tokens: int
     bytes: int
     remote: Optional["RemoteData"] = field(default=None, compare=False, repr=False)
+    # translation: each pair's (source, target) ids, (docs, 2), where prepare recorded them
+    lengths: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def local(self) -> Path:
         """The shard's file on this machine, fetched into the node's cache first from a remote dataset."""
@@ -108,13 +110,20 @@ class Dataset:
         if split not in self.index["splits"]:
             raise DataError(f"{self.path}/index.json has no {split!r} split")
         try:
-            return [
-                Shard(s["name"], self.path / s["name"], s["docs"], s["tokens"], s["bytes"], self.remote)
+            shards = [
+                Shard(s["name"], self.path / s["name"], s["docs"], s["tokens"], s["bytes"], self.remote,
+                      np.asarray(s["lengths"], dtype=np.int64).reshape(-1, 2) if "lengths" in s else None)
                 for s in self.index["splits"][split]["shards"]
             ]
-        except (KeyError, TypeError) as e:
-            raise DataError(f"{self.path}/index.json: the {split!r} split's shard list is malformed (no "
-                            f"{e}); re-run `ctxtrain prepare`") from None
+        except (KeyError, TypeError, ValueError) as e:
+            what = f"no {e}" if isinstance(e, KeyError) else e
+            raise DataError(f"{self.where}/index.json: the {split!r} split's shard list is malformed "
+                            f"({what}); re-run `ctxtrain prepare`") from None
+        for shard in shards:
+            if shard.lengths is not None and len(shard.lengths) != shard.docs:
+                raise DataError(f"{self.where}/index.json: shard {shard.name} records {len(shard.lengths)} "
+                                f"pair lengths for {shard.docs} pairs; re-run `ctxtrain prepare`")
+        return shards
 
     def usable_shards(self, split: str, skip_corrupt: bool) -> tuple[list[Shard], list[str]]:
         """Shards present with the size index.json recorded; the others raise, or are skipped and named."""

@@ -282,9 +282,9 @@ def _write_splits(opts: PrepareOptions, task: str, files, pairs, tok, dtype, eve
         seen.add(digest)
         return True
 
-    def write(sample: dict, tokens: int, text_bytes: int) -> None:
+    def write(sample: dict, tokens: int, text_bytes: int, lengths: Optional[list[int]] = None) -> None:
         i = counts["units"]
-        (splits["val"] if every and i % every == 0 else splits["train"]).write(sample, tokens)
+        (splits["val"] if every and i % every == 0 else splits["train"]).write(sample, tokens, lengths)
         counts["units"] += 1
         counts["bytes"] += text_bytes
 
@@ -301,7 +301,7 @@ def _write_splits(opts: PrepareOptions, task: str, files, pairs, tok, dtype, eve
             for (s, t), se, te in zip(chunk, src_enc, tgt_enc):
                 src, tgt = np.asarray(se.ids, dtype=dtype), np.asarray(te.ids, dtype=dtype)
                 write({"src.npy": src, "tgt.npy": tgt}, len(src) + len(tgt),
-                      len(s.encode()) + len(t.encode()))
+                      len(s.encode()) + len(t.encode()), [len(src), len(tgt)])
             bar.update(len(chunk))
     bar.close()
     return {name: split.finish() for name, split in splits.items()}, counts["duplicates"], counts["bytes"]

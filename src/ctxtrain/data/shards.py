@@ -42,7 +42,9 @@ class ShardSet:
         self._writer = wds.TarWriter(self._fh, mtime=0, user="ctxtrain", group="ctxtrain", mode=0o444)
         self.shards.append({"name": name, "docs": 0, "tokens": 0, "bytes": 0})
 
-    def write(self, sample: dict, tokens: int) -> None:
+    def write(self, sample: dict, tokens: int, lengths: Optional[list[int]] = None) -> None:
+        """lengths: a translation pair's [source, target] ids, recorded in index.json (`lengths` of the
+        shard's record, one pair per sample) so that the loader can batch pairs by length without reading."""
         if self._writer is None:
             self._open()
         key = f"{self._count:09d}"
@@ -51,6 +53,8 @@ class ShardSet:
         rec = self.shards[-1]
         rec["docs"] += 1
         rec["tokens"] += tokens
+        if lengths is not None:
+            rec.setdefault("lengths", []).append(lengths)
         if self._fh.tell() >= self.target:
             self._close()
 

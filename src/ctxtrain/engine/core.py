@@ -39,6 +39,7 @@ from ctxtrain.engine.sequence import (  # noqa: E402
     init_sequence_parallel,
     local_lm_loss,
     local_scores,
+    share_window,
     wrap_attention,
 )
 from ctxtrain.model.transformer import lm_targets  # noqa: E402
@@ -296,6 +297,8 @@ def batch_loss(model: nn.Module, batch: dict, device: torch.device,
     """Mean loss of one micro-batch: LM on packed windows, or teacher-forced translation. Under sequence
     parallelism, this rank's share of the window's mean (the group's shares add up to it)."""
     if "tokens" in batch:
+        if sp is not None:
+            batch = share_window(batch, sp, device)
         tokens, docs, positions = (None if batch.get(k) is None else batch[k].to(device, non_blocking=True)
                                    for k in ("tokens", "docs", "positions"))
         if sp is not None:

@@ -4,8 +4,9 @@
 
 The workers form groups of `parallel.sp` consecutive ranks: DeepSpeed's `parallel_state_sp`, handed to
 `deepspeed.initialize` as its mpu, so that gradients are summed over a group and averaged over the groups, and
-ZeRO partitions over every rank. Every rank of a group reads the same window (the loader runs on the
-data-parallel rank, so the exact cursor is per group) and keeps its slice of seq_len / sp tokens and targets.
+ZeRO partitions over every rank. The first rank of a group reads the window and broadcasts it over the group
+(`share_window`: one read per group; the others' loaders keep the same cursor without reading, and the cursor
+is per data-parallel group); each rank keeps its slice of seq_len / sp tokens and targets.
 Each attention's core is wrapped in DeepSpeed's `DistributedAttention`: an all-to-all gives every rank the
 whole sequence for n_heads / sp of the heads (key/value heads likewise), attention runs on it as on one
 device, and a second all-to-all gives back the rank's slice for every head. Positions are the tokens' places
@@ -72,6 +73,18 @@ def _ulysses_core(ulysses: DistributedAttention, q: torch.Tensor, k: torch.Tenso
         # gradients add up in repeat_interleave's backward.
         k, v = (t.repeat_interleave(sp // t.shape[2], dim=2) for t in (k, v))
     return ulysses(q, k, v, 0, None, **kwargs)
+
+
+def share_window(batch: dict, sp: SequenceParallel, device: torch.device) -> dict:
+    """The group's window on every rank, from the one that read it (the group's first rank; the others'
+    loaders gave empty batches of the same shapes): a broadcast of B x (seq_len + 1) ids, and as many document
+    ids and positions where the batch has them, beside the all-to-alls of every attention."""
+    out = dict(batch)
+    for key in ("tokens", "docs", "positions"):
+        if batch.get(key) is not None:
+            out[key] = batch[key].to(device, non_blocking=True)
+            torch.distributed.broadcast(out[key], group=sp.group, group_src=0)
+    return out
 
 
 def local_lm_loss(model: nn.Module, tokens: torch.Tensor, sp: SequenceParallel,
