@@ -10,20 +10,27 @@ own (nodes that share no cache).
 Mosaic Streaming runs from `--mosaic-site` (default .venv/mosaic), installed without its dependencies beside
 this environment's CPU torch (its pins would replace torch and downgrade transformers; ../shared/STACK.md);
 its `streaming.vision` package (image datasets, which import torchvision: the wheels here are CUDA builds that
-do not load beside a CPU torch) is not imported. Nothing else of it is changed.
+do not load beside a CPU torch) is not imported. Each Mosaic rank runs in a mount namespace with a /dev/shm of
+its own (`unshare`, as root): Mosaic keeps a node's state in shared memory, so ranks on one machine that are
+to be separate nodes must not share it. Nothing else of it is changed.
 
 The same data for both: the train split of a `ctxtrain prepare` directory as ctxtrain reads it (tar shards,
 windows of seq_len + 1 ids packed from the documents when read), and the same windows written as MDS shards
 (one sample a window: its ids and its number) of about the tar shards' size. Both shuffle with their defaults
-(ctxtrain: data.shuffle_buffer 1,024 windows, partitions = the first start's ranks; Mosaic: py1e, its default
-canonical nodes and block size). Per system and rank count, one epoch (Mosaic's, which pads a rank's share
-with repeats; ctxtrain's, which drops the last partial global batch):
+(ctxtrain: data.shuffle_buffer 1,024 windows unless --shuffle-buffer, partitions = the first start's ranks;
+Mosaic: py1e, its default canonical nodes and block size). Per system and rank count, one epoch (Mosaic's,
+which pads a rank's share with repeats; ctxtrain's, which drops the last partial global batch):
 
 - bytes fetched / data: the shard bytes that reached the ranks' caches (each file once, nothing evicted)
   over the format's shard bytes: how many times the store served the dataset;
 - first batch: seconds from creating the dataset object to the first batch (the slowest rank);
 - tokens/s: the whole job's window tokens per second after each rank's first batch (ranks share this
   machine's cores, so it does not grow with ranks here);
+- batch diversity, the measure of shuffle quality: the distinct tar shards (stretches of the corpus in
+  prepare's order) that a global batch's windows come from, over what as many windows drawn uniformly from
+  the epoch give: 1.0 is a uniform shuffle, a batch of neighbouring windows is near 0 (the MDS windows map to
+  the tar shards they were cut from). ctxtrain with one partition, the layout before partitions, is a third
+  arm at 2 ranks;
 - resume: 2 ranks read `--resume-after` global batches and save their state; 4 ranks (then 1) continue from
   it with the same global batch; "same" when every following global batch (the union of the ranks' batches)
   holds the windows the uninterrupted 2-rank epoch held at that step, over the steps compared.
@@ -46,6 +53,10 @@ import numpy as np
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench"
+# A Mosaic rank as a node of its own on this one machine: a private /dev/shm (Mosaic's per-node shared
+# memory), in a mount namespace of its own (root, or a user namespace, is needed)
+NODE = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+        'mount -t tmpfs -o size=1g tmpfs /dev/shm && exec "$0" "$@"']
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,7 +69,8 @@ def ctxtrain_rank(job: dict) -> dict:
 
     t0 = time.perf_counter()
     loader = StreamingLoader(job["uri"], seq_len=job["seq_len"], batch_size=job["batch"], rank=job["rank"],
-                             world_size=job["world"], seed=job["seed"], shuffle_buffer=1024, loop=False,
+                             world_size=job["world"], seed=job["seed"], shuffle_buffer=job["shuffle_buffer"],
+                             loop=False,
                              cache=CacheSettings(dir=job["cache"]), partitions=job.get("partitions"))
     if job.get("state"):
         loader.load_state_dict(job["state"])
@@ -179,8 +191,10 @@ def run_ranks(system: str, world: int, common: dict, work: Path, tag: str, mosai
         job = {**common, **extra, "system": system, "rank": rank, "world": world, "master_port": port,
                "batch": common["global_batch"] // world, "cache": str(work / f"cache-{tag}-{rank}")}
         out = work / f"result-{tag}-{rank}.json"
-        proc = subprocess.run([sys.executable, __file__, "--rank-job", json.dumps(job), "--result", str(out)],
-                              env=env, capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--rank-job", json.dumps(job), "--result", str(out)]
+        if system == "mosaic":  # a node of its own: Mosaic keeps a node's state in /dev/shm
+            cmd = [*NODE, *cmd]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"{system} rank {rank} of {world} failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -254,6 +268,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--shuffle-buffer", type=int, default=1024, help="ctxtrain's data.shuffle_buffer")
     ap.add_argument("--resume-after", type=int, default=20)
     ap.add_argument("--resume-steps", type=int, default=20)
     ap.add_argument("--mosaic-site", default=".venv/mosaic")
@@ -288,7 +303,8 @@ def main() -> None:
             write_mds(data, args.seq_len, work / "mds", int(np.mean([s.stat().st_size for s in shards])))
             total["mosaic"] = upload(endpoint, sorted((work / "mds").iterdir()), "mds")
         common = {"uri": f"s3://{BUCKET}/ctxtrain?endpoint_override={endpoint}", "endpoint": endpoint,
-                  "seq_len": args.seq_len, "global_batch": args.global_batch, "seed": args.seed}
+                  "seq_len": args.seq_len, "global_batch": args.global_batch, "seed": args.seed,
+                  "shuffle_buffer": args.shuffle_buffer}
         print(f"data: {data} train split, {len(shards)} tar shards ({total['ctxtrain'] / 1e6:.1f} MB)"
               + (f", MDS {total['mosaic'] / 1e6:.1f} MB" if "mosaic" in total else "")
               + f"; windows of {args.seq_len + 1} ids, global batch {args.global_batch}", flush=True)
