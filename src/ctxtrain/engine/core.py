@@ -370,12 +370,28 @@ class Engine:
         self.ds.train()
         self.set_lr(lr)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in batches:
+        for batch, share in zip(batches, self._token_shares(batches)):
             loss = batch_loss(self.ds, batch, self.device, self.dist.sp)
-            self.ds.backward(loss)
+            self.ds.backward(loss if share is None else loss * share)
             self.ds.step()
             total += loss.detach().float()
         return total / len(batches), self.ds.get_global_grad_norm()
+
+    def _token_shares(self, batches: list[dict]) -> list:
+        """Translation: each micro-batch's loss weighted by its share of the step's target tokens (summed over
+        the ranks and micro-batches: one all-reduce of a number a step), so that the step's gradient is the
+        mean over its tokens. Without it every micro-batch would weigh the same, and with length buckets a
+        batch of 32 two-token labels would count as much as one of 32 sentences of 40 tokens. LM windows hold
+        the same number of targets: None, the plain mean."""
+        if "tgt_mask" not in batches[0]:
+            return [None] * len(batches)
+        counts = [float(b["n_tokens"]) for b in batches]
+        total = torch.tensor([sum(counts)], dtype=torch.float64, device=self.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(total)
+        # DeepSpeed averages the ranks' gradients and divides each micro-batch's loss by their number
+        scale = self.dist.world_size * len(batches) / total.item()
+        return [n * scale for n in counts]
 
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> torch.Tensor:
