@@ -54,3 +54,34 @@ def engine_settings(cfg) -> None:
             (Path(cfg.train.run_dir) / "engine_settings.json").write_text(json.dumps(settings))
     finally:
         shutdown(info)
+
+
+TARGET_LENGTHS = [[2, 3], [17, 9], [5, 4], [30, 21]]  # rank r's micro-batches: TARGET_LENGTHS[2r], [2r + 1]
+
+
+def pair_batch(lengths: list[int], seed: int) -> dict:
+    """A translation micro-batch: pairs with targets of the given lengths (random ids, a fixed seed)."""
+    import numpy as np
+
+    from ctxtrain.data.loader import collate_pairs, to_torch
+
+    rng = np.random.default_rng(seed)
+    pairs = [(rng.integers(4, 200, 7), rng.integers(4, 200, n)) for n in lengths]
+    return to_torch(collate_pairs(pairs, np.arange(len(pairs)), {"pad": 0, "bos": 1, "eos": 2}, 64, 64))
+
+
+def token_mean_step(cfg) -> None:
+    """One optimizer step of two translation micro-batches of different lengths on each rank; rank 0 saves the
+    gradient norm the engine reports."""
+    import json
+
+    info = init_distributed(cfg)
+    try:
+        torch.manual_seed(0)
+        engine = Engine(cfg, build_model(cfg.model), info)
+        batches = [pair_batch(TARGET_LENGTHS[2 * info.rank + k], 2 * info.rank + k) for k in range(2)]
+        _, norm = engine.train_step(batches, 0.0)
+        if info.rank == 0:
+            (Path(cfg.train.run_dir) / "grad_norm.json").write_text(json.dumps(float(norm)))
+    finally:
+        shutdown(info)
