@@ -135,6 +135,9 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     # one cursor per data-parallel group
     state = TrainState(_loader(cfg, info, "train"),
                        device, rank, world, launch_id, global_batch(given))
+    per_pair = state.loader.mean_target_tokens()  # translation: every target token weighs the same
+    if per_pair is not None:
+        engine.tokens_per_step = per_pair * cfg.data.batch_size * info.dp_size * cfg.train.grad_accum
     if target is not None:
         ckpt.load(engine, target, cfg, state)
     tracker, metrics_file = _open_records(cfg, info, state, target, storage, trackers)

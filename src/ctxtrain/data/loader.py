@@ -534,6 +534,14 @@ class StreamingLoader:
                          self.shuffle_buffer, self.seed, epoch, self.shuffle, self.chunk, first_chunk,
                          self.partitions, self.unit_costs(epoch) if self.buckets else None, self.buckets)
 
+    def mean_target_tokens(self) -> Optional[float]:
+        """Translation: the target tokens (ids + EOS, as batched) of a pair on average over the split, from
+        the lengths index.json records; None for LM windows or shards without them."""
+        if self.dataset.task == "lm" or not self.shards or any(s.lengths is None for s in self.shards):
+            return None
+        tgt = np.concatenate([s.lengths[:, 1] for s in self.shards])
+        return float(np.mean(np.minimum(tgt, self.max_tgt_len - 1) + 1))
+
     def unit_costs(self, epoch: int) -> np.ndarray:
         """What length buckets sort pairs by, in the epoch's stream order, from the lengths index.json
         records: (the longer side, both sides) in tokens as batched (source with its tag and EOS, decoder
