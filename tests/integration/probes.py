@@ -70,9 +70,13 @@ def pair_batch(lengths: list[int], seed: int) -> dict:
     return to_torch(collate_pairs(pairs, np.arange(len(pairs)), {"pad": 0, "bos": 1, "eos": 2}, 64, 64))
 
 
-def token_mean_step(cfg) -> None:
-    """One optimizer step of two translation micro-batches of different lengths on each rank; rank 0 saves the
-    gradient norm the engine reports."""
+TOKENS_PER_STEP = 100.0
+
+
+def token_weighted_steps(cfg) -> None:
+    """Two optimizer steps at learning rate 0 of two translation micro-batches of different lengths on each
+    rank, the first normalised by the step's own target tokens, the second by TOKENS_PER_STEP; rank 0 saves
+    the gradient norms the engine reports."""
     import json
 
     info = init_distributed(cfg)
@@ -80,8 +84,10 @@ def token_mean_step(cfg) -> None:
         torch.manual_seed(0)
         engine = Engine(cfg, build_model(cfg.model), info)
         batches = [pair_batch(TARGET_LENGTHS[2 * info.rank + k], 2 * info.rank + k) for k in range(2)]
-        _, norm = engine.train_step(batches, 0.0)
+        norms = [float(engine.train_step(batches, 0.0)[1])]
+        engine.tokens_per_step = TOKENS_PER_STEP
+        norms.append(float(engine.train_step(batches, 0.0)[1]))
         if info.rank == 0:
-            (Path(cfg.train.run_dir) / "grad_norm.json").write_text(json.dumps(float(norm)))
+            (Path(cfg.train.run_dir) / "grad_norms.json").write_text(json.dumps(norms))
     finally:
         shutdown(info)

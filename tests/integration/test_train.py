@@ -359,22 +359,23 @@ def test_tensorboard_holds_each_step_once_across_a_kill_and_resume(stdlib_shards
     assert "config/text_summary" in acc.Tags()["tensors"]  # the resolved config, as text
 
 
-def test_a_translation_step_is_the_mean_over_its_target_tokens(tmp_path):
+def test_translation_losses_weigh_every_target_token_the_same(tmp_path):
     """Two workers, two micro-batches each, targets of 2 to 30 tokens: the gradient DeepSpeed reduces is that
-    of the mean loss over all the step's target tokens (a plain mean of the micro-batches' means would weigh a
-    pair of 2-token labels as much as one of 30-token sentences)."""
+    of the step's summed token losses over the step's target tokens, or over a fixed count when the engine has
+    one (training sets the epoch's mean: every token then weighs the same across steps too). A plain mean of
+    the micro-batches' means would weigh a pair of 2-token labels as much as one of 30-token sentences."""
     from ctxtrain.config import load_config
     from ctxtrain.local_launch import launch
     from ctxtrain.model import build_model
-    from tests.integration.probes import TARGET_LENGTHS, pair_batch
+    from tests.integration.probes import TARGET_LENGTHS, TOKENS_PER_STEP, pair_batch
 
     cfg = load_config(REPO / "configs" / "translate_tiny.yaml",
                       [f"--train.run_dir={tmp_path}", "--cluster.workers=2", "--train.grad_accum=2",
                        "--data.batch_size=2", "--model.dropout=0", "--model.d_model=64", "--model.n_layers=1",
                        "--model.d_ff=128", "--model.vocab_size=256", "--zero.stage=1"])
     os.environ["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{REPO}"
-    assert launch(cfg, entry="tests.integration.probes:token_mean_step") == 0
-    engine_norm = json.loads((tmp_path / "grad_norm.json").read_text())
+    assert launch(cfg, entry="tests.integration.probes:token_weighted_steps") == 0
+    per_step, fixed = json.loads((tmp_path / "grad_norms.json").read_text())
 
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -390,5 +391,6 @@ def test_a_translation_step_is_the_mean_over_its_target_tokens(tmp_path):
     counts = [int(b["n_tokens"]) for b in batches]
     token_mean = grad_norm([n / sum(counts) for n in counts])
     batch_mean = grad_norm([1 / len(batches)] * len(batches))
-    assert abs(engine_norm - token_mean) < 1e-4 * token_mean, (engine_norm, token_mean, batch_mean)
+    assert abs(per_step - token_mean) < 1e-4 * token_mean, (per_step, token_mean, batch_mean)
     assert abs(batch_mean - token_mean) > 0.05 * token_mean  # the two weightings are told apart here
+    assert abs(fixed - token_mean * sum(counts) / TOKENS_PER_STEP) < 1e-4 * fixed
