@@ -557,6 +557,12 @@ class Config:
                     f"fault.kill_rank={f.kill_rank}: must lie in "
                     f"0..cluster.workers-1={self.cluster.workers - 1}"
                 )
+            if f.during == "read" and f.kill_rank % self.parallel.sp:
+                raise ValueError(
+                    f"fault.kill_rank={f.kill_rank} with fault.during=read: under parallel.sp="
+                    f"{self.parallel.sp} only the first rank of each group reads data; choose a multiple of "
+                    f"{self.parallel.sp}"
+                )
         if f.repeat < 1 or (f.repeat > 1 and f.during == "checkpoint"):
             raise ValueError(f"fault.repeat={f.repeat}: must be 1, or more with fault.during=step or read")
 

@@ -91,18 +91,18 @@ def test_sp2_dp2_matches_dp2_and_resumes_exactly(stdlib_shards, tmp_path):
 
 @pytest.mark.ray  # CI's Ray recovery test (issue 10) and its kills during reads, three in one run (issue 11)
 def test_sp2_recovers_under_ray_with_the_same_losses(stdlib_shards, tmp_path):
-    """Three consecutive kills of rank 1, each by its own data-loader worker in the middle of a read (the
-    faults under load of the recovery rehearsal): Ray restarts the group each time and the losses are the
-    uninterrupted run's."""
+    """Three consecutive kills of rank 0, the rank of the group that reads (and broadcasts the windows), each
+    by its own data-loader worker in the middle of a read (the faults under load of the recovery rehearsal):
+    Ray restarts the group each time and the losses are the uninterrupted run's."""
     common = ["--train.max_steps=8", "--data.seq_len=128", "--data.batch_size=2", "--zero.stage=1",
               "--checkpoint.every=3", "--parallel.sp=2", "--cluster.workers=2", "--data.num_workers=1"]
     _, whole = train(tmp_path / "whole", stdlib_shards, *common)
-    proc, m = train(tmp_path / "killed", stdlib_shards, *common, "--fault.kill_rank=1", "--fault.at_step=5",
+    proc, m = train(tmp_path / "killed", stdlib_shards, *common, "--fault.kill_rank=0", "--fault.at_step=5",
                     "--fault.during=read", "--fault.repeat=3", "--cluster.max_failures=3", launcher="ray",
                     # the loader reads just ahead of the step
                     extra_env={"CTXTRAIN_LOADER_CHUNK_TOKENS": "1"})
     for step in (5, 6, 7):
-        assert (tmp_path / "killed" / f"fault-rank1-step{step}-read.done").is_file(), step
+        assert (tmp_path / "killed" / f"fault-rank0-step{step}-read.done").is_file(), step
     assert sorted(m) == list(range(1, 9))
     same_losses(m, whole, range(1, 9), rel=1e-7)
     assert m[8]["restarts"] == 3

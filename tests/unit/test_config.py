@@ -70,6 +70,15 @@ def test_bad_config_is_one_line_exit_2(override, field, capsys):
     assert field in err
 
 
+def test_a_read_fault_on_a_rank_that_reads_nothing_is_refused(capsys):
+    """Under parallel.sp only the first rank of each group reads data: a kill during a read elsewhere would
+    never fire."""
+    rc = cli.main(["config", "show", str(CONFIGS / "lm_tiny.yaml"), "--parallel.sp=2", "--fault.kill_rank=1",
+                   "--fault.at_step=3", "--fault.during=read"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "only the first rank of each group" in err
+
+
 def test_bad_yaml_and_missing_file(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
     assert cli.main(["config", "show", str(tmp_path / "bad.yaml")]) == 2
