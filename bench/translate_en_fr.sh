@@ -11,6 +11,6 @@ shift $(( $# < 2 ? $# : 2 ))
 start=$(date +%s)
 ctxtrain train configs/translate_en_fr.yaml --data.path="$data" --train.run_dir="$run" --no-resume \
   --tracking.enabled=false "$@"
-echo "training wall time: $(( $(date +%s) - start )) s on $(nproc) CPU cores"
+echo "training wall time: $(( $(date +%s) - start )) s on $(nproc --all) CPU cores"
 ctxtrain eval "$run" --split val
 ctxtrain eval "$run" --split val --beam 4

@@ -135,11 +135,11 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
     # one cursor per data-parallel group
     state = TrainState(_loader(cfg, info, "train"),
                        device, rank, world, launch_id, global_batch(given))
-    per_pair = state.loader.mean_target_tokens()  # translation: every target token weighs the same
-    if per_pair is not None:
-        engine.tokens_per_step = per_pair * cfg.data.batch_size * info.dp_size * cfg.train.grad_accum
     if target is not None:
         ckpt.load(engine, target, cfg, state)
+    per_pair = state.loader.mean_target_tokens()  # length buckets (the cursor's): every target token weighs
+    if per_pair is not None and state.loader.buckets:  # the same
+        engine.tokens_per_step = per_pair * cfg.data.batch_size * info.dp_size * cfg.train.grad_accum
     tracker, metrics_file = _open_records(cfg, info, state, target, storage, trackers)
     return _loop(cfg, engine, state, storage, tracker, metrics_file, memory, t_start)
 

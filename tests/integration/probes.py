@@ -75,8 +75,8 @@ TOKENS_PER_STEP = 100.0
 
 def token_weighted_steps(cfg) -> None:
     """Two optimizer steps at learning rate 0 of two translation micro-batches of different lengths on each
-    rank, the first normalised by the step's own target tokens, the second by TOKENS_PER_STEP; rank 0 saves
-    the gradient norms the engine reports."""
+    rank, the first without tokens_per_step, the second with TOKENS_PER_STEP; rank 0 saves the gradient norms
+    the engine reports."""
     import json
 
     info = init_distributed(cfg)

@@ -360,10 +360,10 @@ def test_tensorboard_holds_each_step_once_across_a_kill_and_resume(stdlib_shards
 
 
 def test_translation_losses_weigh_every_target_token_the_same(tmp_path):
-    """Two workers, two micro-batches each, targets of 2 to 30 tokens: the gradient DeepSpeed reduces is that
-    of the step's summed token losses over the step's target tokens, or over a fixed count when the engine has
-    one (training sets the epoch's mean: every token then weighs the same across steps too). A plain mean of
-    the micro-batches' means would weigh a pair of 2-token labels as much as one of 30-token sentences."""
+    """Two workers, two micro-batches each, targets of 2 to 30 tokens: with length buckets (the engine's
+    tokens_per_step set, as training sets it from the epoch's mean) the gradient DeepSpeed reduces is that of
+    the step's summed token losses over that count, so every target token weighs the same; without (pairs in
+    random order) it is the plain mean of the micro-batches' means, as before buckets. The two differ here."""
     from ctxtrain.config import load_config
     from ctxtrain.local_launch import launch
     from ctxtrain.model import build_model
@@ -375,7 +375,7 @@ def test_translation_losses_weigh_every_target_token_the_same(tmp_path):
                        "--model.d_ff=128", "--model.vocab_size=256", "--zero.stage=1"])
     os.environ["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{REPO}"
     assert launch(cfg, entry="tests.integration.probes:token_weighted_steps") == 0
-    per_step, fixed = json.loads((tmp_path / "grad_norms.json").read_text())
+    plain, fixed = json.loads((tmp_path / "grad_norms.json").read_text())
 
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -391,6 +391,24 @@ def test_translation_losses_weigh_every_target_token_the_same(tmp_path):
     counts = [int(b["n_tokens"]) for b in batches]
     token_mean = grad_norm([n / sum(counts) for n in counts])
     batch_mean = grad_norm([1 / len(batches)] * len(batches))
-    assert abs(per_step - token_mean) < 1e-4 * token_mean, (per_step, token_mean, batch_mean)
+    assert abs(plain - batch_mean) < 1e-4 * batch_mean, (plain, batch_mean)
+    assert abs(fixed - token_mean * sum(counts) / TOKENS_PER_STEP) < 1e-4 * fixed, (fixed, token_mean)
     assert abs(batch_mean - token_mean) > 0.05 * token_mean  # the two weightings are told apart here
-    assert abs(fixed - token_mean * sum(counts) / TOKENS_PER_STEP) < 1e-4 * fixed
+
+
+def test_length_buckets_train_translation_and_keep_their_layout_across_a_resume(en_fr_shards, tmp_path):
+    """data.length_buckets on 2 workers: training reads length-bucketed batches (the cursor records their run
+    length), and a resume on 1 worker continues in that layout from the cursor's position."""
+    from tests.conftest import ENCDEC_SMALL
+
+    common = [*ENCDEC_SMALL, "--data.length_buckets=true", "--data.shuffle_buffer=1024",
+              "--train.max_steps=8", "--checkpoint.every=4", "--train.log_every=1"]
+    train(tmp_path / "run", en_fr_shards, *common, "--train.stop_at_step=4", config="translate_tiny.yaml")
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_000004" / "meta.json").read_text())
+    cursor = meta["loader"][0]
+    assert cursor["buckets"] == 16 and cursor["partitions"] == 2 and cursor["consumed"] == 4 * 32, cursor
+    _, m = train(tmp_path / "run", en_fr_shards, *common, "--cluster.workers=1", config="translate_tiny.yaml")
+    assert sorted(m) == list(range(1, 9)) and all(math.isfinite(m[s]["loss"]) for s in m)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_000008" / "meta.json").read_text())
+    cursor = meta["loader"][0]
+    assert cursor["buckets"] == 16 and cursor["consumed"] == 4 * 32 + 4 * meta["global_batch"], (cursor, meta)

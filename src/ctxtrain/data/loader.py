@@ -12,7 +12,7 @@ How an epoch is laid out (all of it arithmetic on index.json, the same on every 
    partition visiting its units in seeded permutations of blocks of shuffle_buffer / P. Position q is a
    single integer. Translation pairs come in *length buckets* (`data.length_buckets`): a partition's block
    sorted by the pairs' lengths (recorded in index.json), cut into runs of one step's share of the
-   partition, the runs shuffled (in the same order in every partition): each micro-batch holds pairs of
+   partition, each partition's runs shuffled: each micro-batch holds pairs of
    about one length, and the order is still a function of the epoch and the position alone.
 4. Optimizer micro-step s consumes global positions [c + s*G, c + (s+1)*G) with G = world_size * batch_size:
    G / P units of every partition. Rank r takes the r-th slice of B positions of the step ordered by
@@ -132,15 +132,15 @@ class EpochPlan:
     def _bucketed(self, p: int, c: int, size: int) -> np.ndarray:
         """Length buckets: partition p's block c sorted by its units' costs (ties in a seeded random order),
         cut into runs of `run` (a step's share of a partition: one rank's micro-batch when the world size
-        is the partitions'), the whole runs shuffled and the short remainder last. Every partition of a block
-        takes its runs in the same order, so that a step's runs have about the same length in every
-        partition (a rank that reads several partitions pads little as well)."""
+        is the partitions'), the whole runs shuffled and the short remainder last. Each partition shuffles its
+        runs on its own, so that a step mixes the lengths of its partitions' runs (a step of one length
+        throughout learned slower: bench/README.md)."""
         first = p * self.S + c * self.Mp
         cost = self.costs[first : first + size]  # (size, k): sorted by column 0, then 1, ...
         tie = np.random.default_rng([self.seed, self.epoch, p, c, 0xB0C5]).random(size)
         order = np.lexsort((tie, *cost.T[::-1]))
         whole = size // self.run
-        runs = np.random.default_rng([self.seed, self.epoch, c, 0x5EED]).permutation(whole)
+        runs = np.random.default_rng([self.seed, self.epoch, p, c, 0x5EED]).permutation(whole)
         picked = (runs[:, None] * self.run + np.arange(self.run)).reshape(-1)
         return np.concatenate([order[picked], order[whole * self.run :]])
 
@@ -481,7 +481,7 @@ class StreamingLoader:
         documents: str = "",
         cache=None,
         partitions: Optional[int] = None,
-        buckets: Optional[int] = None,
+        buckets: Optional[int] = 0,
         reads: bool = True,
     ):
         if not 0 <= rank < world_size:
@@ -503,11 +503,12 @@ class StreamingLoader:
         # the epoch's partitions (EpochPlan): a fresh start takes one per rank, a resume keeps its cursor's
         self.partitions = partitions or world_size
         self.shards, skipped = self.dataset.usable_shards(split, skip_corrupt)
-        # translation pairs in length buckets (EpochPlan): runs of a step's share of a partition, kept in the
-        # cursor like the partitions; 0 = none (LM windows, evaluation, shards without recorded lengths)
+        # translation pairs in length buckets (EpochPlan): runs of `buckets` pairs (None: a step's share of a
+        # partition), kept in the cursor like the partitions; 0 = none (the default; always for LM windows,
+        # evaluation and shards without recorded lengths)
         lengths = self.dataset.task != "lm" and shuffle and all(s.lengths is not None for s in self.shards)
-        self.buckets = (buckets if buckets is not None
-                        else max(1, batch_size * world_size // self.partitions) if lengths else 0)
+        self.buckets = (0 if not lengths else buckets if buckets is not None
+                        else max(1, batch_size * world_size // self.partitions))
         if self.dataset.task == "lm":
             self.n_units = WindowSource.n_units(self.shards, seq_len)
         else:

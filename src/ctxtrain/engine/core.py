@@ -343,7 +343,7 @@ class Engine:
                                       lr=lr_at(1, o, cfg.train.max_steps), betas=(o.beta1, o.beta2),
                                       eps=o.eps, fused=True)
         self.config = ds_config(cfg, dist_info.dp_size, dist_info.device.type)
-        # translation: the target tokens of a step, on average over the epoch (`_token_shares`)
+        # length-bucketed translation: a step's target tokens, on average over the epoch (`_token_shares`)
         self.tokens_per_step: Optional[float] = None
         if dist_info.sp is not None:
             wrap_attention(model, dist_info.sp)
@@ -380,27 +380,18 @@ class Engine:
         return total / len(batches), self.ds.get_global_grad_norm()
 
     def _token_shares(self, batches: list[dict]) -> list:
-        """Translation: each micro-batch's loss weighted by its target tokens over a step's tokens, so that
-        every target token weighs the same in training, whatever batch it came in. The step's tokens are
-        `tokens_per_step`, the mean a step holds over the epoch (set from the pair lengths index.json
-        records), or else this step's own count (one all-reduce of a number). Without it every micro-batch
-        would weigh the same: with length buckets a batch of 32 two-token labels would move the weights as far
-        as one of 32 sentences of 40 tokens. A constant rather than each step's count keeps that so across
-        steps as well (Adam normalises each step's update: a step of short labels, scaled by its own count,
-        would take a full-sized step on 1/15 of the tokens). LM windows hold the same number of targets: None,
-        the plain mean."""
-        if "tgt_mask" not in batches[0]:
+        """Length-bucketed translation: each micro-batch's loss weighted by its target tokens over
+        `tokens_per_step`, the target tokens a step holds on average over the epoch (set by training from the
+        pair lengths index.json records), so that every target token weighs the same whatever batch it came
+        in. Without it a batch of 32 two-token labels would move the weights as far as one of 32 sentences of
+        40 tokens. A constant rather than each step's own count keeps that so across steps as well (Adam
+        normalises each step's update). Pairs in random order (and LM windows) hold about the same number of
+        targets in every batch: None, the plain mean of the micro-batches' means."""
+        if self.tokens_per_step is None or "tgt_mask" not in batches[0]:
             return [None] * len(batches)
-        counts = [float(b["n_tokens"]) for b in batches]
-        total = self.tokens_per_step
-        if total is None:
-            t = torch.tensor([sum(counts)], dtype=torch.float64, device=self.device)
-            if self.dist.world_size > 1:
-                dist.all_reduce(t)
-            total = t.item()
         # DeepSpeed averages the ranks' gradients and divides each micro-batch's loss by their number
-        scale = self.dist.world_size * len(batches) / total
-        return [n * scale for n in counts]
+        scale = self.dist.world_size * len(batches) / self.tokens_per_step
+        return [float(b["n_tokens"]) * scale for b in batches]
 
     @torch.no_grad()
     def eval_loss(self, batch: dict) -> torch.Tensor:
