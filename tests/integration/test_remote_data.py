@@ -37,12 +37,21 @@ def test_shards_from_s3_train_as_local_ones_and_resume_exactly_after_a_kill(stdl
 
 
 def test_shards_over_http_through_a_server_that_fails_each_first_request(stdlib_shards, tmp_path):
-    """Every object's first GET answers 503: the fetches are retried and the run trains as on local data."""
+    """Every object's first GET answers 503: the fetches are retried and the run trains as on local data;
+    killed at step 5, it resumes from its checkpoint of step 3 and trains each step once, the local run's
+    losses."""
     url = f"{http_url(stdlib_shards.parent, flaky=True)}/{stdlib_shards.name}"
-    short = ["--train.max_steps=4", "--train.log_every=1", "--checkpoint.every=0"]
+    short = ["--train.max_steps=6", "--train.log_every=1", "--checkpoint.every=3"]
     _, local = train(tmp_path / "local", stdlib_shards, *short)
-    _, m = train(tmp_path / "http", url, *short, f"--data.cache_dir={tmp_path / 'cache'}")
-    assert [m[s]["loss"] for s in range(1, 5)] == [local[s]["loss"] for s in range(1, 5)]
+    common = [*short, f"--data.cache_dir={tmp_path / 'cache'}"]
+    proc, m = train(tmp_path / "http", url, *common, "--fault.kill_rank=1", "--fault.at_step=5", check=False)
+    assert proc.returncode != 0 and max(m) < 6
+    proc, m = train(tmp_path / "http", url, *common)
+    assert "resumed from step_000003" in proc.stdout
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "http" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # each step once
+    assert [m[s]["loss"] for s in range(1, 7)] == [local[s]["loss"] for s in range(1, 7)]
 
 
 def test_prepare_writes_into_a_bucket_what_it_writes_into_a_directory(email_pkg_files, tmp_path):
