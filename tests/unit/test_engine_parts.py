@@ -95,3 +95,38 @@ def test_retention_keeps_last_and_every_mth():
     assert retention(steps, keep_last=2, keep_every=0) == [5, 10, 15, 20]
     assert retention(steps, keep_last=2, keep_every=10) == [5, 15]
     assert retention([5], keep_last=3, keep_every=0) == []
+
+
+def test_checkpoints_read_an_enum_member_pickled_as_getattr_and_no_other_getattr(tmp_path):
+    """Python 3.11.2 pickles DeepSpeed's ZeroStageEnum members as getattr(ZeroStageEnum, name): weights-only
+    loading reads them (every resume failed on it), and refuses any other getattr a file asks for."""
+    import pickle
+    import types
+
+    import torch
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from ctxtrain.engine.core import weights_only_loading
+
+    class Marker:
+        pass
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, ZeroStageEnum):
+                return getattr, (ZeroStageEnum, obj.name)
+            if isinstance(obj, Marker):
+                return getattr, (ZeroStageEnum, "__dict__")
+            return NotImplemented
+
+    as_311 = types.ModuleType("pickle_as_311")
+    as_311.Pickler = Pickler
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"zero_stage": ZeroStageEnum.weights, "w": torch.ones(2)}, good, pickle_module=as_311)
+    torch.save({"zero_stage": Marker()}, bad, pickle_module=as_311)
+    assert b"getattr" in good.read_bytes()
+    with weights_only_loading():
+        loaded = torch.load(good, weights_only=False)  # as DeepSpeed calls it
+        assert loaded["zero_stage"] is ZeroStageEnum.weights and loaded["w"].tolist() == [1.0, 1.0]
+        with pytest.raises(pickle.UnpicklingError, match="getattr"):
+            torch.load(bad, weights_only=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -507,10 +508,22 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def _enum_member(cls, name: str):
+    """What a pickle's `getattr(cls, name)` may be while loading a checkpoint: a member of DeepSpeed's
+    ZeroStageEnum, nothing else (some Pythons, 3.11.2 among them, pickle an enum member as that call)."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if cls is ZeroStageEnum and isinstance(name, str) and name in ZeroStageEnum.__members__:
+        return ZeroStageEnum[name]
+    raise pickle.UnpicklingError(f"a checkpoint asked for getattr({cls!r}, {name!r}); refused: only "
+                                 "ZeroStageEnum members are read from checkpoints")
+
+
 @contextlib.contextmanager
 def weights_only_loading():
     """Every torch.load inside (DeepSpeed's included, which pass weights_only=False) unpickles only tensors,
-    containers and the three DeepSpeed classes its checkpoints hold: a checkpoint file cannot run code."""
+    containers and the three DeepSpeed classes its checkpoints hold (an enum member pickled as getattr goes
+    through `_enum_member`): a checkpoint file cannot run code."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -518,7 +531,8 @@ def weights_only_loading():
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address,
+                                               (_enum_member, "builtins.getattr")]):
             yield
     finally:
         if before is None:
