@@ -54,6 +54,15 @@ def stdlib_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def many_shards(tmp_path_factory):
+    """120 files of the standard library in ~40 small shards: the edges of four ranks' spans are a few."""
+    from ctxtrain.data.corpora import stdlib_files
+
+    out = tmp_path_factory.mktemp("data") / "many"
+    return _prepare(out, inputs=[str(f) for f in stdlib_files()[:120]], vocab_size=512, shard_size="16KB")
+
+
+@pytest.fixture(scope="session")
 def email_pkg_files():
     import sysconfig
 

@@ -78,19 +78,6 @@ def test_prepare_writes_into_a_bucket_what_it_writes_into_a_directory(email_pkg_
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-@pytest.fixture(scope="module")
-def many_shards(tmp_path_factory):
-    """120 files of the standard library in ~60 small shards: the edges of four ranks' spans are a few."""
-    from ctxtrain.data.corpora import stdlib_files
-    from tests.helpers import ctxtrain
-
-    out = tmp_path_factory.mktemp("data") / "many"
-    r = ctxtrain("prepare", "--input", *map(str, stdlib_files()[:120]), "--vocab-size", "512",
-                 "--shard-size", "16KB", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def _epoch_bytes(data, tmp_path, world: int, partitions=None, sp: int = 1) -> float:
     """One epoch read by `world` workers' loaders, each with a cache of its own (nodes that share none), in
     data-parallel groups of `sp` (each worker's loader as training makes it: its group's cursor, read by the
