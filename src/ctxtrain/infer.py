@@ -419,10 +419,8 @@ def evaluate_lm(loaded: Loaded, split: str = "val", seq_len: Optional[int] = Non
         raise UserError(f"{loaded.where} is not a run directory: pass --seq-len, the window length to score")
     batch = max(1, min(8, (1 << 14) // seq_len))  # ~16k tokens a forward pass, a window at least
     loader = StreamingLoader(loaded.data_path, cache=loaded.cache, split=split, seq_len=seq_len,
-                             batch_size=batch,
-                             rank=0,
-                             world_size=1, num_workers=0, seed=0, shuffle=False, loop=False,
-                             documents=loaded.documents)
+                             batch_size=batch, rank=0, world_size=1, num_workers=0, seed=0, shuffle=False,
+                             loop=False, documents=loaded.documents)
     total, windows, n = 0.0, 0, 0
     with torch.no_grad():
         for batch_ in loader:
@@ -517,8 +515,7 @@ def held_out_windows(loaded: Loaded, seq_len: int, count: int):
     from ctxtrain.data.loader import StreamingLoader
 
     loader = StreamingLoader(loaded.data_path, cache=loaded.cache, split="val", seq_len=seq_len, batch_size=1,
-                             shuffle=False,
-                             loop=False)
+                             shuffle=False, loop=False)
     for i, batch in enumerate(loader):
         if i == count:
             return

@@ -137,8 +137,9 @@ def _train(given: Config, info, trackers: tuple[Tracker, ...]) -> dict:
                        device, rank, world, launch_id, global_batch(given))
     if target is not None:
         ckpt.load(engine, target, cfg, state)
-    per_pair = state.loader.mean_target_tokens()  # length buckets (the cursor's): every target token weighs
-    if per_pair is not None and state.loader.buckets:  # the same
+    # length buckets (as the cursor has them): every target token weighs the same (Engine._token_shares)
+    per_pair = state.loader.mean_target_tokens()
+    if per_pair is not None and state.loader.buckets:
         engine.tokens_per_step = per_pair * cfg.data.batch_size * info.dp_size * cfg.train.grad_accum
     tracker, metrics_file = _open_records(cfg, info, state, target, storage, trackers)
     return _loop(cfg, engine, state, storage, tracker, metrics_file, memory, t_start)

@@ -36,6 +36,7 @@ tar members are read sequentially.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import signal
 import tarfile
@@ -535,26 +536,28 @@ class StreamingLoader:
                          self.shuffle_buffer, self.seed, epoch, self.shuffle, self.chunk, first_chunk,
                          self.partitions, self.unit_costs(epoch) if self.buckets else None, self.buckets)
 
+    def _batched_lengths(self, shards: list[Shard]) -> tuple[np.ndarray, np.ndarray]:
+        """Each pair's source (with its tag and EOS) and target (ids + EOS) tokens as `collate_pairs` batches
+        them, from the lengths index.json records, in the order of `shards`."""
+        head = 1 if self.dataset.special.get("lang_tag") is not None else 0
+        lengths = (np.concatenate([s.lengths for s in shards]) if shards
+                   else np.zeros((0, 2), dtype=np.int64))
+        return (np.minimum(lengths[:, 0], self.max_src_len - 1 - head) + 1 + head,
+                np.minimum(lengths[:, 1], self.max_tgt_len - 1) + 1)
+
     def mean_target_tokens(self) -> Optional[float]:
-        """Translation: the target tokens (ids + EOS, as batched) of a pair on average over the split, from
-        the lengths index.json records; None for LM windows or shards without them."""
+        """Translation: the target tokens of a pair on average over the split; None for LM windows or shards
+        without recorded lengths."""
         if self.dataset.task == "lm" or not self.shards or any(s.lengths is None for s in self.shards):
             return None
-        tgt = np.concatenate([s.lengths[:, 1] for s in self.shards])
-        return float(np.mean(np.minimum(tgt, self.max_tgt_len - 1) + 1))
+        return float(np.mean(self._batched_lengths(self.shards)[1]))
 
     def unit_costs(self, epoch: int) -> np.ndarray:
-        """What length buckets sort pairs by, in the epoch's stream order, from the lengths index.json
-        records: (the longer side, both sides) in tokens as batched (source with its tag and EOS, decoder
-        input). The longer side first pads both sides least (1.17x on the tests' en->fr slice at 2 ranks,
-        against 1.23x for the sum alone and 2.5x without buckets)."""
-        head = 1 if self.dataset.special.get("lang_tag") is not None else 0
-        parts = []
-        for shard in self.epoch_shards(epoch):
-            src = np.minimum(shard.lengths[:, 0], self.max_src_len - 1 - head) + 1 + head
-            tgt = np.minimum(shard.lengths[:, 1], self.max_tgt_len - 1) + 1
-            parts.append(np.stack([np.maximum(src, tgt), src + tgt], axis=1))
-        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+        """What length buckets sort pairs by, in the epoch's stream order: (the longer side, both sides) in
+        batched tokens. The longer side first pads both sides least (1.17x on the tests' en->fr slice at 2
+        ranks, against 1.23x for the sum alone and 2.5x without buckets)."""
+        src, tgt = self._batched_lengths(self.epoch_shards(epoch))
+        return np.stack([np.maximum(src, tgt), src + tgt], axis=1)
 
     def batches_per_epoch(self) -> int:
         return self.n_units // self.global_batch
@@ -597,39 +600,33 @@ class StreamingLoader:
                 f"{self.seq_len}, fewer than one global batch ({self.global_batch}); add data or lower "
                 "data.batch_size"
             )
-        if not self.reads:
-            yield from self._follow(plan)
-            return
+        left = plan.n_steps
+        for batch in self._read() if self.reads else self._placeholders(plan.n_steps):
+            while left == 0:  # the previous epoch is used up: the workers have moved on to the next
+                plan, left = self._next_epoch(plan)
+            self.consumed += self.global_batch
+            left -= 1
+            yield batch
+        if left == 0:
+            self._next_epoch(plan)
+
+    def _read(self) -> Iterator[dict]:
+        """The batches the DataLoader workers read, from the cursor on."""
         dl = DataLoader(_Stream(self, self.epoch, self.consumed, self.kill_at), batch_size=None,
                         num_workers=self.num_workers, collate_fn=_identity,
                         prefetch_factor=2 if self.num_workers else None, worker_init_fn=_die_with_parent)
-        left = plan.n_steps
         for chunk in dl:
             for batch in chunk:
                 if "__error__" in batch:
                     raise DataError(batch["__error__"])
-                while left == 0:  # the previous epoch is used up: the workers have moved on to the next
-                    plan, left = self._next_epoch(plan)
-                self.consumed += self.global_batch
-                left -= 1
                 yield to_torch(batch, self.pin_memory)
-        if left == 0:
-            self._next_epoch(plan)
 
-    def _follow(self, plan: EpochPlan) -> Iterator[dict]:
-        """A follower's batches: as many as the reader's, counted in the cursor as it counts them, nothing
-        read (LM windows, the only data sequence parallelism takes)."""
+    def _placeholders(self, n_steps: int) -> Iterator[dict]:
+        """A follower's batches (`reads=False`): empty ones of the reader's shapes, as many as it reads (the
+        rest of this epoch, or without end when looping); nothing read. LM windows: the only data sequence
+        parallelism takes."""
         B, T = self.batch_size, self.seq_len + 1
-        left = plan.n_steps
-        while True:
-            if left == 0:
-                if not self.loop:
-                    self._next_epoch(plan)
-                    return
-                plan, left = self._next_epoch(plan)
-                continue
-            self.consumed += self.global_batch
-            left -= 1
+        for _ in itertools.count() if self.loop else range(n_steps):
             batch = {"tokens": torch.zeros((B, T), dtype=torch.int64), "unit": torch.full((B,), -1),
                      "n_tokens": B * (T - 1)}
             for key in ("docs", "positions")[: ("", "ids", "positions").index(self.documents)]:
