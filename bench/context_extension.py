@@ -6,10 +6,10 @@ the seed's sinusoidal positions — probed (loss by position, passkey retrieval)
     python bench/context_extension.py --steps 40,20 --short 128 --out /tmp/ext   # a quick smoke run
 
 The corpus: the Python standard library's files and synthetic passkey documents (--passkey-fraction of the
-text) — the standard prompt with held-in keys (seed 1) and filler drawn from eight plain sentences of its own,
-followed by the key — so that retrieval is something the data teaches; each stage's passkey documents fit its
-windows. The probes use other keys (seed 0) and the classic filler sentences: text the model never trained
-on.
+text) — the standard prompt with held-in keys (seed 1) and filler sentences made of ~3,000 words from the
+stdlib's comments, followed by the key — so that retrieval is something the data teaches; each stage's passkey
+documents fit its windows. The probes use other keys (seed 0) and the classic filler sentences, none of whose
+words the training filler uses: text the model never trained on.
 
 Stage 1 trains each scheme at --short tokens (RoPE and sinusoidal: two runs); stage 2 continues each from its
 stage-1 export (`model.init_from`) at --factor x --short tokens: RoPE as it is, RoPE with YaRN (factor
@@ -21,9 +21,11 @@ PNG pictures (loss by position; passkey accuracy) and prints the tables; everyth
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+from ctxtrain.probes import FILLER, INTRO, NEEDLE, QUESTION  # noqa: E402
+
 MODEL = ["--model.d_model=128", "--model.d_ff=352", "--model.n_layers=4", "--model.n_heads=4",
          "--model.vocab_size=4096"]
 DEPTHS = "0,0.25,0.5,0.75,1"
@@ -51,29 +56,45 @@ def ctxtrain(*args: str, log: Path) -> None:
         raise SystemExit(f"context_extension: `ctxtrain {args[0]}` failed; see {log}")
 
 
-# Training filler: plain sentences other than the probes' classic ones (" The grass is green. The sky is blue.
-# The sun is yellow. Here we go. There and back again."): "The <noun> is <adjective>." and a few others, so
-# that the model learns to find "The pass key is" among many "... is ..." and not a fixed text around it.
-NOUNS = ["ocean", "river", "road", "house", "tree", "bird", "cat", "dog", "moon", "star", "cloud", "rock",
-         "book", "cup", "door", "field", "hill", "lake", "wind", "snow", "fire", "bread", "chair", "ship",
-         "train", "bell", "leaf", "stone", "wall", "garden"]
-ADJECTIVES = ["deep", "wide", "long", "old", "new", "red", "big", "small", "quiet", "warm", "cold", "dark",
-              "bright", "soft", "slow", "fast", "tall", "round", "empty", "full"]
-OTHERS = [" Birds can fly.", " Rain falls down.", " Off we go.", " Here it comes.", " Again and again.",
-          " Up and down the hill.", " Time goes by.", " So it goes."]
-TRAIN_FILLER = [f" The {n} is {a}." for n in NOUNS for a in ADJECTIVES] + OTHERS
+# Training filler: sentences made of English words from the standard library's comments (~3,000 words), in
+# two shapes — "The <word> is <word>." (the needle's own shape, so that the model learns to find "The pass key
+# is" among many "... is ...") and 3-6 words in a row — never the probes' classic sentences (" The grass is
+# green. The sky is blue. The sun is yellow. Here we go. There and back again."): none of their words, nor
+# "pass" or "key", is in the pool. A model trained on a few fixed nouns and adjectives retrieved 96% of keys
+# inside its own filler and 42% inside the classic one (words it never saw there); a wide pool of words
+# teaches it to ignore whatever the filler says.
+HELD_OUT = set(re.findall(r"[a-z]+", (FILLER + NEEDLE + QUESTION).lower()))
+
+
+def filler_words() -> list[str]:
+    """Lower-case words of 3-9 letters seen at least 5 times in the stdlib's `# ` comments, the probes'
+    words left out; sorted, so that the sentences drawn from them are a function of the seed."""
+    from ctxtrain.data.corpora import stdlib_files
+
+    counts: collections.Counter = collections.Counter()
+    for f in stdlib_files():
+        for line in f.read_text(errors="replace").splitlines():
+            if line.strip().startswith("# "):
+                counts.update(re.findall(r"(?<![\w.'])[a-z]{3,9}(?![\w.(']|\.\w)", line.strip()[2:]))
+    return sorted(w for w, n in counts.items() if n >= 5 and w not in HELD_OUT)
+
+
+def sentence(rng: random.Random, words: list[str]) -> str:
+    if rng.random() < 0.5:
+        return f" The {rng.choice(words)} is {rng.choice(words)}."
+    said = [rng.choice(words) for _ in range(rng.randint(3, 6))]
+    return " " + " ".join(said).capitalize() + "."
 
 
 def passkey_documents(n: int, most_sentences: int, seed: int) -> list[str]:
-    """n passkey documents (prompt + key): 2..most_sentences filler sentences drawn from TRAIN_FILLER, the
-    needle among them, keys drawn with `seed`."""
-    from ctxtrain.probes import INTRO, NEEDLE, QUESTION
-
+    """n passkey documents (prompt + key): 2..most_sentences filler sentences (`sentence`), the needle among
+    them, keys drawn with `seed`."""
     rng = random.Random(seed)
+    words = filler_words()
     docs = []
     for _ in range(n):
         key = str(rng.randint(10_000, 99_999))
-        filler = [rng.choice(TRAIN_FILLER) for _ in range(rng.randint(2, most_sentences))]
+        filler = [sentence(rng, words) for _ in range(rng.randint(2, most_sentences))]
         at = rng.randint(0, len(filler))
         docs.append(INTRO + "".join(filler[:at]) + NEEDLE.format(key=key) + "".join(filler[at:]) + QUESTION
                     + " " + key + ".")
@@ -86,7 +107,7 @@ def make_corpus(corpus: Path, fraction: float, window: int, files: int = 0) -> P
     from ctxtrain.data.corpora import stdlib_files
 
     texts = [f.read_text(errors="replace") for f in stdlib_files()[:files or None]]
-    most = max(2, (window - 64) // 6)  # the instruction, needle and question take ~60 tokens
+    most = max(2, (window - 64) // 9)  # instruction, needle, question: ~60 tokens; a sentence ~9
     sample = passkey_documents(100, most, 2)
     per_doc = sum(map(len, sample)) / len(sample)
     n = int(sum(map(len, texts)) * fraction / (1 - fraction) / per_doc)  # `fraction` of the characters
