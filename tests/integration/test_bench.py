@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,17 @@ def test_context_extension_bench_runs_every_scheme_before_and_after(tmp_path):
             assert r["passkey"]["lengths"] == [96, 192] and set(r["loss_by_position"]) == {"96", "192"}
     assert (out / "loss_by_position.png").stat().st_size > 10_000 and (out / "passkey.png").is_file()
     assert "rope+yarn    after" in proc.stdout
+    # the training filler is held out from the probes': none of the classic sentences' words
+    from ctxtrain.probes import FILLER, INTRO, NEEDLE, QUESTION
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", text.lower()))
+
+    classic = words(FILLER) - words(INTRO + NEEDLE + QUESTION)  # grass, green, sky, ... go, back, again
+    passkey_docs = [json.loads(line)["text"] for line in (out / "corpus-short.jsonl").open()
+                    if line.startswith('{"text": "' + INTRO[:20])]
+    assert len(passkey_docs) > 100
+    assert all(not classic & words(d) for d in passkey_docs)
 
 
 def test_data_scale_bench_reads_each_shard_about_once_and_resumes_on_other_rank_counts(many_shards):
