@@ -61,7 +61,7 @@ def _loader(cfg: Config, info, split: str) -> StreamingLoader:
                            skip_corrupt=d.skip_corrupt, max_src_len=d.max_src_len, max_tgt_len=d.max_tgt_len,
                            pin_memory=info.device.type == "cuda", documents=d.documents, cache=d.cache,
                            partitions=d.partitions if train else 1,  # eval: the split's first windows
-                           buckets=None if d.length_buckets else 0)
+                           buckets=None if d.length_buckets else 0, pack=d.pack_pairs if train else 0)
 
 
 def evaluate(cfg: Config, engine: Engine) -> Optional[dict]:

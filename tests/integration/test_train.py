@@ -396,6 +396,26 @@ def test_translation_losses_weigh_every_target_token_the_same(tmp_path):
     assert abs(batch_mean - token_mean) > 0.05 * token_mean  # the two weightings are told apart here
 
 
+def test_packed_pairs_train_translation_as_the_padded_batches_do(en_fr_shards, tmp_path):
+    """data.pack_pairs on 2 workers (ZeRO-2, dropout off): the same pairs in each step, packed into rows of
+    96 ids a side, give the unpacked run's losses and gradient norms step by step (to float rounding), at
+    far fewer FLOPs a step."""
+    from tests.conftest import ENCDEC_SMALL
+
+    common = [*ENCDEC_SMALL, "--model.dropout=0", "--train.max_steps=6", "--checkpoint.every=6",
+              "--train.log_every=1", "--train.peak_tflops=1"]  # a peak: mfu / tokens_per_s is FLOPs a token
+    _, padded = train(tmp_path / "padded", en_fr_shards, *common, config="translate_tiny.yaml")
+    _, packed = train(tmp_path / "packed", en_fr_shards, *common, "--data.pack_pairs=96",
+                      config="translate_tiny.yaml")
+    assert sorted(packed) == sorted(padded) == list(range(1, 7))
+    for step in padded:
+        for key in ("loss", "grad_norm"):
+            assert abs(packed[step][key] - padded[step][key]) < 2e-4 * padded[step][key], (step, key)
+    # and each step computed far fewer FLOPs (little padding): the FLOPs a trained token, from the mfu
+    flops = [sum(m[s]["mfu"] / m[s]["tokens_per_s"] for s in m) for m in (packed, padded)]
+    assert flops[0] < 0.6 * flops[1], flops
+
+
 def test_length_buckets_train_translation_and_keep_their_layout_across_a_resume(en_fr_shards, tmp_path):
     """data.length_buckets on 2 workers: training reads length-bucketed batches (the cursor records their run
     length), and a resume on 1 worker continues in that layout from the cursor's position."""

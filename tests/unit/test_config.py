@@ -70,6 +70,17 @@ def test_bad_config_is_one_line_exit_2(override, field, capsys):
     assert field in err
 
 
+@pytest.mark.parametrize("config, override, says", [
+    ("translate_tiny.yaml", "--data.pack_pairs=32", "a row must hold the longest pair"),
+    ("lm_tiny.yaml", "--data.pack_pairs=128", "packs translation pairs"),
+    ("translate_tiny.yaml", "--data.pack_pairs=-1", "data.pack_pairs=-1: must be 0 or more"),
+])
+def test_bad_pair_packing_is_one_line_exit_2(config, override, says, capsys):
+    rc = cli.main(["config", "show", str(CONFIGS / config), override])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
 def test_a_read_fault_on_a_rank_that_reads_nothing_is_refused(capsys):
     """Under parallel.sp only the first rank of each group reads data: a kill during a read elsewhere would
     never fire."""

@@ -329,22 +329,56 @@ def collate_lm(windows: list, units: np.ndarray, documents: str = "") -> dict:
 
 
 def collate_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray, special: dict,
-                  max_src: int, max_tgt: int) -> dict:
-    """Source: [lang tag] + ids + EOS; decoder input: BOS + ids; targets: ids + EOS; padded per batch."""
+                  max_src: int, max_tgt: int, pack: int = 0) -> dict:
+    """Source: [lang tag] + ids + EOS; decoder input: BOS + ids; targets: ids + EOS; padded per batch.
+
+    pack > 0 (`data.pack_pairs`): the pairs are packed, in their order, into rows of at most `pack` ids a side
+    (first fit, as t5x packs examples), and the batch also holds each token's pair within its row, `src_docs`
+    and `tgt_docs` (-1 on padding): the model keeps every pair to itself. The same pairs and targets as
+    unpacked, far less padding."""
     pad, bos, eos, tag = special["pad"], special["bos"], special["eos"], special.get("lang_tag")
     head = [tag] if tag is not None else []
     srcs = [np.concatenate([head, src[: max_src - 1 - len(head)], [eos]]) for src, _ in pairs]
-    tgts = [tgt[: max_tgt - 1] for _, tgt in pairs]
-    B, S, T = len(pairs), max(len(s) for s in srcs), max(len(t) for t in tgts) + 1
+    tgts = [np.concatenate([[bos], tgt[: max_tgt - 1]]) for _, tgt in pairs]  # decoder input; targets: + EOS
+    rows = _pack_rows([(len(s), len(t)) for s, t in zip(srcs, tgts)], pack) if pack else [[i] for i in
+                                                                                          range(len(pairs))]
+    B = len(rows)
+    S = max(sum(len(srcs[i]) for i in row) for row in rows)
+    T = max(sum(len(tgts[i]) for i in row) for row in rows)
     src = np.full((B, S), pad, dtype=np.int64)
     tgt_in = np.full((B, T), pad, dtype=np.int64)
     targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-    for i, (s, t) in enumerate(zip(srcs, tgts)):
-        src[i, : len(s)] = s
-        tgt_in[i, 0], tgt_in[i, 1 : len(t) + 1] = bos, t
-        targets[i, : len(t)], targets[i, len(t)] = t, eos
-    return {"src": src, "src_mask": src != pad, "tgt": tgt_in, "tgt_mask": targets != IGNORE_INDEX,
-            "targets": targets, "unit": units}
+    src_docs, tgt_docs = np.full((B, S), -1, dtype=np.int64), np.full((B, T), -1, dtype=np.int64)
+    for r, row in enumerate(rows):
+        a = b = 0
+        for j, i in enumerate(row):
+            s, t = srcs[i], tgts[i]
+            src[r, a:a + len(s)], src_docs[r, a:a + len(s)] = s, j
+            tgt_in[r, b:b + len(t)], tgt_docs[r, b:b + len(t)] = t, j
+            targets[r, b:b + len(t) - 1], targets[r, b + len(t) - 1] = t[1:], eos
+            a, b = a + len(s), b + len(t)
+    batch = {"src": src, "src_mask": src_docs >= 0, "tgt": tgt_in, "tgt_mask": tgt_docs >= 0,
+             "targets": targets, "unit": units}
+    if pack:
+        batch.update(src_docs=src_docs, tgt_docs=tgt_docs)
+    return batch
+
+
+def _pack_rows(lengths: list[tuple[int, int]], room: int) -> list[list[int]]:
+    """Pairs (source, decoder input lengths), in order, into rows of at most `room` ids a side: each pair goes
+    to the first row it fits in."""
+    rows: list[list[int]] = []
+    used: list[list[int]] = []
+    for i, (s, t) in enumerate(lengths):
+        for row, u in zip(rows, used):
+            if u[0] + s <= room and u[1] + t <= room:
+                row.append(i)
+                u[0], u[1] = u[0] + s, u[1] + t
+                break
+        else:
+            rows.append([i])
+            used.append([s, t])
+    return rows
 
 
 def to_torch(batch: dict, pin: bool = False) -> dict:
@@ -450,7 +484,8 @@ class _Stream(IterableDataset):
                 if ds.task == "lm":
                     chunk.append(collate_lm(samples, units, ld.documents))
                 else:
-                    chunk.append(collate_pairs(samples, units, ds.special, ld.max_src_len, ld.max_tgt_len))
+                    chunk.append(collate_pairs(samples, units, ds.special, ld.max_src_len, ld.max_tgt_len,
+                                               ld.pack))
             yield chunk
 
 
@@ -484,6 +519,7 @@ class StreamingLoader:
         partitions: Optional[int] = None,
         buckets: Optional[int] = 0,
         reads: bool = True,
+        pack: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -492,6 +528,7 @@ class StreamingLoader:
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.shuffle_buffer, self.shuffle, self.loop = seed, shuffle_buffer, shuffle, loop
         self.max_src_len, self.max_tgt_len = max_src_len, max_tgt_len
+        self.pack = pack  # translation: rows of this many ids a side, pairs packed in them (0: a pair a row)
         self.pin_memory = pin_memory  # batches in pinned host memory (training on a GPU)
         # LM batches with their windows' document ids ("ids") and also each token's position in its document
         # ("positions"): data.doc_mask and data.doc_positions

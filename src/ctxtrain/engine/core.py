@@ -308,7 +308,8 @@ def batch_loss(model: nn.Module, batch: dict, device: torch.device,
         return model(inputs, targets, docs=None if docs is None else docs[:, :-1],
                      positions=None if positions is None else positions[:, :-1])
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    return model(b["src"], b["tgt"], src_mask=b["src_mask"], tgt_mask=b["tgt_mask"], targets=b["targets"])
+    return model(b["src"], b["tgt"], src_mask=b["src_mask"], tgt_mask=b["tgt_mask"], targets=b["targets"],
+                 src_docs=b.get("src_docs"), tgt_docs=b.get("tgt_docs"))
 
 
 def _import_deepspeed_muon_uncompiled() -> None:

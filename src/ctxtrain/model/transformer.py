@@ -202,14 +202,18 @@ def attention_core(
 
     q: (B, T, H, D); k, v: (B, S, KV, D) with H a multiple of KV (grouped-query heads). With S > T the queries
     are the last T positions of the S (decoding after a cache): causal then aligns them at the end.
-    key_mask: (B, S) bool, True for real keys. docs: (B, T) document ids of a packed window (causal
-    self-attention within each document: `document_attention`). Returns (B, T, H, D).
+    key_mask: (B, S) bool, True for real keys, or (B, T, S), True where a query sees a key. docs: (B, T)
+    document ids of a packed window (causal self-attention within each document: `document_attention`).
+    Returns (B, T, H, D).
     """
     if docs is not None:
         return document_attention(q, k, v, docs, dropout=dropout)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     T, S = q.shape[-2], k.shape[-2]
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
+    if key_mask is None or key_mask.dim() == 3:  # (B, T, S): which keys each query sees (packed pairs)
+        mask = None if key_mask is None else key_mask[:, None]  # (B, 1, T, S)
+    else:
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
     if causal and (mask is not None or T != S):
         if T > 1:  # one new query sees every key: nothing to hide
             past = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
@@ -644,26 +648,32 @@ class EncoderDecoder(nn.Module):
     def target_table(self) -> nn.Embedding:
         return self.tgt_tok_embed if self.tgt_tok_embed is not None else self.src_tok_embed
 
-    def _rope(self, x: torch.Tensor, offset: int = 0) -> Optional[Rope]:
-        return self.rotary(x.shape[1], x.device, x.dtype, offset) if self.rotary is not None else None
+    def _rope(self, x: torch.Tensor, offset: int = 0,
+              positions: Optional[torch.Tensor] = None) -> Optional[Rope]:
+        return None if self.rotary is None else self.rotary(x.shape[1], x.device, x.dtype, offset, positions)
 
-    def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, S) source ids -> (B, S, d) memory."""
-        x = self.embed_dropout(embed(self.src_tok_embed, src, self.cfg))
-        rope = self._rope(x)
+    def encode(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
+               positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, S) source ids -> (B, S, d) memory. src_mask: (B, S) real tokens, or (B, S, S) which tokens each
+        sees (packed pairs, with each token's own position in its pair: positions (B, S))."""
+        x = self.embed_dropout(embed(self.src_tok_embed, src, self.cfg, positions=positions))
+        rope = self._rope(x, positions=positions)
         for block in self.encoder:
             x = block(x, rope, src_mask)
         return self.encoder_norm(x)
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-               tgt_mask: Optional[torch.Tensor] = None, cache: Optional[Cache] = None) -> torch.Tensor:
+               tgt_mask: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
+               positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, T) target ids (shifted right) + memory -> (B, T, d) normalized hidden states. With a cache
-        (decoding) the ids follow the cached ones, and the memory's keys and values are computed once."""
+        (decoding) the ids follow the cached ones, and the memory's keys and values are computed once. Packed
+        pairs: src_mask (B, T, S) and tgt_mask (B, T, T) say which keys each target token sees, positions
+        (B, T) its place in its pair."""
         offset = 0
         if cache is not None:
             offset, tgt_mask = cache.length, cache.extend_mask(tgt_mask, tgt)
-        x = self.embed_dropout(embed(self.target_table, tgt, self.cfg, offset))
-        rope = self._rope(x, offset)
+        x = self.embed_dropout(embed(self.target_table, tgt, self.cfg, offset, positions))
+        rope = self._rope(x, offset, positions)
         for i, block in enumerate(self.decoder):
             x = block(x, rope, tgt_mask, memory, src_mask, None if cache is None else cache.layers[i])
         if cache is not None:
@@ -678,13 +688,32 @@ class EncoderDecoder(nn.Module):
         return cross_entropy(self.lm_head(hidden), targets)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
-                tgt_mask: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (B, T, V) without targets; the mean loss over non-ignored target tokens with them."""
-        hidden = self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask)
+                tgt_mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
+                src_docs: Optional[torch.Tensor] = None,
+                tgt_docs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V) without targets; the mean loss over non-ignored target tokens with them. Packed
+        pairs (data.pack_pairs): src_docs (B, S) and tgt_docs (B, T), each token's pair within its row (-1:
+        padding); a pair sees only itself, at positions of its own, so its loss is the one it has alone."""
+        if src_docs is None:
+            hidden = self.decode(tgt, self.encode(src, src_mask), src_mask, tgt_mask)
+        else:
+            same = src_docs[:, :, None] == src_docs[:, None, :]
+            memory = self.encode(src, same, pair_positions(src_docs))
+            # a target token sees its own pair's source; padding sees everything (its loss is not taken)
+            cross = (tgt_docs[:, :, None] == src_docs[:, None, :]) | (tgt_docs < 0)[:, :, None]
+            hidden = self.decode(tgt, memory, cross, tgt_docs[:, :, None] == tgt_docs[:, None, :],
+                                 positions=pair_positions(tgt_docs))
         if targets is None:
             return self.lm_head(hidden)
         return self.head_loss(hidden, targets)
+
+
+def pair_positions(docs: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its run of equal ids along a row (packed pairs): (B, L) -> (B, L)."""
+    index = torch.arange(docs.shape[1], device=docs.device).expand_as(docs)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
