@@ -14,7 +14,8 @@ words the training filler uses: text the model never trained on.
 Stage 1 trains each scheme at --short tokens (RoPE and sinusoidal: two runs); stage 2 continues each from its
 stage-1 export (`model.init_from`) at --factor x --short tokens: RoPE as it is, RoPE with YaRN (factor
 --factor over the short context), and sinusoidal. Before (the stage-1 exports, probed with --extrapolate) and
-after (the stage-2 runs): the loss by position out to the long length and the passkey table. Writes JSON, two
+after (the stage-2 runs): the loss by position out to the long length (on held-out text: the stdlib files the
+corpus left out) and the passkey table. Writes JSON, two
 PNG pictures (loss by position; passkey accuracy) and prints the tables; everything runs through the real CLI.
 """
 
@@ -144,6 +145,19 @@ def main() -> int:
                      "--overwrite", "--no-progress", *(["--tokenizer",
                                                         str(datasets["short"] / "tokenizer.json")]
                                                        if stage == "long" else []), log=log)
+    # held-out text for the loss by position: stdlib files the corpus left out (text, not passkey documents,
+    # whose random filler words no context predicts); all files in the corpus: the long data's held-out split
+    text = out / "data-text"
+    if args.files and not (text / "index.json").is_file():
+        from ctxtrain.data.corpora import stdlib_files
+
+        held_out = [f.read_text(errors="replace") for f in stdlib_files()[args.files:]]
+        (out / "corpus-text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out
+                                                       if t.strip()))
+        ctxtrain("prepare", "--input", str(out / "corpus-text.jsonl"), "--out", str(text), "--overwrite",
+                 "--no-progress", "--val-fraction", "0.5", "--tokenizer",
+                 str(datasets["short"] / "tokenizer.json"), log=log)
+    held_out = text if args.files else datasets["long"]
     data = datasets["short"]
     # documents kept apart (data.doc_mask): a passkey document never sees another's key
     common = [f"--data.path={data}", "--cluster.workers=2", "--cluster.launcher=local", "--train.dtype=fp32",
@@ -151,7 +165,8 @@ def main() -> int:
               "--data.doc_mask=true", "--data.num_workers=1", *MODEL]
     batch1, batch2 = (max(1, args.tokens // 2 // n) for n in (short, long))
     lengths = ",".join(str(short * f) for f in sorted({1, 2, args.factor}) if f <= args.factor)
-    probe = ["--lengths", lengths, "--depths", DEPTHS, "--samples", str(args.samples), "--windows", "16"]
+    probe = ["--lengths", lengths, "--depths", DEPTHS, "--samples", str(args.samples), "--windows", "16",
+             "--data", str(held_out)]
     results: dict = {"short": short, "long": long, "steps": [steps1, steps2], "tokens_per_step": args.tokens,
                      "passkey_fraction": args.passkey_fraction}
     stage1 = {"rope": ["--model.pos=rope"], "sinusoidal": ["--model.pos=sinusoidal"]}
@@ -164,8 +179,8 @@ def main() -> int:
                      f"--checkpoint.every={steps1}", "--optim.lr=2e-3", "--optim.min_lr=2e-4", log=log)
             ctxtrain("export", str(run), "--out", str(out / f"export-{name}"), "--no-progress", log=log)
         if not (out / f"probe-before-{name}.json").is_file():
-            ctxtrain("probe", str(out / f"export-{name}"), "--data", str(datasets["long"]), *probe,
-                     "--extrapolate", "--out", str(out / f"probe-before-{name}.json"), log=log)
+            ctxtrain("probe", str(out / f"export-{name}"), *probe, "--extrapolate", "--out",
+                     str(out / f"probe-before-{name}.json"), log=log)
     stage2 = {"rope": ("rope", []),
               "rope+yarn": ("rope", ["--model.rope_scaling.type=yarn",
                                      f"--model.rope_scaling.factor={args.factor}",
@@ -178,12 +193,14 @@ def main() -> int:
         cfg = out / f"stage2-{name.replace('+', '-')}.yaml"
         cfg.write_text(json.dumps({"model": {"init_from": str(out / f"export-{base}")}}))
         after = out / f"probe-after-{name}.json"
-        if not after.is_file():  # (a re-run in the same --out picks up where the last one stopped)
+        # (a re-run in the same --out picks up where the last one stopped)
+        if not (run / "checkpoints" / f"step_{steps2:06d}").is_dir():
             ctxtrain("train", str(cfg), f"--train.run_dir={run}", *common[:-len(MODEL)], *scaling,
                      f"--data.path={datasets['long']}", f"--data.seq_len={long}",
                      f"--data.batch_size={batch2}",
                      f"--train.max_steps={steps2}", "--optim.warmup_steps=20",
                      f"--checkpoint.every={steps2}", "--optim.lr=5e-4", "--optim.min_lr=5e-5", log=log)
+        if not after.is_file():
             ctxtrain("probe", str(run), *probe, "--extrapolate", "--out", str(after), log=log)
         results[name] = {"before": json.loads(before.read_text()), "after": json.loads(after.read_text())}
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
