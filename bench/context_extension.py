@@ -155,7 +155,7 @@ def main() -> int:
         (out / "corpus-text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out
                                                        if t.strip()))
         ctxtrain("prepare", "--input", str(out / "corpus-text.jsonl"), "--out", str(text), "--overwrite",
-                 "--no-progress", "--val-fraction", "0.5", "--tokenizer",
+                 "--no-progress", "--val-fraction", "0.25", "--tokenizer",
                  str(datasets["short"] / "tokenizer.json"), log=log)
     held_out = text if args.files else datasets["long"]
     data = datasets["short"]
