@@ -340,8 +340,10 @@ def collate_pairs(pairs: list[tuple[np.ndarray, np.ndarray]], units: np.ndarray,
     head = [tag] if tag is not None else []
     srcs = [np.concatenate([head, src[: max_src - 1 - len(head)], [eos]]) for src, _ in pairs]
     tgts = [np.concatenate([[bos], tgt[: max_tgt - 1]]) for _, tgt in pairs]  # decoder input; targets: + EOS
-    rows = _pack_rows([(len(s), len(t)) for s, t in zip(srcs, tgts)], pack) if pack else [[i] for i in
-                                                                                          range(len(pairs))]
+    if pack:
+        rows = _pack_rows([(len(s), len(t)) for s, t in zip(srcs, tgts)], pack)
+    else:
+        rows = [[i] for i in range(len(pairs))]  # a row a pair
     B = len(rows)
     S = max(sum(len(srcs[i]) for i in row) for row in rows)
     T = max(sum(len(tgts[i]) for i in row) for row in rows)
